@@ -1,0 +1,208 @@
+"""The `loop` command line (Typer). Each command parses, builds the config, and calls one stage function.
+
+loop init DIR | run --round [N] | generate | rate --auto | train | status | config
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keeps optional-backend notices out of the way
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+
+from loop.errors import LoopError  # noqa: E402
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distil one person's taste into a text-to-image model, one unit at a time.",
+)
+STATE = {"debug": False}
+
+WorkspaceOpt = Annotated[Path, typer.Option("-w", "--workspace", help="workspace folder", show_default=False)]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="config overrides, key=value", show_default=False)]
+UnitOpt = Annotated[Optional[int], typer.Option("--unit", help="unit number (default: the current unit)")]
+
+
+def _quiet_libraries() -> None:
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg)
+
+
+def _open(workspace: Path, overrides: list[str] | None):
+    from loop.config import load_config
+    from loop.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    return ws, load_config(ws.root, overrides)
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+    STATE["debug"] = debug
+    if not debug:
+        _quiet_libraries()
+
+
+@app.command()
+def init(directory: Annotated[Path, typer.Argument(help="folder to lay out")] = Path(".")) -> None:
+    """Lay out a workspace: configs/, generations/, checkpoints/, golden/, cache/ and loop.db."""
+    from loop.workspace import Workspace
+
+    ws = Workspace.init(directory)
+    _echo(f"workspace ready at {ws.root}; edit configs/prompts.txt, then `loop -w {directory} run --round`")
+
+
+@app.command()
+def run(
+    round_: Annotated[bool, typer.Option("--round", help="advance a round: generate, rate, select, train")] = False,
+    auto_rate: Annotated[
+        bool, typer.Option("--auto-rate", help="rate with the scripted rater (demos, tests)")
+    ] = False,
+    workspace: WorkspaceOpt = Path("."),
+    args: Annotated[
+        Optional[list[str]], typer.Argument(help="[N] then key=value overrides", show_default=False)
+    ] = None,
+) -> None:
+    """Advance unit N to N+1 (N defaults to the current unit); resumable."""
+    from loop.round import run_round
+
+    if not round_:
+        raise LoopError("say which: `loop run --round [N]` advances round N (the current one by default)")
+    args = list(args or [])
+    n = None
+    if args and "=" not in args[0]:
+        try:
+            n = int(args.pop(0))
+        except ValueError:
+            raise LoopError(f"round number must be an integer, got {args[0]!r}") from None
+    ws, cfg = _open(workspace, args)
+    result = run_round(ws, cfg, n, auto_rate_=auto_rate, log=_echo)
+    if result.status == "waiting":
+        _echo(result.message)
+        raise typer.Exit(3)
+    if result.ran:
+        _echo(
+            f"round {result.round} done: unit {result.round + 1} is ready ("
+            + ", ".join(f"{p} {s:.1f}s" for p, s in result.seconds.items())
+            + ")"
+        )
+    else:
+        _echo(f"round {result.round} was already done; `loop run --round` starts round {result.round + 1}")
+
+
+@app.command()
+def generate(workspace: WorkspaceOpt = Path("."), unit: UnitOpt = None, overrides: OverridesArg = None) -> None:
+    """One pass over configs/prompts.txt with a unit (images it already made are skipped)."""
+    from loop.generate import generate as gen
+    from loop.workspace import recover
+
+    ws, cfg = _open(workspace, overrides)
+    with ws.store() as store:
+        recover(ws, store, _echo)
+        store.ensure_base_unit(cfg.model.base)
+        n = store.current_unit() if unit is None else unit
+        if store.unit(n) is None:
+            from loop.round import raise_missing_unit
+
+            raise_missing_unit(store, n)
+        out = gen(ws, store, cfg, unit=n, log=_echo)
+    _echo(f"made {out['made']} image(s) with unit {n} in {ws.rel(ws.generations(n))}")
+
+
+@app.command()
+def rate(
+    auto: Annotated[
+        bool, typer.Option("--auto", help="scripted rater: a fixed colour preference (demos, tests)")
+    ] = False,
+    finish: Annotated[bool, typer.Option("--finish", help="close the rate phase of the current round")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    overrides: OverridesArg = None,
+) -> None:
+    """Rate the current round's images (the page comes in a later release; --auto and --finish work now)."""
+    from loop.rate.auto import auto_rate
+    from loop.round import finish_rating, rating_summary
+
+    ws, cfg = _open(workspace, overrides)
+    with ws.store() as store:
+        n = store.current_unit()
+        if auto:
+            out = auto_rate(ws, store, cfg.rate, n)
+            _echo(f"scripted rater ({cfg.rate.preference}) rated {out['rated']} image(s): {rating_summary(store, n)}")
+        if auto or finish:
+            finish_rating(store, n)
+            _echo(f"round {n}: rating closed ({rating_summary(store, n)}); `loop run --round` goes on")
+        if not auto and not finish:
+            raise LoopError("the rating page is not built yet; use `loop rate --auto` or `loop rate --finish`")
+
+
+@app.command()
+def train(workspace: WorkspaceOpt = Path("."), unit: UnitOpt = None, overrides: OverridesArg = None) -> None:
+    """Train unit N+1 from the selection of round N (default: the current unit)."""
+    from loop.train import train_lora
+
+    ws, cfg = _open(workspace, overrides)
+    with ws.store() as store:
+        n = store.current_unit() if unit is None else unit
+        m = train_lora(ws, store, cfg, parent=n, log=_echo)
+    _echo(f"unit {n + 1} saved to {ws.rel(ws.checkpoint(n + 1))} (loss {m.get('final_loss')})")
+
+
+@app.command()
+def status(workspace: WorkspaceOpt = Path(".")) -> None:
+    """Units and lineage, images and tiers per unit, UR rate, and what the current round waits for."""
+    from loop.status import format_status
+    from loop.workspace import Workspace
+
+    _echo(format_status(Workspace.open(workspace)))
+
+
+@app.command("config")
+def show_config(workspace: WorkspaceOpt = Path("."), overrides: OverridesArg = None) -> None:
+    """Print the resolved config (defaults, configs/loop.yaml, then overrides)."""
+    from loop.config import load_config, to_yaml
+
+    root = workspace if (Path(workspace) / "configs").exists() else None
+    _echo(to_yaml(load_config(root, overrides)).rstrip())
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """Console-script entry: user errors print one line (traceback with --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rc = app(args=argv, standalone_mode=False)
+    except LoopError as e:
+        if "--debug" in argv:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
+    except KeyboardInterrupt:
+        typer.echo("interrupted; run the same command again to continue", err=True)
+        return 130
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+    return rc if isinstance(rc, int) else 0
+
+
+def cli() -> None:
+    sys.exit(entry())

@@ -1,0 +1,199 @@
+"""Configuration: omegaconf structured dataclasses, one section per stage.
+
+    loop run --round train.rank=16 generate.steps=30
+
+Merge order: built-in defaults -> <workspace>/configs/loop.yaml -> `key=value` overrides -> OmegaConf.to_object.
+An unknown key or a bad value raises LoopError naming the key and the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from loop.errors import LoopError
+
+TIERS = ("UR", "SSR", "SR", "R", "N")  # best first
+SCHEDULERS = ("dpm++", "ddim", "euler", "euler_a", "ddpm")
+STRATEGIES = ("golden", "converge")
+METHODS = ("lora",)
+PREFERENCES = ("warm", "cool", "bright", "dark")
+
+
+def _check(ok: bool, key: str, value, hint: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r}: {hint}")
+
+
+@dataclass
+class ModelConfig:
+    base: str = "embedded"  # "embedded" (the shipped tiny model), a local diffusers folder, or a hub id
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16
+
+    def __post_init__(self):
+        _check(
+            self.device in ("auto", "cpu", "cuda", "mps"), "model.device", self.device, "use auto, cpu, cuda or mps"
+        )
+        _check(
+            self.dtype in ("auto", "float32", "float16", "bfloat16"),
+            "model.dtype",
+            self.dtype,
+            "use auto, float32, float16 or bfloat16",
+        )
+
+
+@dataclass
+class GenerateConfig:
+    images_per_prompt: int = 16  # K images for every line of configs/prompts.txt
+    batch_size: int = 16
+    steps: int = 20
+    cfg: float = 4.0  # classifier-free guidance scale
+    scheduler: str = "dpm++"
+    width: int = 0  # 0: the model's native size
+    height: int = 0
+    negative_prompt: str = ""
+    seed: int = 0  # image k of a prompt uses seed + k, so units can be compared at the same seeds
+
+    def __post_init__(self):
+        for key in ("images_per_prompt", "batch_size", "steps"):
+            _check(getattr(self, key) > 0, f"generate.{key}", getattr(self, key), "must be a positive integer")
+        _check(self.cfg >= 0, "generate.cfg", self.cfg, "must be >= 0")
+        _check(
+            self.scheduler in SCHEDULERS, "generate.scheduler", self.scheduler, f"use one of {', '.join(SCHEDULERS)}"
+        )
+        for key in ("width", "height"):
+            v = getattr(self, key)
+            _check(v == 0 or (v > 0 and v % 8 == 0), f"generate.{key}", v, "must be 0 (native) or a multiple of 8")
+
+
+@dataclass
+class RateConfig:
+    # The scripted rater (`loop rate --auto`, `loop run --round --auto-rate`) is for demos and tests: a fixed
+    # preference on image colours, with optional Gaussian noise on the score, mapped to tiers by fixed cut-offs.
+    preference: str = "warm"  # warm: mean red - mean blue; cool: the opposite; bright / dark: mean luminance
+    noise: float = 0.0  # standard deviation of the noise added to the score (same image, same noise)
+    cutoffs: list[float] = field(default_factory=lambda: [110.0, 70.0, 30.0, -20.0])  # UR, SSR, SR, R lower bounds
+    rater: str = "auto"
+
+    def __post_init__(self):
+        _check(
+            self.preference in PREFERENCES, "rate.preference", self.preference, f"use one of {', '.join(PREFERENCES)}"
+        )
+        _check(self.noise >= 0, "rate.noise", self.noise, "must be >= 0")
+        _check(
+            len(self.cutoffs) == 4 and list(self.cutoffs) == sorted(self.cutoffs, reverse=True),
+            "rate.cutoffs",
+            list(self.cutoffs),
+            "give four decreasing lower bounds, for UR, SSR, SR and R",
+        )
+        _check(bool(self.rater.strip()), "rate.rater", self.rater, "give a rater name")
+
+
+@dataclass
+class SelectConfig:
+    strategy: str = "golden"  # golden: UR only, every round; converge: min_tier and above, every round
+    min_tier: str = "SSR"  # for converge
+
+    def __post_init__(self):
+        _check(self.strategy in STRATEGIES, "select.strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
+        _check(self.min_tier in TIERS, "select.min_tier", self.min_tier, f"use one of {', '.join(TIERS)}")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    start: str = "from_base"  # retrain on the accumulated set from the base model
+
+    def __post_init__(self):
+        _check(self.method in METHODS, "train.method", self.method, f"use one of {', '.join(METHODS)}")
+        for key in ("rank", "steps", "batch_size"):
+            _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be a positive integer")
+        _check(self.alpha > 0, "train.alpha", self.alpha, "must be > 0")
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(
+            len(self.target_modules) > 0, "train.target_modules", list(self.target_modules), "name at least one module"
+        )
+        _check(
+            self.mixed_precision in ("no", "fp16", "bf16"),
+            "train.mixed_precision",
+            self.mixed_precision,
+            "use no, fp16 or bf16",
+        )
+        _check(self.start == "from_base", "train.start", self.start, "only from_base is supported so far")
+
+
+@dataclass
+class LoopConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    rate: RateConfig = field(default_factory=RateConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _explain(err: OmegaConfBaseException, source: str, values: dict[str, str]) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(getattr(err, "msg", err)).splitlines()[0]
+    shown = f"={values[key]!r}" if key in values else ""
+    if "not in" in msg:
+        return f"unknown config key {key}{shown} (from {source}); see `loop config` for the valid keys"
+    return f"bad config value {key}{shown} (from {source}): {msg}"
+
+
+def _flat(node, prefix: str = "") -> dict[str, object]:
+    """{'train': {'rank': 8}} -> {'train.rank': 8}, to quote a bad value back to the user."""
+    out: dict[str, object] = {}
+    for k, v in (node or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_config(workspace: Path | None = None, overrides: list[str] | None = None) -> LoopConfig:
+    """Defaults, then <workspace>/configs/loop.yaml, then `key=value` overrides; validated."""
+    cfg = OmegaConf.structured(LoopConfig)
+    sources = []
+    yaml_path = Path(workspace) / "configs" / "loop.yaml" if workspace else None
+    if yaml_path and yaml_path.exists():
+        try:
+            user = OmegaConf.load(yaml_path)
+        except Exception as e:  # yaml syntax errors come in several types
+            raise LoopError(f"{yaml_path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        if user is not None and not OmegaConf.is_dict(user):
+            raise LoopError(f"{yaml_path} must hold a mapping of sections (model:, generate:, ...), not a list")
+        sources.append((str(yaml_path), user or OmegaConf.create()))
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise LoopError(f"override {item!r} is not key=value (for example train.rank=8)")
+        sources.append(("the command line", OmegaConf.from_dotlist(list(overrides))))
+    for source, conf in sources:
+        values = {k: v for k, v in _flat(OmegaConf.to_container(conf)).items()}
+        try:
+            cfg = OmegaConf.merge(cfg, conf)
+        except OmegaConfBaseException as e:
+            raise LoopError(_explain(e, source, values)) from e
+    try:
+        return OmegaConf.to_object(cfg)
+    except ValueError as e:  # __post_init__ checks
+        raise LoopError(f"bad config value {e}") from e
+    except OmegaConfBaseException as e:
+        raise LoopError(_explain(e, "the config", {})) from e
+
+
+def to_yaml(cfg: LoopConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

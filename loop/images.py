@@ -1,0 +1,68 @@
+"""PNG files with their metadata, and the cheap image features the scripted rater uses.
+
+Each PNG carries an A1111-style `parameters` text chunk (so AUTOMATIC1111, ComfyUI and friends read the
+prompt and settings) and a `loop` chunk with everything loop knows, as JSON. Because the PNG is
+self-describing, a file whose database row was lost in a crash can be re-adopted from the file alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+SAMPLER_NAMES = {"dpm++": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "ddpm": "DDPM"}
+
+
+def a1111_parameters(meta: dict) -> str:
+    """The `parameters` text A1111 writes: prompt, negative prompt, then one line of settings."""
+    lines = [meta.get("prompt", "")]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    settings = [
+        f"Steps: {meta.get('steps')}",
+        f"Sampler: {SAMPLER_NAMES.get(meta.get('sampler'), meta.get('sampler'))}",
+        f"CFG scale: {meta.get('cfg')}",
+        f"Seed: {meta.get('seed')}",
+        f"Size: {meta.get('width')}x{meta.get('height')}",
+        f"Model: {meta.get('model')}",
+    ]
+    if meta.get("unit") is not None:
+        settings.append(f"Loop unit: {meta['unit']}")
+    lines.append(", ".join(settings))
+    return "\n".join(lines)
+
+
+def png_bytes(image: Image.Image, meta: dict) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(meta))
+    info.add_itxt("loop", json.dumps(meta, ensure_ascii=False, sort_keys=True))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def read_meta(path: Path) -> dict | None:
+    """The `loop` JSON chunk of a PNG, or None if the file has none or cannot be read."""
+    try:
+        with Image.open(path) as im:
+            raw = im.info.get("loop") if im.format == "PNG" else None
+        return json.loads(raw) if raw else None
+    except Exception:
+        return None
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def preference_score(rgb: np.ndarray, preference: str) -> float:
+    """The scripted rater's taste, on 0..255 pixel values: higher is better."""
+    x = rgb.astype(np.float32)
+    r, g, b = x[..., 0].mean(), x[..., 1].mean(), x[..., 2].mean()
+    lum = 0.299 * r + 0.587 * g + 0.114 * b
+    return float({"warm": r - b, "cool": b - r, "bright": lum, "dark": 255.0 - lum}[preference])

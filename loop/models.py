@@ -1,0 +1,87 @@
+"""Loading a unit as a diffusers pipeline: the base model plus, for unit N > 0, its LoRA adapter.
+
+`model.base` is "embedded" (the tiny model shipped in loop/tiny/model), a local diffusers folder, or a hub
+id; all three go through `StableDiffusionPipeline.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loop.config import ModelConfig
+from loop.errors import LoopError
+
+EMBEDDED = Path(__file__).parent / "tiny" / "model"
+
+
+def resolve_base(base: str) -> str:
+    if base == "embedded":
+        if not (EMBEDDED / "model_index.json").exists():
+            raise LoopError(
+                f"the embedded model is missing from {EMBEDDED}; rebuild it with `python -m loop.tiny.train`"
+            )
+        return str(EMBEDDED)
+    return base
+
+
+def pick_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def set_scheduler(pipe, name: str) -> None:
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    cls = {
+        "dpm++": DPMSolverMultistepScheduler,
+        "ddim": DDIMScheduler,
+        "euler": EulerDiscreteScheduler,
+        "euler_a": EulerAncestralDiscreteScheduler,
+        "ddpm": DDPMScheduler,
+    }[name]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def load_base(cfg: ModelConfig, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    from diffusers import StableDiffusionPipeline
+
+    base = resolve_base(cfg.base)
+    device = device or pick_device(cfg)
+    dtype = dtype or pick_dtype(cfg, device)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            base, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as e:
+        where = "local folder" if Path(base).exists() else "local folder nor a hub id available offline"
+        raise LoopError(f"model.base={cfg.base!r} could not be loaded ({where}): {str(e).splitlines()[0]}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_unit(cfg: ModelConfig, checkpoints: Path | None, unit: int):
+    """Unit 0 is the base model; unit N > 0 is the base with checkpoints/unit_NNN's LoRA loaded."""
+    pipe = load_base(cfg)
+    if unit > 0:
+        folder = Path(checkpoints)
+        if not (folder / "pytorch_lora_weights.safetensors").exists():
+            raise LoopError(f"unit {unit} has no weights at {folder}; train it with `loop run --round {unit - 1}`")
+        pipe.load_lora_weights(str(folder))
+    return pipe

@@ -1,0 +1,1 @@
+"""Rating: the scripted rater now (`loop rate --auto`); the Gradio page comes next."""

@@ -1,0 +1,105 @@
+"""A round: unit N generates, the images are rated, a training set is selected, and unit N+1 is trained.
+
+    loop run --round [N] [--auto-rate]
+
+Every phase is recorded in loop.db. Re-running continues with the first unfinished phase and never redoes a
+finished one; an interrupted phase resumes (generation skips images it already made, training starts again
+from its selection). Without --auto-rate the round stops at the rate phase and says what to do.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from loop.config import TIERS, LoopConfig
+from loop.generate import generate
+from loop.rate.auto import auto_rate
+from loop.select import select
+from loop.store import PHASES, Store
+from loop.train import train_lora
+from loop.workspace import Workspace, recover
+
+
+@dataclass
+class RoundResult:
+    round: int
+    status: str  # "done" | "waiting"
+    ran: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+def rating_summary(store: Store, n: int) -> str:
+    counts = store.tier_counts(round=n)
+    total = sum(counts.values())
+    rated = total - counts.get(None, 0)
+    return f"{rated}/{total} rated (" + ", ".join(f"{t} {counts.get(t, 0)}" for t in TIERS) + ")"
+
+
+def finish_rating(store: Store, n: int) -> None:
+    store.finish_phase(n, "rate", {"summary": rating_summary(store, n), "by": "person"})
+
+
+def run_round(
+    ws: Workspace,
+    cfg: LoopConfig,
+    n: int | None = None,
+    auto_rate_: bool = False,
+    log=print,
+    stop_after: str | None = None,
+) -> RoundResult:
+    """Advance round n (default: the current unit) through its unfinished phases."""
+    with ws.store() as store:
+        recover(ws, store, log)
+        store.ensure_base_unit(cfg.model.base)
+        n = store.current_unit() if n is None else n
+        if store.unit(n) is None:
+            raise_missing_unit(store, n)
+        store.start_round(n)
+        result = RoundResult(round=n, status="done")
+        for phase in PHASES:
+            if store.phase_done(n, phase):
+                continue
+            t0 = time.time()
+            store.begin_phase(n, phase)
+            if phase == "generate":
+                detail = generate(ws, store, cfg, unit=n, round=n, log=log)
+                log(f"generate: {detail['made']} new image(s) in {ws.rel(ws.generations(n))}")
+            elif phase == "rate":
+                if auto_rate_:
+                    detail = auto_rate(ws, store, cfg.rate, n)
+                    detail["summary"] = rating_summary(store, n)
+                    log(f"rate (scripted, {cfg.rate.preference}): {detail['summary']}")
+                else:
+                    result.status = "waiting"
+                    result.message = (
+                        f"Round {n} needs your ratings: {rating_summary(store, n)}. Rate them with `loop rate` "
+                        f"(or `loop rate --auto` for the scripted rater), finish with `loop rate --finish`, "
+                        f"then run `loop run --round` again."
+                    )
+                    return result
+            elif phase == "select":
+                items = select(ws, store, cfg.select, n)
+                detail = {"images": len(items), "strategy": cfg.select.strategy}
+                log(f"select ({cfg.select.strategy}): {len(items)} image(s) for unit {n + 1}")
+            else:
+                manifest = train_lora(ws, store, cfg, parent=n, log=log)
+                detail = {"unit": n + 1, "final_loss": manifest.get("final_loss"), "steps": manifest.get("steps")}
+                log(f"train: unit {n + 1} saved to {ws.rel(ws.checkpoint(n + 1))} (loss {detail['final_loss']})")
+            store.finish_phase(n, phase, detail)
+            result.ran.append(phase)
+            result.seconds[phase] = round(time.time() - t0, 2)
+            if stop_after == phase:
+                break
+        return result
+
+
+def raise_missing_unit(store: Store, n: int):
+    from loop.errors import LoopError
+
+    have = [r["unit"] for r in store.units()]
+    raise LoopError(
+        f"unit {n} does not exist (units: {', '.join(map(str, have))}); "
+        f"run `loop run --round {max(have)}` to make the next one"
+    )

@@ -1,0 +1,71 @@
+"""`loop status`: units and their lineage, images and tiers per unit, and what the current round waits for."""
+
+from __future__ import annotations
+
+from loop.config import TIERS
+from loop.store import PHASES, Store
+from loop.workspace import Workspace
+
+
+def unit_rows(store: Store) -> list[dict]:
+    rows = []
+    for u in store.units():
+        counts = store.tier_counts(unit=u["unit"])
+        total = sum(counts.values())
+        rated = total - counts.get(None, 0)
+        rows.append(
+            {
+                "unit": u["unit"],
+                "parent": u["parent"],
+                "method": u["method"] or "base",
+                "strategy": u["strategy"] or "-",
+                "images": total,
+                "rated": rated,
+                **{t: counts.get(t, 0) for t in TIERS},
+                "ur_rate": counts.get("UR", 0) / rated if rated else None,
+            }
+        )
+    return rows
+
+
+def next_step(store: Store) -> str:
+    n = store.current_unit()
+    phases = store.phases(n)
+    done = [p for p in PHASES if p in phases and phases[p]["status"] == "done"]
+    if len(done) == len(PHASES):
+        return f"round {n} is closed; `loop run --round` starts round {n + 1}"
+    todo = next(p for p in PHASES if p not in done)
+    if todo == "generate":
+        state = "running or interrupted" if "generate" in phases else "not started"
+        return f"round {n}: generate {state}; `loop run --round` generates with unit {n}"
+    if todo == "rate":
+        counts = store.tier_counts(round=n)
+        unrated = counts.get(None, 0)
+        return (
+            f"round {n}: waiting for ratings ({unrated} of {sum(counts.values())} unrated); rate with `loop rate`, "
+            f"close with `loop rate --finish`, then `loop run --round`"
+        )
+    return f"round {n}: {todo} not finished; `loop run --round` continues it"
+
+
+def format_status(ws: Workspace) -> str:
+    with ws.store() as store:
+        rows = unit_rows(store)
+        lines = [f"workspace {ws.root}", ""]
+        head = (
+            f"{'unit':>4}  {'parent':>6}  {'method':<8} {'strategy':<9} {'images':>6} {'rated':>6}  "
+            + " ".join(f"{t:>4}" for t in TIERS)
+            + "  UR rate"
+        )
+        lines.append(head)
+        for r in rows:
+            parent = "-" if r["parent"] is None else str(r["parent"])
+            ur = "-" if r["ur_rate"] is None else f"{r['ur_rate']:.1%}"
+            lines.append(
+                f"{r['unit']:>4}  {parent:>6}  {r['method']:<8} {r['strategy']:<9} {r['images']:>6} "
+                f"{r['rated']:>6}  " + " ".join(f"{r[t]:>4}" for t in TIERS) + f"  {ur:>7}"
+            )
+        if not rows:
+            lines.append("  (no units yet: `loop run --round` starts with the base model as unit 0)")
+        lines += ["", next_step(store) if rows else "next: `loop run --round`"]
+        return "\n".join(lines)

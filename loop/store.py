@@ -1,0 +1,264 @@
+"""loop.db: the SQLite store (WAL) of images, rating events, rounds with their phases, and units.
+
+    loop status      reads it;  every other command writes it
+
+Ratings are append-only events. An undo is itself an event that points at the event it cancels. An image's
+current tier is the newest event of any rater that is not an undo and has not been undone
+(last decision wins), so "who rated what" and undo come for free and nothing is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+
+from loop.config import TIERS
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    sha256 TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,              -- relative to the workspace
+    unit INTEGER,                    -- the unit that generated it; NULL for imported images
+    round INTEGER,                   -- the round it was generated in
+    prompt TEXT NOT NULL DEFAULT '',
+    negative_prompt TEXT NOT NULL DEFAULT '',
+    seed INTEGER,
+    steps INTEGER,
+    cfg REAL,
+    sampler TEXT,
+    width INTEGER,
+    height INTEGER,
+    parent_id INTEGER REFERENCES images(id),
+    source TEXT NOT NULL DEFAULT 'generated',
+    params TEXT NOT NULL DEFAULT '{}', -- everything else, JSON
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_unit ON images(unit);
+CREATE INDEX IF NOT EXISTS images_round ON images(round);
+
+CREATE TABLE IF NOT EXISTS ratings (
+    id INTEGER PRIMARY KEY,
+    image_id INTEGER NOT NULL REFERENCES images(id),
+    tier TEXT CHECK (tier IN ('UR', 'SSR', 'SR', 'R', 'N')),  -- NULL only for an undo event
+    rater TEXT NOT NULL,
+    undoes INTEGER REFERENCES ratings(id),                    -- set on undo events
+    created_at REAL NOT NULL,
+    CHECK ((tier IS NULL) = (undoes IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS ratings_image ON ratings(image_id);
+
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,       -- round N turns unit N into unit N+1
+    started_at REAL NOT NULL,
+    closed_at REAL
+);
+
+CREATE TABLE IF NOT EXISTS phases (
+    round INTEGER NOT NULL REFERENCES rounds(round),
+    phase TEXT NOT NULL CHECK (phase IN ('generate', 'rate', 'select', 'train')),
+    status TEXT NOT NULL CHECK (status IN ('running', 'done')),
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    detail TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (round, phase)
+);
+
+CREATE TABLE IF NOT EXISTS units (
+    unit INTEGER PRIMARY KEY,
+    parent INTEGER REFERENCES units(unit),
+    path TEXT,                       -- checkpoints/unit_NNN, NULL for the base model
+    base TEXT NOT NULL,
+    method TEXT,
+    strategy TEXT,
+    created_at REAL NOT NULL,
+    manifest TEXT NOT NULL DEFAULT '{}'
+);
+
+-- effective rating events: not undo events, and not undone
+CREATE VIEW IF NOT EXISTS effective_ratings AS
+    SELECT r.* FROM ratings r
+    WHERE r.undoes IS NULL AND NOT EXISTS (SELECT 1 FROM ratings u WHERE u.undoes = r.id);
+
+-- the current tier of each rated image: its newest effective event
+CREATE VIEW IF NOT EXISTS current_tiers AS
+    SELECT e.image_id, e.tier, e.rater, e.created_at FROM effective_ratings e
+    WHERE e.id = (SELECT MAX(e2.id) FROM effective_ratings e2 WHERE e2.image_id = e.image_id);
+"""
+
+PHASES = ("generate", "rate", "select", "train")
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        # autocommit mode; writes group themselves with `with self.tx():`
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=30000")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def tx(self):
+        return _Tx(self.db)
+
+    # -- images --------------------------------------------------------------------------------------------
+    def add_image(self, *, sha256: str, path: str, prompt: str = "", params: dict | None = None, **cols) -> int:
+        """Insert an image row (idempotent on sha256) and return its id."""
+        fields = dict(sha256=sha256, path=path, prompt=prompt, params=json.dumps(params or {}), created_at=time.time())
+        fields.update({k: v for k, v in cols.items() if v is not None})
+        names = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        with self.tx():
+            self.db.execute(f"INSERT OR IGNORE INTO images ({names}) VALUES ({marks})", tuple(fields.values()))
+            return self.db.execute("SELECT id FROM images WHERE sha256 = ?", (sha256,)).fetchone()[0]
+
+    def image(self, image_id: int) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+
+    def images(self, *, unit: int | None = None, round: int | None = None) -> list[sqlite3.Row]:
+        sql, args = "SELECT i.*, t.tier FROM images i LEFT JOIN current_tiers t ON t.image_id = i.id WHERE 1", []
+        if unit is not None:
+            sql += " AND i.unit = ?"
+            args.append(unit)
+        if round is not None:
+            sql += " AND i.round = ?"
+            args.append(round)
+        return self.db.execute(sql + " ORDER BY i.id", args).fetchall()
+
+    def known_paths(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT path FROM images")}
+
+    # -- ratings -------------------------------------------------------------------------------------------
+    def rate(self, image_id: int, tier: str, rater: str) -> int:
+        if tier not in TIERS:
+            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+        with self.tx():
+            cur = self.db.execute(
+                "INSERT INTO ratings (image_id, tier, rater, created_at) VALUES (?, ?, ?, ?)",
+                (image_id, tier, rater, time.time()),
+            )
+            return cur.lastrowid
+
+    def rate_many(self, items: list[tuple[int, str]], rater: str) -> None:
+        now = time.time()
+        with self.tx():
+            self.db.executemany(
+                "INSERT INTO ratings (image_id, tier, rater, created_at) VALUES (?, ?, ?, ?)",
+                [(i, t, rater, now) for i, t in items],
+            )
+
+    def undo(self, rater: str) -> int | None:
+        """Cancel this rater's newest effective rating; returns the image id it applied to, or None."""
+        with self.tx():
+            row = self.db.execute(
+                "SELECT id, image_id FROM effective_ratings WHERE rater = ? ORDER BY id DESC LIMIT 1", (rater,)
+            ).fetchone()
+            if row is None:
+                return None
+            self.db.execute(
+                "INSERT INTO ratings (image_id, tier, rater, undoes, created_at) VALUES (?, NULL, ?, ?, ?)",
+                (row["image_id"], rater, row["id"], time.time()),
+            )
+            return row["image_id"]
+
+    def tier_of(self, image_id: int) -> str | None:
+        row = self.db.execute("SELECT tier FROM current_tiers WHERE image_id = ?", (image_id,)).fetchone()
+        return row[0] if row else None
+
+    def tier_counts(self, *, unit: int | None = None, round: int | None = None) -> Counter:
+        """Counter of current tiers (None for unrated) over the chosen images."""
+        return Counter(r["tier"] for r in self.images(unit=unit, round=round))
+
+    # -- rounds and phases ---------------------------------------------------------------------------------
+    def start_round(self, n: int) -> None:
+        with self.tx():
+            self.db.execute("INSERT OR IGNORE INTO rounds (round, started_at) VALUES (?, ?)", (n, time.time()))
+
+    def phase(self, n: int, phase: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM phases WHERE round = ? AND phase = ?", (n, phase)).fetchone()
+
+    def phase_done(self, n: int, phase: str) -> bool:
+        row = self.phase(n, phase)
+        return row is not None and row["status"] == "done"
+
+    def begin_phase(self, n: int, phase: str) -> None:
+        self.start_round(n)
+        with self.tx():
+            self.db.execute(
+                "INSERT OR IGNORE INTO phases (round, phase, status, started_at) VALUES (?, ?, 'running', ?)",
+                (n, phase, time.time()),
+            )
+
+    def finish_phase(self, n: int, phase: str, detail: dict | None = None) -> None:
+        self.begin_phase(n, phase)
+        with self.tx():
+            self.db.execute(
+                "UPDATE phases SET status = 'done', finished_at = ?, detail = ? WHERE round = ? AND phase = ?",
+                (time.time(), json.dumps(detail or {}), n, phase),
+            )
+            if phase == PHASES[-1]:
+                self.db.execute("UPDATE rounds SET closed_at = ? WHERE round = ?", (time.time(), n))
+
+    def phases(self, n: int) -> dict[str, sqlite3.Row]:
+        return {r["phase"]: r for r in self.db.execute("SELECT * FROM phases WHERE round = ?", (n,))}
+
+    # -- units ---------------------------------------------------------------------------------------------
+    def ensure_base_unit(self, base: str) -> None:
+        with self.tx():
+            self.db.execute(
+                "INSERT OR IGNORE INTO units (unit, parent, path, base, created_at) VALUES (0, NULL, NULL, ?, ?)",
+                (base, time.time()),
+            )
+
+    def add_unit(
+        self, unit: int, *, parent: int, path: str, base: str, method: str, strategy: str, manifest: dict
+    ) -> None:
+        with self.tx():
+            self.db.execute(
+                "INSERT OR REPLACE INTO units (unit, parent, path, base, method, strategy, created_at, manifest) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (unit, parent, path, base, method, strategy, time.time(), json.dumps(manifest)),
+            )
+
+    def units(self) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM units ORDER BY unit").fetchall()
+
+    def unit(self, n: int) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM units WHERE unit = ?", (n,)).fetchone()
+
+    def current_unit(self) -> int:
+        row = self.db.execute("SELECT MAX(unit) FROM units").fetchone()
+        return row[0] if row and row[0] is not None else 0
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error); nests as a no-op inside an open transaction."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.outer = False
+
+    def __enter__(self):
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.outer = True
+        return self.db
+
+    def __exit__(self, exc_type, *exc):
+        if self.outer:
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")

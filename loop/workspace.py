@@ -1,0 +1,175 @@
+"""The workspace on disk: folders, naming, and atomic writes.
+
+    loop init DIR        lays out DIR (configs/, generations/, checkpoints/, golden/, cache/, loop.db)
+
+Every file is written to a temporary name in its destination folder and renamed into place, so a reader
+never sees half a file. `Workspace.open()` also recovers from a crash: stray temporary files are removed
+and a finished PNG whose database row never got written is adopted from its own metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from loop.errors import LoopError
+
+FOLDERS = ("configs", "generations", "checkpoints", "golden", "cache")
+TMP_MARK = ".tmp-"
+
+DEFAULT_PROMPTS = """\
+# One prompt per line; blank lines and lines starting with '#' are skipped.
+# `loop generate` and `loop run --round` make generate.images_per_prompt images of each line.
+a circle
+a square
+a triangle
+a ring
+"""
+
+DEFAULT_YAML = """\
+# Your settings, merged over the built-in defaults (see `loop config` for every key).
+# Any key can also be given on the command line, e.g. `loop run --round train.steps=500`.
+model:
+  base: embedded   # the shipped tiny model; or a local diffusers folder, or a hub id
+"""
+
+
+def unit_name(n: int) -> str:
+    return f"unit_{n:03d}"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes | str) -> Path:
+    """Write to a temporary sibling, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+
+    # -- paths ---------------------------------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return self.root / "loop.db"
+
+    @property
+    def prompts_path(self) -> Path:
+        return self.root / "configs" / "prompts.txt"
+
+    def generations(self, unit: int) -> Path:
+        return self.root / "generations" / unit_name(unit)
+
+    def checkpoint(self, unit: int) -> Path:
+        return self.root / "checkpoints" / unit_name(unit)
+
+    def cache(self, *parts: str) -> Path:
+        return self.root.joinpath("cache", *parts)
+
+    def rel(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
+    def inside(self, rel: str) -> Path:
+        """Resolve a workspace-relative path, refusing anything that lands outside the workspace."""
+        p = (self.root / rel).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise LoopError(f"{rel!r} is outside the workspace {self.root}; use a path inside it")
+        return p
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    @classmethod
+    def init(cls, root: Path) -> Workspace:
+        """Create the folders, a starter config and prompt file (never overwriting), and the database."""
+        ws = cls(root)
+        ws.root.mkdir(parents=True, exist_ok=True)
+        for name in FOLDERS:
+            (ws.root / name).mkdir(exist_ok=True)
+        if not (ws.root / "configs" / "loop.yaml").exists():
+            atomic_write(ws.root / "configs" / "loop.yaml", DEFAULT_YAML)
+        if not ws.prompts_path.exists():
+            atomic_write(ws.prompts_path, DEFAULT_PROMPTS)
+        from loop.store import Store
+
+        Store(ws.db_path).close()
+        return ws
+
+    @classmethod
+    def open(cls, root: Path) -> Workspace:
+        """An existing workspace: it has loop.db, or at least configs/ (like the repository root)."""
+        ws = cls(root)
+        if not ws.db_path.exists() and not (ws.root / "configs").is_dir():
+            raise LoopError(f"{ws.root} is not a loop workspace (no loop.db, no configs/); run `loop init {root}` first")
+        return cls.init(root)
+
+    def store(self):
+        from loop.store import Store
+
+        return Store(self.db_path)
+
+
+def recover(ws: Workspace, store, log=print) -> dict:
+    """Undo what a crash can leave: delete temporary files, adopt finished PNGs that have no row.
+
+    A PNG is renamed into place before its row is inserted, so a crash in between leaves a complete,
+    self-describing file; its `loop` metadata chunk is enough to write the row it lacks.
+    """
+    from loop.images import read_meta
+
+    removed = adopted = 0
+    for folder in ("generations", "golden", "checkpoints", "cache"):
+        for tmp in (ws.root / folder).rglob(f"*{TMP_MARK}*"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed += 1
+    known = store.known_paths()
+    for png in sorted((ws.root / "generations").rglob("*.png")):
+        rel = ws.rel(png)
+        if rel in known:
+            continue
+        meta = read_meta(png)
+        if meta is None:
+            log(f"warning: {rel} has no loop metadata; left as it is (move it out, or `loop import` it)")
+            continue
+        keys = ("negative_prompt", "seed", "steps", "cfg", "sampler", "width", "height", "unit", "round")
+        store.add_image(
+            sha256=sha256_file(png),
+            path=rel,
+            prompt=meta.get("prompt", ""),
+            params=meta,
+            source="generated",
+            **{k: meta.get(k) for k in keys},
+        )
+        adopted += 1
+    if removed or adopted:
+        log(f"recovered: removed {removed} temporary file(s), adopted {adopted} image(s) without a row")
+    return {"removed": removed, "adopted": adopted}

@@ -1,0 +1,48 @@
+import pytest
+
+from loop.cli import entry
+from loop.config import load_config
+from loop.errors import LoopError
+
+
+def test_defaults_then_yaml_then_overrides(ws):
+    (ws.root / "configs" / "loop.yaml").write_text("train:\n  rank: 4\n  steps: 50\n")
+    cfg = load_config(ws.root, ["train.steps=7"])
+    assert cfg.train.rank == 4  # from the yaml
+    assert cfg.train.steps == 7  # the override wins
+    assert cfg.generate.steps == 20  # default
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        (["train.rnak=8"], ["unknown", "train.rnak", "8"]),
+        (["train.rank=abc"], ["train.rank", "abc"]),
+        (["train.rank=-3"], ["train.rank", "-3", "positive"]),
+        (["generate.scheduler=warp"], ["generate.scheduler", "warp"]),
+        (["select.strategy=everything"], ["select.strategy", "everything"]),
+    ],
+)
+def test_bad_config_names_key_and_value(override, words):
+    with pytest.raises(LoopError) as e:
+        load_config(None, override)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_bad_yaml_key_is_one_line_from_the_cli(ws, capsys):
+    (ws.root / "configs" / "loop.yaml").write_text("generate:\n  stepz: 3\n")
+    rc = entry(["run", "--round", "-w", str(ws.root)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1
+    assert "generate.stepz" in err and "3" in err and "loop.yaml" in err
+    assert "Traceback" not in err
+
+
+def test_override_without_equals_is_rejected(ws, capsys):
+    rc = entry(["generate", "-w", str(ws.root), "train.rank"])
+    assert rc == 2
+    assert "key=value" in capsys.readouterr().err

@@ -1,0 +1,131 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loop.errors import LoopError
+from loop.generate import generate, parse_line, read_prompts
+from loop.images import read_meta
+from loop.workspace import TMP_MARK, recover, sha256_file
+
+
+def test_parse_line_overrides():
+    line = parse_line('a red circle --n 3 --seed 7 --cfg 5.5 --neg "blue, dark" --steps 9 --w 64 --h 32', 4)
+    assert (line.text, line.n, line.seed, line.cfg, line.neg, line.steps, line.w, line.h) == (
+        "a red circle",
+        3,
+        7,
+        5.5,
+        "blue, dark",
+        9,
+        64,
+        32,
+    )
+
+
+@pytest.mark.parametrize("raw, words", [("a --n x", ["--n", "x"]), ("a --zoom 2", ["--zoom"]), ("a --n -1", ["--n"])])
+def test_parse_line_bad_option(raw, words):
+    with pytest.raises(ValueError) as e:
+        parse_line(raw, 1)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_read_prompts_skips_comments_and_reports_bad_lines(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("# comment\n\n猫 🐱\na square --n zero\na ring --n 2\n", encoding="utf-8")
+    lines, problems = read_prompts(p)
+    assert [ln.text for ln in lines] == ["猫 🐱", "a ring"]
+    assert len(problems) == 1 and "prompts.txt:4" in problems[0]
+
+
+def test_read_prompts_not_utf8(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_bytes(b"a circle\n" + b"\xff\xfe bad\n")
+    with pytest.raises(LoopError, match="UTF-8"):
+        read_prompts(p)
+
+
+def test_generate_writes_pngs_with_metadata_and_rows(ws, cfg):
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        out = generate(ws, store, cfg, unit=0, log=lambda m: None)
+        rows = store.images(unit=0)
+    assert out["made"] == 8 == len(rows)
+    files = sorted(ws.generations(0).glob("*.png"))
+    assert len(files) == 8
+    assert not list(ws.generations(0).glob(f"*{TMP_MARK}*"))
+    for row in rows:
+        path = ws.root / row["path"]
+        assert sha256_file(path) == row["sha256"]
+        with Image.open(path) as im:
+            params = im.info["parameters"]
+            meta = json.loads(im.info["loop"])
+        assert params.splitlines()[0] == row["prompt"]
+        assert f"Seed: {row['seed']}" in params and "Steps: 4" in params and "Sampler: DPM++ 2M" in params
+        assert meta["unit"] == 0 and meta["seed"] == row["seed"] and meta["parent"] is None
+    # image k of a prompt uses seed + k
+    assert sorted(r["seed"] for r in rows if r["prompt"] == "a circle") == [0, 1, 2, 3]
+
+
+def test_same_seed_same_image_and_different_seeds_vary(ws, cfg):
+    ws.prompts_path.write_text("a circle --n 2 --seed 5\n")
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        generate(ws, store, cfg, unit=0, log=lambda m: None)
+        first = {r["seed"]: r["sha256"] for r in store.images()}
+        # a second workspace-free pass: drop the rows and files, generate again
+        for r in store.images():
+            (ws.root / r["path"]).unlink()
+        store.db.execute("DELETE FROM images")
+        generate(ws, store, cfg, unit=0, log=lambda m: None)
+        second = {r["seed"]: r["sha256"] for r in store.images()}
+    assert first == second
+    assert first[5] != first[6]
+
+
+def test_generate_resumes_instead_of_redoing(ws, cfg):
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        generate(ws, store, cfg, unit=0, log=lambda m: None)
+        again = generate(ws, store, cfg, unit=0, log=lambda m: None)
+    assert again["made"] == 0
+
+
+def test_recover_adopts_orphan_png_and_removes_temp_files(ws, cfg):
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        generate(ws, store, cfg, unit=0, log=lambda m: None)
+        victim = store.images()[0]
+        # simulate a crash after the rename but before the row: drop the row; and leave a temp file behind
+        store.db.execute("DELETE FROM images WHERE id = ?", (victim["id"],))
+        tmp = ws.generations(0) / f".x.png{TMP_MARK}123"
+        tmp.write_bytes(b"half")
+        out = recover(ws, store, log=lambda m: None)
+        assert out == {"removed": 1, "adopted": 1}
+        assert not tmp.exists()
+        rows = {r["sha256"]: r for r in store.images()}
+        assert victim["sha256"] in rows
+        assert rows[victim["sha256"]]["seed"] == victim["seed"]
+        assert len(rows) == len(list(ws.generations(0).glob("*.png")))
+
+
+def test_samples_vary_with_prompt(base_pipe):
+    """The embedded model is trained: colour words in the prompt change the colours it draws."""
+    import torch
+
+    from loop.images import preference_score
+
+    def warm(prompt):
+        g = [torch.Generator().manual_seed(s) for s in range(6)]
+        ims = base_pipe([prompt] * 6, num_inference_steps=10, guidance_scale=4.0, generator=g, output_type="np").images
+        return np.mean([preference_score((im * 255).astype(np.uint8), "warm") for im in ims])
+
+    assert warm("a red circle on orange") > warm("a blue circle on cyan") + 40
+
+
+def test_read_meta_none_for_foreign_png(tmp_path):
+    p = tmp_path / "x.png"
+    Image.new("RGB", (4, 4)).save(p)
+    assert read_meta(p) is None

@@ -1,0 +1,130 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST
+
+import loop.generate
+from loop.cli import entry
+from loop.config import TIERS, ModelConfig
+from loop.models import load_unit
+from loop.round import run_round
+from loop.workspace import TMP_MARK, sha256_file
+
+quiet = lambda m: None  # noqa: E731
+
+
+@pytest.mark.slow
+def test_whole_round_leaves_promised_files_and_rows(ws, cfg):
+    res = run_round(ws, cfg, auto_rate_=True, log=quiet)
+    assert res.status == "done" and res.ran == ["generate", "rate", "select", "train"]
+    unit = ws.checkpoint(1)
+    for name in ("pytorch_lora_weights.safetensors", "manifest.json", "config.yaml", "selection.json"):
+        assert (unit / name).is_file(), name
+    manifest = json.loads((unit / "manifest.json").read_text())
+    assert manifest["parent"] == 0 and manifest["method"] == "lora" and manifest["strategy"] == "golden"
+    assert manifest["base_model"] == "embedded" and manifest["steps"] == 8
+    assert np.isfinite(manifest["final_loss"]) and manifest["duration_s"] > 0
+    assert manifest["config"]["train"]["steps"] == 8
+    assert "steps: 8" in (unit / "config.yaml").read_text()
+    with ws.store() as store:
+        rows = store.images(round=0)
+        assert len(rows) == 8 and all(r["tier"] in TIERS for r in rows)
+        ur = {r["sha256"] for r in rows if r["tier"] == "UR"}
+        assert {i["sha256"] for i in manifest["images"]} == ur and ur
+        for r in rows:
+            assert sha256_file(ws.root / r["path"]) == r["sha256"]
+        assert all(store.phase_done(0, p) for p in ("generate", "rate", "select", "train"))
+        assert store.current_unit() == 1 and store.unit(1)["parent"] == 0
+    assert len(list(ws.generations(0).glob("*.png"))) == 8
+    assert not list(ws.root.rglob(f"*{TMP_MARK}*"))
+
+    # a fresh pipeline that loads unit 1 makes different images from unit 0 at the same seeds
+    def img(unit):
+        pipe = load_unit(ModelConfig(), ws.checkpoint(unit), unit)
+        g = torch.Generator().manual_seed(0)
+        return pipe("a circle", num_inference_steps=4, generator=g, output_type="np").images[0]
+
+    assert np.abs(img(1) - img(0)).mean() > 1e-3
+
+
+@pytest.mark.slow
+def test_interrupted_round_resumes_without_redoing(ws, cfg, monkeypatch):
+    # 1. a crash in the middle of generation: 3 images written, then Ctrl-C
+    real, calls = loop.generate.png_bytes, {"n": 0}
+
+    def flaky(image, meta):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(image, meta)
+
+    monkeypatch.setattr(loop.generate, "png_bytes", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_round(ws, cfg, auto_rate_=True, log=quiet)
+    monkeypatch.setattr(loop.generate, "png_bytes", real)
+    with ws.store() as store:
+        assert len(store.images()) == 3 and not store.phase_done(0, "generate")
+
+    # 2. stop between phases: generate finishes (only the 5 missing images), then stop
+    res = run_round(ws, cfg, auto_rate_=True, log=quiet, stop_after="rate")
+    assert res.ran == ["generate", "rate"]
+    with ws.store() as store:
+        assert len(store.images()) == 8
+        done_at = {p: store.phase(0, p)["finished_at"] for p in ("generate", "rate")}
+        n_ratings = store.db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0]
+
+    # 3. the re-run starts at select; nothing finished is redone
+    res = run_round(ws, cfg, auto_rate_=True, log=quiet)
+    assert res.ran == ["select", "train"]
+    with ws.store() as store:
+        assert {p: store.phase(0, p)["finished_at"] for p in ("generate", "rate")} == done_at
+        assert store.db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0] == n_ratings
+        assert len(store.images()) == 8
+    assert len(list(ws.generations(0).glob("*.png"))) == 8
+    assert run_round(ws, cfg, 0, log=quiet).ran == []
+
+
+@pytest.mark.slow
+def test_round_waits_for_ratings_and_says_what_to_do(ws, capsys):
+    rc = entry(["run", "--round", "-w", str(ws.root), *FAST])
+    out = capsys.readouterr().out
+    assert rc == 3
+    assert "loop rate" in out and "0/8 rated" in out
+    assert entry(["rate", "--auto", "-w", str(ws.root), *FAST]) == 0
+    assert entry(["run", "--round", "-w", str(ws.root), *FAST]) == 0
+    assert (ws.checkpoint(1) / "pytorch_lora_weights.safetensors").exists()
+    capsys.readouterr()
+    assert entry(["status", "-w", str(ws.root)]) == 0
+    status = capsys.readouterr().out
+    assert "round 0 is closed" in status and "lora" in status
+
+
+def test_empty_selection_says_counts_and_next_step(ws, cfg, capsys):
+    from loop.errors import LoopError
+    from loop.select import select
+
+    with ws.store() as store:
+        i = store.add_image(sha256="a" * 64, path="generations/unit_000/a.png", prompt="p", unit=0, round=0)
+        store.rate(i, "SSR", "alice")
+        with pytest.raises(LoopError) as e:
+            select(ws, store, cfg.select, 0)
+    msg = str(e.value)
+    assert "SSR 1" in msg and "UR 0" in msg and "loop rate" in msg and "\n" not in msg
+
+
+def test_golden_takes_only_ur_from_every_round(ws, cfg):
+    from loop.select import select
+
+    with ws.store() as store:
+        ids = [
+            store.add_image(sha256=f"{k:064x}", path=f"g/{k}.png", prompt=f"p{k}", unit=k % 2, round=k % 2)
+            for k in range(6)
+        ]
+        for i, t in zip(ids, ["UR", "SSR", "UR", "N", "R", "UR"]):
+            store.rate(i, t, "alice")
+        store.rate(ids[2], "SSR", "bob")  # a later decision demotes image 2
+        items = select(ws, store, cfg.select, 1)
+    assert sorted(it["id"] for it in items) == [ids[0], ids[5]]
+    assert {it["caption"] for it in items} == {"p0", "p5"}

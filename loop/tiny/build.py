@@ -136,6 +136,7 @@ def tiny_components(tokenizer=None, seed: int = 0) -> dict:
         beta_end=0.012,
         beta_schedule="scaled_linear",
         clip_sample=False,
+        steps_offset=1,
     )
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 

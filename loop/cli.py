@@ -127,24 +127,49 @@ def rate(
         bool, typer.Option("--auto", help="scripted rater: a fixed colour preference (demos, tests)")
     ] = False,
     finish: Annotated[bool, typer.Option("--finish", help="close the rate phase of the current round")] = False,
+    host: Annotated[str, typer.Option("--host", help="address to serve the page on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port to serve the page on")] = 7860,
+    listen: Annotated[
+        bool, typer.Option("--listen", help="serve on every interface (0.0.0.0); needs --auth or --auth-file")
+    ] = False,
+    auth: Annotated[Optional[str], typer.Option("--auth", help="user:password required by every route")] = None,
+    auth_file: Annotated[
+        Optional[Path], typer.Option("--auth-file", help="file of user:password lines, one per rater")
+    ] = None,
     workspace: WorkspaceOpt = Path("."),
     overrides: OverridesArg = None,
 ) -> None:
-    """Rate the current round's images (the page comes in a later release; --auto and --finish work now)."""
-    from loop.rate.auto import auto_rate
-    from loop.round import finish_rating, rating_summary
+    """Serve the rating page (http://127.0.0.1:7860); --auto and --finish rate or close without it."""
+    if auto or finish:
+        from loop.rate.auto import auto_rate
+        from loop.round import finish_rating, rating_summary
 
-    ws, cfg = _open(workspace, overrides)
-    with ws.store() as store:
-        n = store.current_unit()
-        if auto:
-            out = auto_rate(ws, store, cfg.rate, n)
-            _echo(f"scripted rater ({cfg.rate.preference}) rated {out['rated']} image(s): {rating_summary(store, n)}")
-        if auto or finish:
+        ws, cfg = _open(workspace, overrides)
+        with ws.store() as store:
+            n = store.current_unit()
+            if auto:
+                out = auto_rate(ws, store, cfg.rate, n)
+                _echo(
+                    f"scripted rater ({cfg.rate.preference}) rated {out['rated']} image(s): {rating_summary(store, n)}"
+                )
             finish_rating(store, n)
             _echo(f"round {n}: rating closed ({rating_summary(store, n)}); `loop run --round` goes on")
-        if not auto and not finish:
-            raise LoopError("the rating page is not built yet; use `loop rate --auto` or `loop rate --finish`")
+        return
+    from loop.rate.page import is_loopback, parse_auth
+
+    users = parse_auth(auth, auth_file)
+    if listen and host == "127.0.0.1":
+        host = "0.0.0.0"
+    if (listen or not is_loopback(host)) and not users:
+        raise LoopError(
+            f"serving on {host} puts the page on the network; add --auth user:password or --auth-file FILE"
+        )
+    if not 0 < port < 65536:
+        raise LoopError(f"--port must be between 1 and 65535, got {port}")
+    from loop.rate.page import serve
+
+    ws, cfg = _open(workspace, overrides)
+    serve(ws, cfg, host=host, port=port, auth=users or None, log=_echo)
 
 
 @app.command()

@@ -76,7 +76,7 @@ class RateConfig:
     # preference on image colours, with optional Gaussian noise on the score, mapped to tiers by fixed cut-offs.
     preference: str = "warm"  # warm: mean red - mean blue; cool: the opposite; bright / dark: mean luminance
     noise: float = 0.0  # standard deviation of the noise added to the score (same image, same noise)
-    cutoffs: list[float] = field(default_factory=lambda: [110.0, 70.0, 30.0, -20.0])  # UR, SSR, SR, R lower bounds
+    cutoffs: list[float] = field(default_factory=lambda: [75.0, 30.0, -20.0, -90.0])  # UR, SSR, SR, R lower bounds
     rater: str = "auto"
 
     def __post_init__(self):

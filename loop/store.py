@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS ratings (
     CHECK ((tier IS NULL) = (undoes IS NOT NULL))
 );
 CREATE INDEX IF NOT EXISTS ratings_image ON ratings(image_id);
+CREATE INDEX IF NOT EXISTS ratings_undoes ON ratings(undoes);  -- the views' NOT EXISTS needs it (10k: 17 s -> 34 ms)
 
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,       -- round N turns unit N into unit N+1

@@ -126,7 +126,9 @@ class Workspace:
         """An existing workspace: it has loop.db, or at least configs/ (like the repository root)."""
         ws = cls(root)
         if not ws.db_path.exists() and not (ws.root / "configs").is_dir():
-            raise LoopError(f"{ws.root} is not a loop workspace (no loop.db, no configs/); run `loop init {root}` first")
+            raise LoopError(
+                f"{ws.root} is not a loop workspace (no loop.db, no configs/); run `loop init {root}` first"
+            )
         return cls.init(root)
 
     def store(self):

@@ -20,7 +20,7 @@ FAST = [
     "generate.steps=4",
     "train.steps=8",
     "train.batch_size=4",
-    "rate.cutoffs=[40,10,-10,-40]",
+    "rate.cutoffs=[0,-30,-60,-120]",
 ]
 
 

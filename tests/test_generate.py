@@ -111,18 +111,24 @@ def test_recover_adopts_orphan_png_and_removes_temp_files(ws, cfg):
         assert len(rows) == len(list(ws.generations(0).glob("*.png")))
 
 
-def test_samples_vary_with_prompt(base_pipe):
-    """The embedded model is trained: colour words in the prompt change the colours it draws."""
+def test_samples_vary_with_prompt_and_seed(base_pipe):
+    """The embedded model is trained: a colour word sets the shape's colour, and the seed varies the rest."""
     import torch
 
     from loop.images import preference_score
 
-    def warm(prompt):
+    def warmth(prompt):
         g = [torch.Generator().manual_seed(s) for s in range(6)]
         ims = base_pipe([prompt] * 6, num_inference_steps=10, guidance_scale=4.0, generator=g, output_type="np").images
-        return np.mean([preference_score((im * 255).astype(np.uint8), "warm") for im in ims])
+        ims = (ims * 255).astype(np.uint8)
+        centre = [preference_score(im[12:20, 12:20], "warm") for im in ims]  # where the shape is
+        whole = [preference_score(im, "warm") for im in ims]
+        return np.mean(centre), np.std(whole)
 
-    assert warm("a red circle on orange") > warm("a blue circle on cyan") + 40
+    red_centre, red_spread = warmth("a big red circle")
+    blue_centre, _ = warmth("a big blue circle")
+    assert red_centre > blue_centre + 100
+    assert red_spread > 10  # a random-init tiny model gives a spread of about 0.1
 
 
 def test_read_meta_none_for_foreign_png(tmp_path):

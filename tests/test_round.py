@@ -98,7 +98,7 @@ def test_round_waits_for_ratings_and_says_what_to_do(ws, capsys):
     capsys.readouterr()
     assert entry(["status", "-w", str(ws.root)]) == 0
     status = capsys.readouterr().out
-    assert "round 0 is closed" in status and "lora" in status
+    assert "lora" in status and "round 1: generate not started" in status
 
 
 def test_empty_selection_says_counts_and_next_step(ws, cfg, capsys):

@@ -1,4 +1,5 @@
 """python -m loop.bench round [--images 64] [--rounds 2]
+python -m loop.bench rate [--images 10000] [--ratings 200]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
 short strings) and rewrites its own section of docs/benchmarks.md.
@@ -24,11 +25,27 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--rounds", type=int, default=2, help="rounds to run (the rater's scores are reported per unit)")
     r.add_argument("--train-steps", type=int, default=300)
     r.add_argument("--out", default="docs")
+    r = sub.add_parser("rate", help="the rating page in headless Chromium against a plain gr.Gallery page")
+    r.add_argument("--images", type=int, default=10_000, help="tiny images in the round")
+    r.add_argument("--ratings", type=int, default=200, help="keyboard ratings timed on our page")
+    r.add_argument("--baseline-ratings", type=int, default=20, help="ratings timed on the gr.Gallery page")
+    r.add_argument("--no-screenshots", action="store_true", help="skip docs/img/rate-grid.png and rate-detail.png")
+    r.add_argument("--out", default="docs")
     args = ap.parse_args(argv)
     if args.name == "round":
         from loop.bench.round import bench_round
 
         bench_round(images=args.images, rounds=args.rounds, train_steps=args.train_steps, out=args.out)
+    elif args.name == "rate":
+        from loop.bench.rate import bench_rate
+
+        bench_rate(
+            images=args.images,
+            ratings=args.ratings,
+            baseline_ratings=args.baseline_ratings,
+            out=args.out,
+            shots=not args.no_screenshots,
+        )
     return 0
 
 

@@ -1,1 +1,1 @@
-"""Rating: the scripted rater now (`loop rate --auto`); the Gradio page comes next."""
+"""Rating: the Gradio page (`loop rate`) and the scripted rater for demos and tests (`loop rate --auto`)."""

@@ -1,0 +1,452 @@
+"""What the rating page does, as plain functions over the Store: list, rate, undo, detail, counters, files.
+
+    loop rate            serves these through loop/rate/page.py (JSON routes under /loop/api/)
+
+Every method takes and returns plain values, so the tests call them without a server. One lock serialises
+database work: the page runs handlers on many threads but the Store holds one SQLite connection, and an undo
+must read "this rater's newest rating" and cancel it in one step.
+
+UR images are collected into golden/ (a hard link, or a copy where links are impossible) and leave it again
+when their tier stops being UR, so golden/ always mirrors the current UR set; the original stays in
+generations/ so lineage holds. Thumbnails are WebP files under cache/thumbs/, named by the image's sha256.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from loop.config import TIERS
+from loop.store import Store
+from loop.workspace import TMP_MARK, Workspace, atomic_write
+
+SERVED = ("generations", "golden", "cache")  # the only workspace folders the page serves files from
+THUMB_SIDE = 256
+THUMB_MEMORY = 64 << 20  # thumbnail bytes kept in memory (tens of thousands of small WebP files)
+PACE_WINDOW_S = 300.0  # pace = ratings per minute over the last five minutes
+MAX_RATER = 40
+
+
+class BadRequest(ValueError):
+    """Input the page should not have sent; the message says what was wrong (HTTP 400)."""
+
+
+class NotFound(LookupError):
+    """No such image or file (HTTP 404)."""
+
+
+class Forbidden(PermissionError):
+    """A path outside generations/, golden/ and cache/ (HTTP 403)."""
+
+
+def check_tier(tier) -> str:
+    if tier not in TIERS:
+        raise BadRequest(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+    return tier
+
+
+def check_rater(rater) -> str:
+    name = str(rater or "").strip()
+    if not name or len(name) > MAX_RATER or any(ord(c) < 32 for c in name):
+        raise BadRequest(f"rater must be a name of 1 to {MAX_RATER} printable characters, got {rater!r}")
+    return name
+
+
+def safe_file(ws: Workspace, rel: str) -> Path:
+    """The file at workspace-relative `rel` if it lies inside generations/, golden/ or cache/; else Forbidden.
+
+    Checks the parts before touching the disk (no '..', no absolute path, no dotfile such as a half-written
+    temporary, first folder exactly one of SERVED so `generations2/` fails), then resolves symlinks and checks
+    again, so a link that points out of its folder is refused too.
+    """
+    if not rel or "\\" in rel or "\x00" in rel:
+        raise Forbidden(f"path not served: {rel!r}")
+    parts = rel.split("/")
+    if len(parts) < 2 or parts[0] not in SERVED or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+        raise Forbidden(f"path not served: {rel!r}")
+    base = (ws.root / parts[0]).resolve()
+    path = (ws.root / rel).resolve()
+    if not path.is_relative_to(base):
+        raise Forbidden(f"path not served: {rel!r}")
+    if not path.is_file():
+        raise NotFound(f"no such file: {rel!r}")
+    return path
+
+
+def golden_path(ws: Workspace, sha256: str, rel: str) -> Path:
+    return ws.root / "golden" / f"{sha256[:16]}{Path(rel).suffix or '.png'}"
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link src to dst atomically (link to a temporary name, rename); copy where links are impossible."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_write(dst, src.read_bytes())
+
+
+def thumb_path(ws: Workspace, sha256: str) -> Path:
+    return ws.cache("thumbs", sha256[:2], f"{sha256}-{THUMB_SIDE}.webp")
+
+
+def make_thumb(ws: Workspace, sha256: str, rel: str) -> Path:
+    """The cached WebP thumbnail (at most THUMB_SIDE px, never enlarged), written atomically on first use."""
+    out = thumb_path(ws, sha256)
+    if out.exists():
+        return out
+    with Image.open(ws.root / rel) as im:
+        im = im.convert("RGB")
+        im.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        buf = io.BytesIO()
+        im.save(buf, format="WEBP", quality=85, method=2)
+    return atomic_write(out, buf.getvalue())
+
+
+class RateHandlers:
+    """The page's operations over one workspace; safe to call from many threads."""
+
+    def __init__(self, ws: Workspace, store: Store):
+        self.ws = ws
+        self.store = store
+        self.db = store.db
+        self.lock = threading.RLock()
+        self._counters: dict[tuple, dict] = {}
+        self._thumbs: dict[int, bytes] = {}
+        self._thumb_size = 0
+        with self.lock:
+            # Without it the current_tiers view scans every rating per rating (10,000 ratings: 17 s a query).
+            self.db.execute("CREATE INDEX IF NOT EXISTS ratings_undoes ON ratings(undoes)")
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def current_round(self) -> int:
+        with self.lock:
+            return self.store.current_unit()
+
+    def meta(self) -> dict:
+        """What the filter menus offer, and the round that "Finish rating" closes."""
+        with self.lock:
+            n = self.store.current_unit()
+            rounds = [r[0] for r in self.db.execute("SELECT DISTINCT round FROM images WHERE round IS NOT NULL")]
+            units = [r[0] for r in self.db.execute("SELECT DISTINCT unit FROM images WHERE unit IS NOT NULL")]
+            closed = self.store.phase_done(n, "rate")
+        return {
+            "current_round": n,
+            "rate_closed": closed,
+            "rounds": sorted(set(rounds) | {n}),
+            "units": sorted(units),
+            "tiers": list(TIERS),
+        }
+
+    @staticmethod
+    def _where(round=None, unit=None, tier=None, unrated=False, q="") -> tuple[str, list]:
+        sql, args = "", []
+        if round is not None:
+            sql += " AND i.round = ?"
+            args.append(int(round))
+        if unit is not None:
+            sql += " AND i.unit = ?"
+            args.append(int(unit))
+        if unrated:
+            sql += " AND t.tier IS NULL"
+        elif tier:
+            sql += " AND t.tier = ?"
+            args.append(check_tier(tier))
+        if q and q.strip():
+            sql += " AND i.prompt LIKE ? ESCAPE '\\'"
+            esc = q.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            args.append(f"%{esc}%")
+        return sql, args
+
+    def _last_ids(self) -> tuple[int, int]:
+        ev = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM ratings").fetchone()[0]
+        im = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
+        return ev, im
+
+    def images(self, round=None, unit=None, tier=None, unrated=False, q="") -> dict:
+        """The filtered images, unrated first, then by id; as parallel arrays so 10,000 stay small."""
+        where, args = self._where(round, unit, tier, unrated, q)
+        with self.lock:
+            last_event, last_image = self._last_ids()
+            rows = self.db.execute(
+                "SELECT i.id, t.tier, t.rater FROM images i LEFT JOIN current_tiers t ON t.image_id = i.id "
+                f"WHERE i.id <= ?{where} ORDER BY (t.tier IS NOT NULL), i.id",
+                [last_image, *args],
+            ).fetchall()
+        return {
+            "ids": [r[0] for r in rows],
+            "tiers": [r[1] or "" for r in rows],
+            "raters": [r[2] or "" for r in rows],
+            "unrated": sum(1 for r in rows if r[1] is None),
+            "last_event": last_event,
+            "last_image": last_image,
+        }
+
+    def changes(self, after_event: int, after_image: int, round=None, unit=None, tier=None, unrated=False, q=""):
+        """What happened since the client's last look: current tiers of images rated or undone since event
+        `after_event` (within round/unit), and new images matching the filters (id above `after_image`)."""
+        where, args = self._where(round, unit, tier, unrated, q)
+        scope, scope_args = self._where(round, unit)
+        with self.lock:
+            last_event, last_image = self._last_ids()
+            changed = self.db.execute(
+                "SELECT i.id, t.tier, t.rater FROM images i LEFT JOIN current_tiers t ON t.image_id = i.id "
+                f"WHERE i.id IN (SELECT image_id FROM ratings WHERE id > ? AND id <= ?){scope} ORDER BY i.id",
+                [int(after_event), last_event, *scope_args],
+            ).fetchall()
+            new = self.db.execute(
+                "SELECT i.id, t.tier, t.rater FROM images i LEFT JOIN current_tiers t ON t.image_id = i.id "
+                f"WHERE i.id > ? AND i.id <= ?{where} ORDER BY i.id",
+                [int(after_image), last_image, *args],
+            ).fetchall()
+        return {
+            "changed": [[r[0], r[1] or "", r[2] or ""] for r in changed],
+            "new": [[r[0], r[1] or "", r[2] or ""] for r in new],
+            "last_event": last_event,
+            "last_image": last_image,
+            "counters": self.counters(round=round, unit=unit),
+        }
+
+    def counters(self, round=None, unit=None) -> dict:
+        """Rated/total, per tier, per rater (who gave the current tiers), and the pace in images per minute."""
+        scope, args = self._where(round, unit)
+        with self.lock:
+            key = (round, unit, *self._last_ids(), int(time.time() / 5))  # pace and phases move with time
+            if key in self._counters:
+                return self._counters[key]
+            tiers = dict(
+                self.db.execute(
+                    "SELECT COALESCE(t.tier, ''), COUNT(*) FROM images i "
+                    f"LEFT JOIN current_tiers t ON t.image_id = i.id WHERE 1{scope} GROUP BY 1",
+                    args,
+                ).fetchall()
+            )
+            raters = dict(
+                self.db.execute(
+                    "SELECT t.rater, COUNT(*) FROM images i JOIN current_tiers t ON t.image_id = i.id "
+                    f"WHERE 1{scope} GROUP BY t.rater ORDER BY 2 DESC",
+                    args,
+                ).fetchall()
+            )
+            now = time.time()
+            recent = self.db.execute(
+                "SELECT r.rater, r.created_at FROM ratings r JOIN images i ON i.id = r.image_id "
+                f"WHERE r.undoes IS NULL AND r.created_at > ?{scope}",
+                [now - PACE_WINDOW_S, *args],
+            ).fetchall()
+            phase_closed = self.store.phase_done(self.store.current_unit(), "rate")
+        total = sum(tiers.values())
+        out = {
+            "total": total,
+            "rated": total - tiers.get("", 0),
+            "tiers": {t: tiers.get(t, 0) for t in TIERS},
+            "raters": raters,
+            "pace": _pace([r[1] for r in recent], now),
+            "pace_by_rater": {
+                name: _pace([r[1] for r in recent if r[0] == name], now) for name in sorted({r[0] for r in recent})
+            },
+            "rate_closed": phase_closed,
+        }
+        with self.lock:
+            if len(self._counters) > 64:
+                self._counters.clear()
+            self._counters[key] = out
+        return out
+
+    def detail(self, image_id: int) -> dict:
+        """Everything the detail view shows: metadata, lineage (images and units), tier, history, golden."""
+        with self.lock:
+            row = self.store.image(int(image_id))
+            if row is None:
+                raise NotFound(f"no image with id {image_id}")
+            params = json.loads(row["params"] or "{}")
+            cur = self.db.execute(
+                "SELECT tier, rater, created_at FROM current_tiers WHERE image_id = ?", (row["id"],)
+            ).fetchone()
+            history = self.db.execute(
+                "SELECT r.id, r.tier, r.rater, r.created_at, r.undoes, "
+                "EXISTS (SELECT 1 FROM ratings u WHERE u.undoes = r.id) AS undone "
+                "FROM ratings r WHERE r.image_id = ? ORDER BY r.id DESC LIMIT 50",
+                (row["id"],),
+            ).fetchall()
+            lineage, seen, parent = [], {row["id"]}, self._parent(row, params)
+            while parent is not None and parent["id"] not in seen and len(lineage) < 20:
+                seen.add(parent["id"])
+                lineage.append({"id": parent["id"], "prompt": parent["prompt"], "path": parent["path"]})
+                parent = self._parent(parent, json.loads(parent["params"] or "{}"))
+            units, u = [], row["unit"]
+            while u is not None and len(units) < 100:
+                urow = self.store.unit(u)
+                if urow is None:
+                    units.append({"unit": u, "method": "not recorded", "base": None})
+                    break
+                units.append({"unit": u, "method": urow["method"] or "base", "base": urow["base"]})
+                u = urow["parent"]
+        known = set(row.keys()) | {"parent"}
+        return {
+            "id": row["id"],
+            "sha256": row["sha256"],
+            "path": row["path"],
+            "prompt": row["prompt"],
+            "negative_prompt": row["negative_prompt"],
+            "seed": row["seed"],
+            "steps": row["steps"],
+            "cfg": row["cfg"],
+            "sampler": row["sampler"],
+            "width": row["width"],
+            "height": row["height"],
+            "unit": row["unit"],
+            "round": row["round"],
+            "source": row["source"],
+            "model": params.get("model"),
+            "extra": {k: v for k, v in params.items() if k not in known and k != "model"},
+            "tier": cur["tier"] if cur else "",
+            "rater": cur["rater"] if cur else "",
+            "rated_at": cur["created_at"] if cur else None,
+            "history": [
+                {
+                    "tier": h["tier"],
+                    "rater": h["rater"],
+                    "at": h["created_at"],
+                    "undo": h["undoes"] is not None,
+                    "undone": bool(h["undone"]),
+                }
+                for h in history
+            ],
+            "parent": lineage[0] if lineage else None,
+            "lineage": lineage,
+            "units": units,
+            "golden": golden_path(self.ws, row["sha256"], row["path"]).exists(),
+        }
+
+    def _parent(self, row, params: dict):
+        """The image this one was made from: the parent_id column, else the `parent` of its PNG metadata."""
+        if row["parent_id"] is not None:
+            return self.store.image(row["parent_id"])
+        ref = params.get("parent")
+        if isinstance(ref, int):
+            return self.store.image(ref)
+        if isinstance(ref, str) and ref:
+            return self.db.execute("SELECT * FROM images WHERE sha256 = ?", (ref,)).fetchone()
+        return None
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def rate(self, items: list[tuple[int, str]], rater: str) -> dict:
+        """Append one rating event per (image id, tier), in order, in one transaction; then sync golden/."""
+        rater = check_rater(rater)
+        items = [(int(i), check_tier(t)) for i, t in items]
+        if not items:
+            raise BadRequest("no ratings given; send at least one {image_id, tier}")
+        with self.lock:
+            ids = {i for i, _ in items}
+            marks = ",".join("?" * len(ids))
+            found = {r[0] for r in self.db.execute(f"SELECT id FROM images WHERE id IN ({marks})", list(ids))}
+            if missing := sorted(ids - found):
+                raise NotFound(f"no image with id {missing[0]}")
+            now = time.time()
+            with self.store.tx():
+                events = [
+                    self.db.execute(
+                        "INSERT INTO ratings (image_id, tier, rater, created_at) VALUES (?, ?, ?, ?)",
+                        (i, t, rater, now),
+                    ).lastrowid
+                    for i, t in items
+                ]
+            states = {i: self._sync(i) for i in dict.fromkeys(i for i, _ in items)}
+        return {"events": events, "images": states}
+
+    def undo(self, rater: str) -> dict:
+        """Cancel this rater's newest effective rating (other raters' ratings are untouched)."""
+        rater = check_rater(rater)
+        with self.lock:
+            image_id = self.store.undo(rater)
+            if image_id is None:
+                return {"image_id": None}
+            return {"image_id": image_id, **self._sync(image_id)}
+
+    def _sync(self, image_id: int) -> dict:
+        """Bring golden/ in line with the image's current tier; returns that tier, who gave it, and golden."""
+        row = self.store.image(image_id)
+        cur = self.db.execute("SELECT tier, rater FROM current_tiers WHERE image_id = ?", (image_id,)).fetchone()
+        tier, rater = (cur["tier"], cur["rater"]) if cur else ("", "")
+        src = self.ws.root / row["path"]
+        dst = golden_path(self.ws, row["sha256"], row["path"])
+        if src.resolve() == dst.resolve():  # the image itself lives in golden/ (an import): never touch it
+            return {"tier": tier, "rater": rater, "golden": True}
+        if tier == "UR" and not dst.exists() and src.exists():
+            link_or_copy(src, dst)
+        elif tier != "UR" and dst.exists():
+            dst.unlink()
+        return {"tier": tier, "rater": rater, "golden": dst.exists()}
+
+    def finish(self) -> dict:
+        """Close the rate phase of the current round, so `loop run --round` goes on to select and train."""
+        from loop.round import finish_rating, rating_summary  # imports the generator; only needed here
+
+        with self.lock:
+            n = self.store.current_unit()
+            already = self.store.phase_done(n, "rate")
+            if not already:
+                finish_rating(self.store, n)
+            summary = rating_summary(self.store, n)
+            self._counters.clear()
+        return {"round": n, "already": already, "summary": summary}
+
+    # -- files -----------------------------------------------------------------------------------------------
+    def thumb(self, image_id: int) -> Path:
+        with self.lock:
+            row = self.store.image(int(image_id))
+        if row is None:
+            raise NotFound(f"no image with id {image_id}")
+        safe_file(self.ws, row["path"])  # the image itself must be a served file
+        return make_thumb(self.ws, row["sha256"], row["path"])
+
+    def cached_thumb(self, image_id: int) -> bytes | None:
+        return self._thumbs.get(image_id)
+
+    def thumb_bytes(self, image_id: int) -> bytes:
+        """The thumbnail's bytes, kept in memory after the first read: a screen of tiles is 50+ requests."""
+        data = self._thumbs.get(image_id)
+        if data is None:
+            data = self.thumb(image_id).read_bytes()
+            with self.lock:
+                if self._thumb_size + len(data) > THUMB_MEMORY:
+                    self._thumbs.clear()
+                    self._thumb_size = 0
+                self._thumbs[image_id] = data
+                self._thumb_size += len(data)
+        return data
+
+    def file(self, rel: str) -> Path:
+        return safe_file(self.ws, rel)
+
+    def warm_thumbs(self, limit: int = 120) -> int:
+        """Make the thumbnails of the current round's first screens (unrated first), so the first grid a
+        person opens does not wait for them. Returns how many were made."""
+        with self.lock:
+            ids = self.images(round=self.store.current_unit())["ids"][:limit]
+            rows = [self.store.image(i) for i in ids]
+        made = 0
+        for row in rows:
+            try:
+                made += not thumb_path(self.ws, row["sha256"]).exists()
+                self.thumb_bytes(row["id"])
+            except (OSError, Forbidden, NotFound):
+                pass  # a missing or unreadable file: the page shows the gap, the route says why
+        return made
+
+
+def _pace(times: list[float], now: float) -> float:
+    """Ratings per minute from the first of `times` (within the window) to now; 10 s at least."""
+    if not times:
+        return 0.0
+    return round(len(times) * 60.0 / max(now - min(times), 10.0), 1)

@@ -1,0 +1,415 @@
+"""The rating page: a Gradio Blocks app (Rate and Progress tabs) plus the small JSON routes its grid uses.
+
+    loop rate [-w DIR] [--port 7860]                    http://127.0.0.1:7860, this machine only
+    loop rate --listen --auth user:password             every interface, behind HTTP basic auth
+
+The Rate tab is a gr.HTML whose script (static/rate.js) draws a virtualised grid and rates with one key per
+decision. It does not go through Gradio events, which cost a round trip and a re-render each: it calls the
+routes under /loop/api/ (handlers.py), so a tile shows its tier at once and the rating is durable in SQLite a
+few milliseconds later. Files come only from generations/, golden/ and cache/ (/loop/files/, /loop/thumb/);
+Gradio's own file route is blocked for the whole workspace. With auth, one basic-auth check guards every
+route: the page, Gradio's API, the JSON routes and the files.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+import secrets
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a local tool
+
+import gradio as gr  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
+
+from loop.config import TIERS, LoopConfig  # noqa: E402
+from loop.errors import LoopError  # noqa: E402
+from loop.rate.handlers import BadRequest, Forbidden, NotFound, RateHandlers  # noqa: E402
+from loop.store import PHASES  # noqa: E402
+from loop.workspace import Workspace  # noqa: E402
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_PORT = 7860
+NO_STORE = {"Cache-Control": "no-store"}
+IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"}
+
+
+# -- auth --------------------------------------------------------------------------------------------------
+def parse_auth(auth: str | None = None, auth_file: Path | None = None) -> list[tuple[str, str]]:
+    """Users from `--auth user:password` and/or an auth file (one user:password per line, '#' comments)."""
+    lines = []
+    if auth is not None:
+        lines.append(("--auth", auth))
+    if auth_file is not None:
+        try:
+            text = Path(auth_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise LoopError(f"cannot read the auth file {auth_file}: {e.strerror}") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                lines.append((f"{auth_file}:{n}", line.strip()))
+        if not any(src != "--auth" for src, _ in lines):
+            raise LoopError(f"the auth file {auth_file} has no user:password line")
+    users = []
+    for src, item in lines:
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:  # the message never repeats the value: it may be a password
+            why = "there is no ':'" if not sep else "the user or the password is empty"
+            raise LoopError(f"{src}: give user:password, both non-empty ({why})")
+        users.append((user, password))
+    return users
+
+
+class BasicAuth:
+    """ASGI middleware: every HTTP request and websocket needs one of the users' basic-auth credentials."""
+
+    def __init__(self, app, users: list[tuple[str, str]], realm: str = "loop rate"):
+        self.app = app
+        self.users = [(u.encode(), p.encode()) for u, p in users]
+        self.realm = realm
+
+    def allowed(self, header: bytes | None) -> bool:
+        if not header or not header[:6].lower() == b"basic ":
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return False
+        ok = False
+        for u, p in self.users:  # compare with every user, in constant time
+            ok |= secrets.compare_digest(user, u) & secrets.compare_digest(password, p)
+        return ok
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"authorization")
+        if self.allowed(header):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"www-authenticate", f'Basic realm="{self.realm}", charset="UTF-8"'.encode()),
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"login required\n"})
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# -- the app -----------------------------------------------------------------------------------------------
+def _opt_int(request: Request, name: str, current=None) -> int | None:
+    raw = request.query_params.get(name, "")
+    if raw in ("", "all"):
+        return None
+    if raw == "current" and current is not None:
+        return current()
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _image_id(raw: str) -> int:
+    if not raw.isdigit():
+        raise NotFound(f"no image with id {raw[:40]!r}")
+    return int(raw)
+
+
+def _filters(request: Request, h: RateHandlers) -> dict:
+    """round (a number, `all`, or `current`), unit, tier, unrated (1), q (prompt text)."""
+    q = request.query_params
+    tier = q.get("tier") or None
+    return {
+        "round": _opt_int(request, "round", h.current_round),
+        "unit": _opt_int(request, "unit"),
+        "tier": tier,
+        "unrated": q.get("unrated", "") in ("1", "true"),
+        "q": q.get("q", "")[:200],
+    }
+
+
+async def _json_body(request: Request) -> dict:
+    """The JSON object of a POST. Requiring application/json also stops cross-site form posts (no preflight)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise BadRequest("send the body as application/json")
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+def _ratings(body: dict) -> list[tuple[int, str]]:
+    items = body.get("ratings")
+    if items is None and "image_id" in body:
+        items = [body]
+    if not isinstance(items, list):
+        raise BadRequest("give ratings: [{image_id, tier}, ...]")
+    out = []
+    for it in items:
+        if not isinstance(it, dict) or not isinstance(it.get("image_id"), int):
+            raise BadRequest(f"each rating needs an integer image_id and a tier, got {it!r}"[:200])
+        out.append((it["image_id"], it.get("tier")))
+    return out
+
+
+def add_routes(app: FastAPI, h: RateHandlers) -> None:
+    """The grid's JSON routes and the file routes, all under /loop/."""
+
+    @app.exception_handler(BadRequest)
+    async def _bad(request, exc):
+        return JSONResponse({"error": str(exc)}, status_code=400, headers=NO_STORE)
+
+    @app.exception_handler(NotFound)
+    async def _missing(request, exc):
+        return JSONResponse({"error": str(exc)}, status_code=404, headers=NO_STORE)
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(request, exc):
+        return JSONResponse({"error": str(exc)}, status_code=403, headers=NO_STORE)
+
+    def ok(data) -> JSONResponse:
+        return JSONResponse(data, headers=NO_STORE)
+
+    @app.get("/loop/api/meta")
+    def meta():
+        return ok(h.meta())
+
+    @app.get("/loop/api/images")
+    def images(request: Request):
+        return ok(h.images(**_filters(request, h)))
+
+    @app.get("/loop/api/changes")
+    def changes(request: Request):
+        after_event = _opt_int(request, "after_event") or 0
+        after_image = _opt_int(request, "after_image") or 0
+        return ok(h.changes(after_event, after_image, **_filters(request, h)))
+
+    @app.get("/loop/api/counters")
+    def counters(request: Request):
+        f = _filters(request, h)
+        return ok(h.counters(round=f["round"], unit=f["unit"]))
+
+    @app.get("/loop/api/image/{image_id}")
+    def detail(image_id: str):
+        return ok(h.detail(_image_id(image_id)))
+
+    @app.post("/loop/api/rate")
+    async def rate(request: Request):
+        body = await _json_body(request)
+        return ok(await run_in_threadpool(h.rate, _ratings(body), body.get("rater")))
+
+    @app.post("/loop/api/undo")
+    async def undo(request: Request):
+        body = await _json_body(request)
+        return ok(await run_in_threadpool(h.undo, body.get("rater")))
+
+    @app.post("/loop/api/finish")
+    async def finish(request: Request):
+        await _json_body(request)
+        return ok(await run_in_threadpool(h.finish))
+
+    @app.get("/loop/thumb/{image_id}")
+    async def thumb(image_id: str):
+        i = _image_id(image_id)
+        data = h.cached_thumb(i) or await run_in_threadpool(h.thumb_bytes, i)  # memory first: no thread hop
+        return Response(data, media_type="image/webp", headers=IMMUTABLE)
+
+    @app.get("/loop/files/{rel:path}")
+    def files(rel: str):
+        path = h.file(rel)
+        return FileResponse(path, headers={**IMMUTABLE, "Cache-Control": "private, max-age=3600"})
+
+
+def progress_markdown(h: RateHandlers) -> str:
+    """The Progress tab: the current round's counters, pace, raters, phases, and every round at a glance."""
+    from loop.status import next_step
+
+    n = h.current_round()
+    c = h.counters(round=n)
+    with h.lock:
+        phases = h.store.phases(n)
+        step = next_step(h.store)
+        rounds = h.db.execute(
+            "SELECT i.round, COALESCE(t.tier, '') AS tier, COUNT(*) FROM images i "
+            "LEFT JOIN current_tiers t ON t.image_id = i.id GROUP BY 1, 2 ORDER BY 1"
+        ).fetchall()
+    total = c["total"] or 1
+    lines = [
+        f"### Round {n}: {c['rated']:,} / {c['total']:,} rated",
+        "",
+        "| tier | images | share of the round |",
+        "|---|---:|---:|",
+        *(f"| {t} | {c['tiers'][t]:,} | {c['tiers'][t] / total:.1%} |" for t in TIERS),
+        f"| unrated | {c['total'] - c['rated']:,} | {(c['total'] - c['rated']) / total:.1%} |",
+        "",
+        f"**Pace:** {c['pace']} images/min over the last 5 minutes"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in c["pace_by_rater"].items()) + ")" if c["pace_by_rater"] else ""),
+        "",
+        "**Raters** (who gave the current tiers): "
+        + (", ".join(f"{k} {v:,}" for k, v in c["raters"].items()) or "nobody yet"),
+        "",
+        "**Phases:** " + " · ".join(f"{p} {phases[p]['status'] if p in phases else 'to do'}" for p in PHASES),
+        "",
+        f"**Next:** {step}",
+        "",
+        "### Every round",
+        "",
+        "| round | images | rated | " + " | ".join(TIERS) + " |",
+        "|---:|---:|---:|" + "---:|" * len(TIERS),
+    ]
+    per: dict = {}
+    for r, tier, k in rounds:
+        per.setdefault(r, {})[tier] = k
+    for r, counts in per.items():
+        images = sum(counts.values())
+        lines.append(
+            f"| {'imported' if r is None else r} | {images:,} | {images - counts.get('', 0):,} | "
+            + " | ".join(f"{counts.get(t, 0):,}" for t in TIERS)
+            + " |"
+        )
+    lines += ["", f"<sub>updated {time.strftime('%H:%M:%S')}</sub>"]
+    return "\n".join(lines)
+
+
+def build_blocks(h: RateHandlers) -> gr.Blocks:
+    """Tabs: Rate (the grid, drawn by static/rate.js) and Progress (counters, every round, what comes next)."""
+    script = (STATIC / "rate.js").read_text(encoding="utf-8")
+    with gr.Blocks(title="loop · rate", fill_width=True, analytics_enabled=False) as blocks:
+        with gr.Tabs():
+            with gr.Tab("Rate", id="rate"):
+                gr.HTML(
+                    "",
+                    js_on_load=script + "\nLoopRate.mount(element);\n",  # inline: one request less on first load
+                    apply_default_css=False,
+                    elem_id="loop-rate",
+                )
+            with gr.Tab("Progress", id="progress") as progress_tab:
+                progress = gr.Markdown("")
+                refresh = gr.Button("Refresh", size="sm")
+        # Filled when the tab opens, not on a timer: the Rate tab's own counters are live, and a Gradio event
+        # every few seconds would compete with the ratings for the server. (No listener on the Rate tab: its
+        # select fires on every page load and would delay the first grid.)
+        show = lambda: progress_markdown(h)  # noqa: E731
+        progress_tab.select(show, None, progress, show_progress="hidden", queue=False)
+        refresh.click(show, None, progress, show_progress="hidden", queue=False)
+    return blocks
+
+
+def build_app(
+    ws: Workspace, cfg: LoopConfig | None = None, auth: list[tuple[str, str]] | None = None, warm: int = 120
+):
+    """The Blocks and the FastAPI app serving it with the grid's routes; returns (blocks, app).
+
+    The current round's first `warm` thumbnails are made first (once; they stay in cache/), so the first
+    screen a person opens is ready. `app.state.handlers` holds the RateHandlers (and through it the Store);
+    call `close_app(app)` when done.
+    """
+    h = RateHandlers(ws, ws.store())
+    if warm:
+        h.warm_thumbs(warm)
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.handlers = h
+    add_routes(app, h)  # before the mount, so /loop/* is ours and the rest goes to Gradio
+    blocks = build_blocks(h)
+    gr.mount_gradio_app(
+        app,
+        blocks,
+        path="/",
+        footer_links=[],
+        run_history=False,
+        ssr_mode=False,
+        allowed_paths=[],
+        blocked_paths=[str(ws.root)],  # Gradio's /file= route must not serve loop.db, configs/, checkpoints/...
+        css=(STATIC / "rate.css").read_text(encoding="utf-8"),
+    )
+    if auth:
+        app.add_middleware(BasicAuth, users=auth)
+    return blocks, app
+
+
+def close_app(app: FastAPI) -> None:
+    h = app.state.handlers
+    with h.lock:
+        h.store.close()
+
+
+class BackgroundServer:
+    """The app served by uvicorn in a thread, on a free port by default (tests, benchmarks). `.url`, `.stop()`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import threading
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"the page server did not start on {host}:{port}")
+            time.sleep(0.02)
+        bound = self.server.servers[0].sockets[0].getsockname()
+        self.url = f"http://{host}:{bound[1]}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def serve(
+    ws: Workspace,
+    cfg: LoopConfig | None = None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    auth: list[tuple[str, str]] | None = None,
+    log=print,
+) -> None:
+    """Serve the page until Ctrl+C. Anything but a loopback address needs auth."""
+    import socket
+
+    import uvicorn
+
+    if not is_loopback(host) and not auth:
+        raise LoopError(
+            f"serving on {host} exposes your ratings to the network; add --auth user:password or --auth-file FILE"
+        )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError as e:
+            raise LoopError(f"cannot listen on {host}:{port} ({e.strerror}); choose another with --port") from None
+    _, app = build_app(ws, cfg, auth)
+    everywhere = host in ("0.0.0.0", "::")
+    where = "every interface" if everywhere else ("this machine only" if is_loopback(host) else host)
+    shown = "127.0.0.1" if everywhere else host
+    log(f"rating page: http://{shown}:{port}/  ({where}{', login required' if auth else ''}; Ctrl+C stops)")
+    try:
+        uvicorn.run(app, host=host.strip("[]"), port=port, log_level="warning")
+    finally:
+        close_app(app)

@@ -1,0 +1,604 @@
+// The rating grid of `loop rate`: a virtualised grid of thumbnails rated with one key per decision.
+//
+// Mounted by the Rate tab's gr.HTML (js_on_load calls LoopRate.mount(element)). It talks to the small JSON
+// routes under loop/api/ instead of Gradio events: a keypress updates the tile at once (optimistic), and an
+// ordered queue POSTs the ratings so they become durable in SQLite; a poll every 2 s brings other raters'
+// ratings and new images from a running generator. Only the visible rows exist in the DOM, so 10,000 images
+// in a round cost no more than 100.
+(function () {
+  "use strict";
+  if (window.LoopRate) return;
+
+  const TIERS = ["UR", "SSR", "SR", "R", "N"];
+  // 1-5 on the number row, and the same five on the home row for a resting left hand.
+  const KEYS = { "1": "UR", "2": "SSR", "3": "SR", "4": "R", "5": "N", a: "UR", s: "SSR", d: "SR", f: "R", g: "N" };
+  const UNDO_KEYS = new Set(["z", "Backspace"]);
+  const TILE = 136, GAP = 8, STEP = TILE + GAP, OVERSCAN = 2;
+  const POLL_MS = 2000;
+  const API = "loop/api/";
+
+  const qs = (o) => Object.entries(o).filter(([, v]) => v !== null && v !== undefined && v !== "" && v !== false)
+    .map(([k, v]) => `${encodeURIComponent(k)}=${encodeURIComponent(v === true ? 1 : v)}`).join("&");
+  const encPath = (p) => p.split("/").map(encodeURIComponent).join("/");
+  const thumbUrl = (id) => `loop/thumb/${id}`;
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const el = (tag, cls, text) => {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  };
+
+  async function call(method, url, body) {
+    const opts = { method, headers: {}, credentials: "same-origin" };
+    if (body !== undefined) {
+      opts.headers["Content-Type"] = "application/json";
+      opts.body = JSON.stringify(body);
+    }
+    const r = await fetch(url, opts);
+    if (!r.ok) {
+      let msg = `${r.status}`;
+      try { msg = (await r.json()).error || msg; } catch (e) { /* not JSON */ }
+      const err = new Error(msg);
+      err.status = r.status;
+      throw err;
+    }
+    return r.json();
+  }
+
+  const SKELETON = `
+<div class="lr">
+  <div class="lr-bar">
+    <label class="lr-who">Rater <input class="lr-rater" maxlength="40" placeholder="your name" autocomplete="off"></label>
+    <label>Round <select class="lr-round"></select></label>
+    <label>Unit <select class="lr-unit"></select></label>
+    <label>Tier <select class="lr-tier"><option value="">any</option></select></label>
+    <label class="lr-check"><input type="checkbox" class="lr-unrated"> unrated only</label>
+    <input class="lr-q" type="search" placeholder="prompt contains…" autocomplete="off">
+    <span class="lr-fill"></span>
+    <button class="lr-finish" type="button">Finish rating</button>
+  </div>
+  <div class="lr-stats"><span class="lr-counters">loading…</span><span class="lr-status"></span></div>
+  <div class="lr-legend"></div>
+  <div class="lr-scroll"><div class="lr-canvas"></div><div class="lr-empty" hidden></div></div>
+  <div class="lr-detail" hidden>
+    <div class="lr-d-img"><img alt=""></div>
+    <div class="lr-d-side">
+      <div class="lr-d-head"><span class="lr-d-tier"></span><span class="lr-d-by"></span>
+        <button class="lr-d-close" type="button" title="close (Esc)">Esc ✕</button></div>
+      <button class="lr-excellent" type="button">Excellent! (UR)</button>
+      <div class="lr-d-tiers"></div>
+      <div class="lr-d-golden"></div>
+      <dl class="lr-meta"></dl>
+      <div class="lr-d-hist"></div>
+      <div class="lr-d-nav"><button class="lr-d-prev" type="button">← previous</button>
+        <span class="lr-d-pos"></span><button class="lr-d-next" type="button">next →</button></div>
+    </div>
+  </div>
+</div>`;
+
+  function mount(element) {
+    performance.mark("loop-rate-mount");
+    element.innerHTML = SKELETON;
+    const root = element.querySelector(".lr");
+    const $ = (sel) => root.querySelector(sel);
+    const ui = {
+      rater: $(".lr-rater"), round: $(".lr-round"), unit: $(".lr-unit"), tier: $(".lr-tier"),
+      unrated: $(".lr-unrated"), q: $(".lr-q"), finish: $(".lr-finish"), counters: $(".lr-counters"),
+      status: $(".lr-status"), legend: $(".lr-legend"), scroll: $(".lr-scroll"), canvas: $(".lr-canvas"),
+      empty: $(".lr-empty"), detail: $(".lr-detail"), dImg: $(".lr-d-img img"), dTier: $(".lr-d-tier"),
+      dBy: $(".lr-d-by"), dTiers: $(".lr-d-tiers"), dGolden: $(".lr-d-golden"), dMeta: $(".lr-meta"),
+      dHist: $(".lr-d-hist"), dPos: $(".lr-d-pos"),
+    };
+
+    const S = {
+      rater: (localStorage.getItem("loop.rater") || "").trim(),
+      ids: [], tier: new Map(), by: new Map(), golden: new Map(),
+      pending: new Map(), mine: new Map(), // id -> ratings not yet durable, and the newest of them
+      focus: 0, cols: 1, left: GAP, insertAt: 0, lastEvent: 0, lastImage: 0, gen: 0, meta: null,
+      live: new Map(), // index -> tile element (only the visible rows)
+      queue: [], busy: false, failures: 0, detail: false, detailToken: 0, detailData: null, timings: [],
+    };
+
+    // -- legend and tier buttons --------------------------------------------------------------------------
+    const keysFor = (t) => Object.keys(KEYS).filter((k) => KEYS[k] === t).map((k) => k.toUpperCase());
+    for (const t of TIERS) {
+      const item = el("span", "lr-key");
+      for (const [n, k] of keysFor(t).entries()) {
+        if (n) item.append("/");
+        item.append(el("kbd", "", k));
+      }
+      item.append(" ", el("b", `lr-chip lr-t-${t}`, t));
+      ui.legend.append(item);
+      ui.tier.append(new Option(t, t));
+      const b = el("button", `lr-chip lr-t-${t}`, `${t} · ${keysFor(t).join("/")}`);
+      b.type = "button";
+      b.addEventListener("click", (e) => rateShown(t, false, e.timeStamp));
+      ui.dTiers.append(b);
+    }
+    for (const [keys, what] of [[["Z", "⌫"], "undo"], [["←", "↑", "→", "↓"], "move"], [["Enter"], "details"],
+      [["Esc"], "close"]]) {
+      const item = el("span", "lr-key");
+      keys.forEach((k, n) => { if (n && what !== "move") item.append("/"); item.append(el("kbd", "", k)); });
+      item.append(" " + what);
+      ui.legend.append(item);
+    }
+
+    // -- the virtual grid ---------------------------------------------------------------------------------
+    function layout() {
+      if (!ui.scroll.isConnected || root.offsetParent === null) return; // hidden tab: lay out when shown
+      const top = ui.scroll.getBoundingClientRect().top + window.scrollY;
+      ui.scroll.style.height = Math.max(320, window.innerHeight - top - 16) + "px";
+      const cols = Math.max(1, Math.floor((ui.scroll.clientWidth - GAP) / STEP));
+      const left = Math.max(GAP, Math.floor((ui.scroll.clientWidth - cols * STEP + GAP) / 2));
+      if (cols !== S.cols || left !== S.left) { S.cols = cols; S.left = left; clearTiles(); }
+      ui.canvas.style.height = GAP + Math.ceil(S.ids.length / S.cols) * STEP + "px";
+      render();
+    }
+
+    function clearTiles() {
+      for (const t of S.live.values()) t.remove();
+      S.live.clear();
+    }
+
+    function render() {
+      const top = ui.scroll.scrollTop, h = ui.scroll.clientHeight || 600;
+      const first = Math.max(0, Math.floor(top / STEP) - OVERSCAN) * S.cols;
+      const last = Math.min(S.ids.length, (Math.ceil((top + h) / STEP) + OVERSCAN) * S.cols);
+      for (const [i, t] of S.live) {
+        if (i < first || i >= last || t._id !== S.ids[i]) { t.remove(); S.live.delete(i); }
+      }
+      for (let i = first; i < last; i++) if (!S.live.has(i)) S.live.set(i, makeTile(i));
+      ui.empty.hidden = S.ids.length > 0;
+    }
+
+    function makeTile(i) {
+      const id = S.ids[i];
+      const t = el("div", "lr-tile");
+      t._id = id;
+      t.dataset.id = id;
+      t.style.transform = `translate(${S.left + (i % S.cols) * STEP}px, ${GAP + Math.floor(i / S.cols) * STEP}px)`;
+      const img = el("img");
+      img.alt = "";
+      img.draggable = false;
+      img.decoding = "async";
+      img.addEventListener("load", () => { if (img.naturalWidth < TILE) img.classList.add("lr-pixel"); });
+      img.src = thumbUrl(id);
+      t.append(img, el("span", "lr-badge"), el("span", "lr-by"));
+      paintTile(t, id);
+      if (i === S.focus) t.classList.add("lr-focus");
+      ui.canvas.append(t);
+      return t;
+    }
+
+    function paintTile(t, id) {
+      const tier = S.tier.get(id) || "";
+      t.dataset.tier = tier;
+      t.classList.toggle("lr-pending", (S.pending.get(id) || 0) > 0);
+      const badge = t.children[1];
+      badge.textContent = tier;
+      badge.className = tier ? `lr-badge lr-chip lr-t-${tier}` : "lr-badge";
+      t.children[2].textContent = tier ? S.by.get(id) || "" : "";
+      t.title = `#${id}` + (tier ? ` · ${tier} by ${S.by.get(id)}` : " · unrated");
+    }
+
+    function tileOf(id) {
+      for (const t of S.live.values()) if (t._id === id) return t;
+      return null;
+    }
+
+    function setTier(id, tier, rater) {
+      S.tier.set(id, tier);
+      S.by.set(id, rater);
+      const t = tileOf(id);
+      if (t) paintTile(t, id);
+    }
+
+    function setFocus(i, reveal = true) {
+      if (!S.ids.length) return;
+      i = Math.max(0, Math.min(S.ids.length - 1, i));
+      const old = S.live.get(S.focus);
+      if (old) old.classList.remove("lr-focus");
+      S.focus = i;
+      if (reveal) {
+        const y = GAP + Math.floor(i / S.cols) * STEP, top = ui.scroll.scrollTop, h = ui.scroll.clientHeight;
+        if (y - GAP < top) ui.scroll.scrollTop = y - GAP;
+        else if (y + STEP > top + h) ui.scroll.scrollTop = y + STEP - h;
+        render();
+      }
+      const t = S.live.get(i);
+      if (t) t.classList.add("lr-focus");
+      if (S.detail) loadDetail();
+    }
+
+    ui.scroll.addEventListener("scroll", () => requestAnimationFrame(render), { passive: true });
+    ui.canvas.addEventListener("click", (e) => {
+      const t = e.target.closest(".lr-tile");
+      if (t) for (const [i, x] of S.live) if (x === t) setFocus(i, false);
+    });
+    ui.canvas.addEventListener("dblclick", (e) => { if (e.target.closest(".lr-tile")) openDetail(); });
+    new ResizeObserver(() => layout()).observe(ui.scroll);
+    window.addEventListener("resize", layout);
+
+    // -- loading the list, polling for changes ------------------------------------------------------------
+    function filters() {
+      return {
+        round: ui.round.value, unit: ui.unit.value, tier: ui.unrated.checked ? "" : ui.tier.value,
+        unrated: ui.unrated.checked, q: ui.q.value.trim(),
+      };
+    }
+
+    async function load(prefetched) {
+      const gen = ++S.gen;
+      const f = filters();
+      history.replaceState(null, "", "?" + qs(f) + location.hash);
+      let r;
+      try {
+        r = await (prefetched || call("GET", API + "images?" + qs(f)));
+      } catch (e) {
+        status(`could not load the images: ${e.message}`, true);
+        return;
+      }
+      if (gen !== S.gen) return;
+      S.ids = r.ids;
+      S.tier.clear(); S.by.clear();
+      r.ids.forEach((id, n) => { S.tier.set(id, r.tiers[n]); S.by.set(id, r.raters[n]); });
+      for (const [id, [tier, rater]] of S.mine) if (S.pending.get(id)) { S.tier.set(id, tier); S.by.set(id, rater); }
+      S.insertAt = r.unrated;
+      S.lastEvent = r.last_event;
+      S.lastImage = r.last_image;
+      S.focus = 0;
+      ui.scroll.scrollTop = 0;
+      ui.empty.textContent = f.round !== "all" && !f.q && !f.tier && !f.unrated
+        ? `No images in round ${f.round} yet. They appear here as \`loop generate\` or \`loop run --round\` makes them.`
+        : "No images match these filters.";
+      clearTiles();
+      layout();
+      setFocus(0, false);
+      root.dataset.ready = "1";
+      performance.mark("loop-rate-grid");
+      refreshCounters();
+    }
+
+    async function refreshCounters() {
+      try {
+        const f = filters();
+        renderCounters(await call("GET", API + "counters?" + qs({ round: f.round, unit: f.unit })));
+      } catch (e) { /* the next poll tries again */ }
+    }
+
+    async function poll() {
+      const gen = S.gen;
+      try {
+        if (!document.hidden && root.dataset.ready) {
+          const r = await call("GET", API + "changes?" + qs({ after_event: S.lastEvent, after_image: S.lastImage,
+            ...filters() }));
+          if (gen === S.gen) {
+            for (const [id, tier, rater] of r.changed) if (!S.pending.get(id)) setTier(id, tier, rater);
+            if (r.new.length) addImages(r.new);
+            S.lastEvent = r.last_event;
+            S.lastImage = r.last_image;
+            renderCounters(r.counters);
+            if (S.failures === 0 && ui.status.classList.contains("lr-offline")) status("");
+          }
+        }
+      } catch (e) {
+        status("the server does not answer; ratings are kept here and sent when it is back", true);
+        ui.status.classList.add("lr-offline");
+      } finally {
+        setTimeout(poll, POLL_MS);
+      }
+    }
+
+    function addImages(rows) {
+      // new images join the end of the unrated block, so they come up next without moving what is on screen
+      const at = Math.min(S.insertAt, S.ids.length);
+      S.ids.splice(at, 0, ...rows.map((r) => r[0]));
+      for (const [id, tier, rater] of rows) { S.tier.set(id, tier); S.by.set(id, rater); }
+      S.insertAt = at + rows.length;
+      if (S.focus >= at && S.ids.length > rows.length) S.focus += rows.length;
+      clearTiles();
+      layout();
+      setFocus(S.focus, false);
+      status(`${rows.length} new image${rows.length > 1 ? "s" : ""}`);
+    }
+
+    function renderCounters(c) {
+      if (!c) return;
+      ui.counters.replaceChildren();
+      ui.counters.append(el("b", "", c.rated.toLocaleString()), ` / ${c.total.toLocaleString()} rated`);
+      for (const t of TIERS) ui.counters.append(" ", el("span", `lr-chip lr-t-${t}`, `${t} ${c.tiers[t]}`));
+      ui.counters.append(el("span", "lr-pace", ` · ${c.pace} / min`));
+      const who = Object.entries(c.raters).map(([n, k]) => `${n} ${k}`).join(", ");
+      if (who) ui.counters.append(el("span", "lr-raters", ` · ${who}`));
+      if (S.meta) {
+        S.meta.rate_closed = c.rate_closed;
+        paintFinish();
+      }
+    }
+
+    // -- rating, undo, and the ordered queue that makes them durable --------------------------------------
+    function requireRater() {
+      if (S.rater) return true;
+      status("type your name in the Rater box first (it is remembered)", true);
+      ui.rater.classList.add("lr-need");
+      ui.rater.focus();
+      return false;
+    }
+
+    function rateShown(tier, advance, since) {
+      if (!requireRater() || !S.ids.length) return;
+      const id = S.ids[S.focus];
+      S.pending.set(id, (S.pending.get(id) || 0) + 1);
+      S.mine.set(id, [tier, S.rater]);
+      setTier(id, tier, S.rater);
+      // timings (input event -> tile painted -> server committed), read by `python -m loop.bench rate`
+      const timing = { id, tier, input: since ?? performance.now(), painted: null, durable: null };
+      requestAnimationFrame(() => setTimeout(() => { timing.painted = performance.now(); }));
+      S.timings.push(timing);
+      if (S.timings.length > 2000) S.timings.splice(0, 1000);
+      S.queue.push({ kind: "rate", id, tier, rater: S.rater, timing });
+      pump();
+      if (advance && S.focus < S.ids.length - 1) setFocus(S.focus + 1);
+      else if (S.detail) paintDetailTier();
+    }
+
+    function undo() {
+      if (!requireRater()) return;
+      S.queue.push({ kind: "undo", rater: S.rater });
+      pump();
+    }
+
+    async function pump() {
+      if (S.busy || !S.queue.length) return;
+      S.busy = true;
+      const head = S.queue[0];
+      let n = 1;
+      if (head.kind === "rate") {
+        while (n < S.queue.length && n < 500 && S.queue[n].kind === "rate" && S.queue[n].rater === head.rater) n++;
+      }
+      const batch = S.queue.slice(0, n);
+      try {
+        if (head.kind === "undo") {
+          const r = await call("POST", API + "undo", { rater: head.rater });
+          S.queue.splice(0, n);
+          if (r.image_id === null) status("nothing of yours to undo");
+          else {
+            setTier(r.image_id, r.tier, r.rater);
+            const i = S.ids.indexOf(r.image_id);
+            if (i >= 0) setFocus(i);
+            status(`undone: #${r.image_id} is now ${r.tier || "unrated"}`);
+          }
+        } else {
+          const r = await call("POST", API + "rate", {
+            rater: head.rater, ratings: batch.map((o) => ({ image_id: o.id, tier: o.tier })),
+          });
+          S.queue.splice(0, n);
+          const now = performance.now();
+          for (const o of batch) o.timing.durable = now;
+          for (const o of batch) S.pending.set(o.id, S.pending.get(o.id) - 1);
+          for (const o of batch) {
+            if (S.pending.get(o.id) > 0) continue;
+            S.pending.delete(o.id);
+            S.mine.delete(o.id);
+            const st = r.images[o.id];
+            setTier(o.id, st.tier, st.rater);
+            S.golden.set(o.id, st.golden);
+          }
+          if (S.detail) paintDetailTier();
+          status(S.queue.length ? "saving…" : "saved");
+        }
+        S.failures = 0;
+      } catch (e) {
+        if (e.status >= 400 && e.status < 500) {
+          S.queue.splice(0, n); // the server refused them: say why, and resync from the database
+          for (const o of batch) if (o.kind === "rate") { S.pending.delete(o.id); S.mine.delete(o.id); }
+          status(`not saved: ${e.message}`, true);
+          load();
+        } else {
+          S.failures++;
+          status(`not saved yet (${e.message}); retrying…`, true);
+          await sleep(Math.min(5000, 250 * 2 ** S.failures));
+        }
+      } finally {
+        S.busy = false;
+        if (S.queue.length) pump();
+      }
+    }
+
+    window.addEventListener("beforeunload", (e) => {
+      if (S.queue.length || S.busy) { e.preventDefault(); e.returnValue = ""; }
+    });
+
+    function status(msg, bad = false) {
+      ui.status.textContent = msg;
+      ui.status.classList.toggle("lr-bad", bad);
+      ui.status.classList.remove("lr-offline");
+    }
+
+    // -- the detail view ----------------------------------------------------------------------------------
+    function openDetail() {
+      if (!S.ids.length) return;
+      S.detail = true;
+      ui.detail.hidden = false;
+      loadDetail();
+    }
+
+    function closeDetail() {
+      S.detail = false;
+      ui.detail.hidden = true;
+      S.detailData = null;
+    }
+
+    async function loadDetail() {
+      const id = S.ids[S.focus];
+      const token = ++S.detailToken;
+      ui.dImg.classList.remove("lr-pixel");
+      ui.dImg.src = thumbUrl(id);
+      ui.dPos.textContent = `${S.focus + 1} / ${S.ids.length}`;
+      paintDetailTier();
+      let d;
+      try {
+        d = await call("GET", API + `image/${id}`);
+      } catch (e) {
+        status(`could not load image #${id}: ${e.message}`, true);
+        return;
+      }
+      if (token !== S.detailToken || !S.detail) return;
+      S.detailData = d;
+      S.golden.set(id, d.golden);
+      if (!S.pending.get(id)) setTier(id, d.tier, d.rater);
+      ui.dImg.src = "loop/files/" + encPath(d.path);
+      const meta = [
+        ["Prompt", d.prompt], ["Negative prompt", d.negative_prompt || "—"], ["Seed", d.seed], ["Steps", d.steps],
+        ["CFG", d.cfg], ["Sampler", d.sampler], ["Size", d.width && d.height ? `${d.width} × ${d.height}` : null],
+        ["Unit", d.unit], ["Round", d.round], ["Source", d.source], ["Model", d.model],
+        ["Parent", d.parent ? `#${d.parent.id} ${d.parent.prompt}` : "— (made from the prompt alone)"],
+        ["Lineage", d.lineage.length ? [`#${d.id}`, ...d.lineage.map((p) => `#${p.id}`)].join(" ← ") : null],
+        ["Units", d.units.map((u) => `unit ${u.unit} (${u.method}${u.unit === 0 ? ": " + u.base : ""})`).join(" ← ")],
+        ["Image", `#${d.id} · ${d.path}`],
+        ...Object.entries(d.extra).map(([k, v]) => [k, typeof v === "object" ? JSON.stringify(v) : v]),
+      ];
+      ui.dMeta.replaceChildren();
+      for (const [k, v] of meta) {
+        if (v === null || v === undefined || v === "") continue;
+        ui.dMeta.append(el("dt", "", k), el("dd", "", String(v)));
+      }
+      ui.dHist.replaceChildren(el("b", "", "History"));
+      if (!d.history.length) ui.dHist.append(el("div", "", "no ratings yet"));
+      for (const h of d.history) {
+        const when = new Date(h.at * 1000).toLocaleString();
+        const line = el("div", h.undone ? "lr-undone" : "", h.undo ? `undo by ${h.rater}` : `${h.tier} by ${h.rater}`);
+        line.append(el("span", "lr-when", ` ${when}`));
+        ui.dHist.append(line);
+      }
+      paintDetailTier();
+    }
+
+    function paintDetailTier() {
+      const id = S.ids[S.focus];
+      const tier = S.tier.get(id) || "";
+      ui.dTier.textContent = tier || "unrated";
+      ui.dTier.className = tier ? `lr-d-tier lr-chip lr-t-${tier}` : "lr-d-tier";
+      ui.dBy.textContent = tier ? ` by ${S.by.get(id)}` + (S.pending.get(id) ? " (saving…)" : "") : "";
+      const g = S.golden.get(id);
+      ui.dGolden.textContent = tier === "UR" && g ? "★ collected in golden/" : "";
+      ui.detail.dataset.id = id;
+      ui.detail.dataset.tier = tier;
+    }
+
+    ui.dImg.addEventListener("load", () => {
+      ui.dImg.classList.toggle("lr-pixel", ui.dImg.naturalWidth < 256);
+    });
+    $(".lr-excellent").addEventListener("click", (e) => rateShown("UR", false, e.timeStamp));
+    $(".lr-d-close").addEventListener("click", closeDetail);
+    $(".lr-d-prev").addEventListener("click", () => setFocus(S.focus - 1));
+    $(".lr-d-next").addEventListener("click", () => setFocus(S.focus + 1));
+    ui.detail.addEventListener("click", (e) => { if (e.target === ui.detail) closeDetail(); });
+
+    // -- keys ---------------------------------------------------------------------------------------------
+    function onKey(e) {
+      if (!root.isConnected) { document.removeEventListener("keydown", onKey); return; }
+      if (!S.detail && root.offsetParent === null) return; // another tab is showing
+      if (e.ctrlKey || e.metaKey || e.altKey) return;
+      const t = e.target;
+      if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.tagName === "SELECT" || t.isContentEditable)) {
+        if (e.key === "Escape" || (e.key === "Enter" && t === ui.rater)) { t.blur(); e.preventDefault(); }
+        return;
+      }
+      if (t && t.tagName === "BUTTON" && (e.key === "Enter" || e.key === " ")) return;
+      const k = e.key.length === 1 ? e.key.toLowerCase() : e.key;
+      let handled = true;
+      if (KEYS[k]) { if (!e.repeat) rateShown(KEYS[k], true, e.timeStamp); }
+      else if (UNDO_KEYS.has(k)) { if (!e.repeat) undo(); }
+      else if (k === "ArrowRight") setFocus(S.focus + 1);
+      else if (k === "ArrowLeft") setFocus(S.focus - 1);
+      else if (k === "ArrowDown") setFocus(S.focus + S.cols);
+      else if (k === "ArrowUp") setFocus(S.focus - S.cols);
+      else if (k === "PageDown") setFocus(S.focus + S.cols * Math.max(1, Math.floor(ui.scroll.clientHeight / STEP)));
+      else if (k === "PageUp") setFocus(S.focus - S.cols * Math.max(1, Math.floor(ui.scroll.clientHeight / STEP)));
+      else if (k === "Home") setFocus(0);
+      else if (k === "End") setFocus(S.ids.length - 1);
+      else if (k === "Enter") openDetail();
+      else if (k === "Escape") { if (S.detail) closeDetail(); else handled = false; }
+      else handled = false;
+      if (handled) e.preventDefault();
+    }
+    document.addEventListener("keydown", onKey);
+
+    // -- the bar: rater name, filters, finish -------------------------------------------------------------
+    ui.rater.value = S.rater;
+    ui.rater.classList.toggle("lr-need", !S.rater);
+    ui.rater.addEventListener("input", () => {
+      S.rater = ui.rater.value.trim();
+      localStorage.setItem("loop.rater", S.rater);
+      ui.rater.classList.toggle("lr-need", !S.rater);
+      if (S.rater) status("");
+    });
+    for (const s of [ui.round, ui.unit, ui.tier, ui.unrated]) {
+      s.addEventListener("change", () => { ui.tier.disabled = ui.unrated.checked; s.blur(); load(); });
+    }
+    let qTimer = null;
+    ui.q.addEventListener("input", () => { clearTimeout(qTimer); qTimer = setTimeout(load, 300); });
+
+    function paintFinish() {
+      const m = S.meta;
+      ui.finish.textContent = m.rate_closed ? `Round ${m.current_round}: rating closed` : `Finish rating round ${m.current_round}`;
+      ui.finish.classList.toggle("lr-closed", !!m.rate_closed);
+    }
+
+    ui.finish.addEventListener("click", async () => {
+      const n = S.meta.current_round;
+      if (!S.meta.rate_closed && !confirm(`Close the rating of round ${n}? \`loop run --round\` then selects and trains.`)) return;
+      try {
+        const r = await call("POST", API + "finish", {});
+        S.meta.rate_closed = true;
+        paintFinish();
+        status(r.already ? `round ${r.round} was already closed: ${r.summary}`
+          : `round ${r.round} closed (${r.summary}); now run \`loop run --round\``);
+      } catch (e) {
+        status(`could not finish: ${e.message}`, true);
+      }
+    });
+
+    async function start() {
+      // the menus and the first list in parallel: "current" lets the server pick the round before we know it
+      const p = new URLSearchParams(location.search);
+      const first = { round: p.get("round") || "current", unit: p.get("unit"), tier: p.get("tier"),
+        unrated: p.get("unrated") === "1", q: p.get("q") };
+      const list = call("GET", API + "images?" + qs(first));
+      list.catch(() => {});
+      try {
+        S.meta = await call("GET", API + "meta");
+      } catch (e) {
+        status(`could not reach the server: ${e.message}`, true);
+        setTimeout(start, POLL_MS);
+        return;
+      }
+      const m = S.meta;
+      const round = first.round === "current" ? String(m.current_round) : first.round;
+      const rounds = m.rounds.map(String);
+      if (round !== "all" && !rounds.includes(round)) rounds.push(round); // a round with no images yet
+      ui.round.replaceChildren(new Option("all rounds", "all"), ...rounds.map((r) => new Option(`round ${r}`, r)));
+      const units = m.units.map(String);
+      if (first.unit && !units.includes(first.unit)) units.push(first.unit);
+      ui.unit.replaceChildren(new Option("all units", ""), ...units.map((u) => new Option(`unit ${u}`, u)));
+      ui.round.value = round;
+      ui.unit.value = first.unit || "";
+      ui.tier.value = first.tier || "";
+      ui.unrated.checked = first.unrated;
+      ui.tier.disabled = ui.unrated.checked;
+      ui.q.value = first.q || "";
+      paintFinish();
+      await load(list);
+      setTimeout(poll, POLL_MS);
+    }
+
+    window.LoopRate.state = S;
+    window.LoopRate.idle = () => !S.busy && S.queue.length === 0;
+    window.LoopRate.timings = S.timings;
+    start();
+  }
+
+  window.LoopRate = { mount };
+})();

@@ -1,0 +1,310 @@
+"""The rating page in a real browser: Playwright drives Debian's chromium against a server on 127.0.0.1.
+
+Every test adds its own round of small drawn images and opens the page on it (`/?round=N`), so one server
+and one browser serve the whole module. The forbidden-path requests go over a raw socket, so `..` and
+percent-encodings reach the server exactly as written.
+"""
+
+import http.client
+import json
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from loop.bench.rate import CHROMIUM, CHROMIUM_ARGS, add_images
+from loop.rate.handlers import golden_path
+from loop.rate.page import BackgroundServer, build_app, close_app
+from loop.workspace import Workspace
+
+TIER_OF_KEY = {
+    "1": "UR",
+    "2": "SSR",
+    "3": "SR",
+    "4": "R",
+    "5": "N",
+    "a": "UR",
+    "s": "SSR",
+    "d": "SR",
+    "f": "R",
+    "g": "N",
+}
+browser_test = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    ws = Workspace.init(tmp_path_factory.mktemp("page") / "ws")
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+    _, app = build_app(ws)
+    server = BackgroundServer(app)
+    yield ws, server.url
+    server.stop()
+    close_app(app)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def add(ws, n, round, seed=0):
+    with ws.store() as store:
+        return add_images(ws, store, n, round=round, seed=seed)
+
+
+def sql(ws, query, *args):
+    with ws.store() as store:
+        return [tuple(r) for r in store.db.execute(query, args).fetchall()]
+
+
+def open_page(browser, url, round, rater="alice", **ctx_kw):
+    ctx = browser.new_context(viewport={"width": 1200, "height": 860}, **ctx_kw)
+    if rater:
+        ctx.add_init_script(f"localStorage.setItem('loop.rater', {json.dumps(rater)})")
+    page = ctx.new_page()
+    page.goto(f"{url}/?round={round}")
+    page.wait_for_selector(".lr[data-ready='1'] .lr-tile", timeout=30_000)
+    return page
+
+
+def idle(page):
+    page.wait_for_function("LoopRate.idle()", timeout=10_000)
+
+
+@browser_test
+def test_rate_50_images_by_keyboard(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 55, round=1)
+    page = open_page(browser, url, 1, rater=None)
+    page.keyboard.press("1")  # no name yet: nothing is rated, the page asks for one
+    expect(page.locator(".lr-status")).to_contain_text("name")
+    page.fill(".lr-rater", "alice")
+    page.press(".lr-rater", "Enter")
+    keys = list("12345asdfg") * 5
+    for k in keys:
+        page.keyboard.press(k)
+    idle(page)
+    rows = sql(ws, "SELECT image_id, tier, rater FROM ratings WHERE image_id >= ? ORDER BY id", ids[0])
+    assert rows == [(i, TIER_OF_KEY[k], "alice") for i, k in zip(ids, keys)]
+    # the last rated tiles show their tiers, and the focus moved on to the 51st image
+    expect(page.locator(f'.lr-tile[data-id="{ids[49]}"]')).to_have_attribute("data-tier", "N")
+    expect(page.locator(f'.lr-tile[data-id="{ids[45]}"] .lr-badge')).to_have_text("UR")
+    expect(page.locator(".lr-tile.lr-focus")).to_have_attribute("data-id", str(ids[50]))
+    expect(page.locator(".lr-counters")).to_contain_text("50 / 55 rated", timeout=8000)
+    page.reload()  # the name is remembered
+    page.wait_for_selector(".lr[data-ready='1'] .lr-tile")
+    assert page.input_value(".lr-rater") == "alice"
+    # unrated first: the five left unrated now lead the grid
+    assert page.evaluate("LoopRate.state.ids.slice(0, 5)") == ids[50:]
+    page.context.close()
+
+
+@browser_test
+def test_detail_view_opens_closes_and_excellent_collects_into_golden(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 4, round=2)
+    row = sql(ws, "SELECT prompt, seed, path, sha256 FROM images WHERE id = ?", ids[1])[0]
+    page = open_page(browser, url, 2)
+    detail = page.locator(".lr-detail")
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("Enter")
+    expect(detail).to_be_visible()
+    expect(page.locator(".lr-meta")).to_contain_text(row[0])
+    expect(page.locator(".lr-meta")).to_contain_text("Negative prompt")
+    for label in ("Seed", "Steps", "CFG", "Sampler", "Size", "Unit", "Parent", "Units"):
+        expect(page.locator(".lr-meta dt", has_text=label).first).to_be_visible()
+    expect(page.locator(".lr-d-img img")).to_have_attribute("src", f"loop/files/{row[2]}")
+    page.keyboard.press("Escape")
+    expect(detail).to_be_hidden()
+    page.keyboard.press("Enter")
+    expect(detail).to_be_visible()
+    page.click(".lr-excellent")
+    idle(page)
+    assert sql(ws, "SELECT tier, rater FROM current_tiers WHERE image_id = ?", ids[1]) == [("UR", "alice")]
+    gold = golden_path(ws, row[3], row[2])
+    assert gold.exists() and os.path.samefile(gold, ws.root / row[2])
+    expect(page.locator(".lr-d-golden")).to_contain_text("golden/")
+    expect(page.locator(".lr-d-tier")).to_have_text("UR")
+    page.keyboard.press("Escape")
+    expect(detail).to_be_hidden()
+    expect(page.locator(f'.lr-tile[data-id="{ids[1]}"]')).to_have_attribute("data-tier", "UR")
+    page.context.close()
+
+
+@browser_test
+def test_undo_takes_back_the_last_rating(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 3, round=3)
+    page = open_page(browser, url, 3)
+    page.keyboard.press("2")
+    page.keyboard.press("3")
+    page.keyboard.press("z")
+    idle(page)
+    assert sql(ws, "SELECT image_id, tier FROM current_tiers WHERE image_id >= ?", ids[0]) == [(ids[0], "SSR")]
+    expect(page.locator(f'.lr-tile[data-id="{ids[1]}"]')).to_have_attribute("data-tier", "")
+    expect(page.locator(".lr-tile.lr-focus")).to_have_attribute("data-id", str(ids[1]))  # back on it, to re-rate
+    page.keyboard.press("Backspace")
+    idle(page)
+    expect(page.locator(f'.lr-tile[data-id="{ids[0]}"]')).to_have_attribute("data-tier", "")
+    assert sql(ws, "SELECT COUNT(*) FROM current_tiers WHERE image_id >= ?", ids[0]) == [(0,)]
+    # every event is kept: two ratings and two undos
+    assert sql(ws, "SELECT COUNT(*), COUNT(undoes) FROM ratings WHERE image_id >= ?", ids[0]) == [(4, 2)]
+    page.context.close()
+
+
+@browser_test
+def test_two_raters_at_once_lose_nothing_and_see_each_other(site, browser):
+    ws, url = site
+    ids = add(ws, 40, round=4)
+    a = open_page(browser, url, 4, rater="alice")
+    b = open_page(browser, url, 4, rater="bob")
+    for k in range(30):  # interleaved: both pages post while the other does
+        a.keyboard.press("12345"[k % 5])
+        b.keyboard.press("asdfg"[(k + 2) % 5])
+    idle(a)
+    idle(b)
+    counts = sql(ws, "SELECT rater, COUNT(*) FROM ratings WHERE image_id >= ? GROUP BY rater ORDER BY 1", ids[0])
+    assert counts == [("alice", 30), ("bob", 30)]
+    want = {
+        i: [t, r] for i, t, r in sql(ws, "SELECT image_id, tier, rater FROM current_tiers WHERE image_id >= ?", ids[0])
+    }
+    assert len(want) == 30
+    check = "want => Object.entries(want).every(([id, [t, r]]) => "
+    check += "LoopRate.state.tier.get(+id) === t && LoopRate.state.by.get(+id) === r)"
+    for page in (a, b):  # within a couple of polls each page shows the newest decision, whoever made it
+        page.wait_for_function(check, arg={str(k): v for k, v in want.items()}, timeout=8000)
+    a.context.close()
+    b.context.close()
+
+
+@browser_test
+def test_new_images_appear_without_reload(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    add(ws, 3, round=5)
+    page = open_page(browser, url, 5)
+    expect(page.locator(".lr-tile")).to_have_count(3)
+    add(ws, 4, round=5, seed=11)
+    expect(page.locator(".lr-tile")).to_have_count(7, timeout=8000)
+    page.context.close()
+
+
+@browser_test
+def test_auth_guards_the_page_and_a_logged_in_browser_rates(tmp_path, browser):
+    ws = Workspace.init(tmp_path / "ws")
+    ids = add(ws, 2, round=0)
+    _, app = build_app(ws, auth=[("ann", "pw")])
+    server = BackgroundServer(app)
+    try:
+        assert raw_get(server.url, "/")[0] == 401
+        assert raw_get(server.url, "/loop/api/meta")[0] == 401
+        page = open_page(browser, server.url, 0, rater="ann", http_credentials={"username": "ann", "password": "pw"})
+        page.keyboard.press("1")
+        idle(page)
+        assert sql(ws, "SELECT image_id, tier, rater FROM ratings") == [(ids[0], "UR", "ann")]
+        page.context.close()
+    finally:
+        server.stop()
+        close_app(app)
+
+
+def raw_get(url: str, path: str) -> tuple[int, bytes]:
+    """GET with the path sent byte for byte (no client-side normalisation of '..' or %-escapes)."""
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        conn.putrequest("GET", path, skip_accept_encoding=True)
+        conn.endheaders()
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def forbidden_paths(ws: Workspace) -> list[str]:
+    db, yaml = ws.db_path.as_posix(), (ws.root / "configs" / "loop.yaml").as_posix()
+    return [
+        "/loop/files/../loop.db",
+        "/loop/files/../../loop.db",
+        "/loop/files/%2e%2e/loop.db",
+        "/loop/files/%2E%2E%2Floop.db",
+        "/loop/files/..%2floop.db",
+        "/loop/files/generations/..%2f..%2floop.db",
+        "/loop/files/generations%2f..%2fconfigs%2floop.yaml",
+        "/loop/files/%252e%252e/loop.db",
+        "/loop/files/loop.db",
+        "/loop/files/configs/loop.yaml",
+        "/loop/files//etc/passwd",
+        "/loop/files/%2fetc%2fpasswd",
+        f"/loop/files/{db}",
+        "/loop/files/generations2/x.png",
+        "/loop/files/golden/out.png",
+        "/loop/files/cache/configs/loop.yaml",
+        "/loop/thumb/..%2f..%2floop.db",
+        "/loop/static/..%2fhandlers.py",
+        "/loop.db",
+        "/../loop.db",
+        "/configs/loop.yaml",
+        f"/gradio_api/file={db}",
+        f"/gradio_api/file={yaml}",
+        "/gradio_api/file=loop.db",
+        "/gradio_api/file=../loop.db",
+        f"/file={db}",
+        f"/gradio_api/file=%2F{db.lstrip('/')}",
+    ]
+
+
+def test_only_generations_golden_and_cache_are_served(site):
+    ws, url = site
+    (ws.root / "generations2").mkdir(exist_ok=True)
+    (ws.root / "generations2" / "x.png").write_bytes(b"outside")
+    out = ws.root / "golden" / "out.png"
+    if not out.is_symlink():
+        out.symlink_to(ws.db_path)  # a link in a served folder that points out of it
+    link = ws.root / "cache" / "configs"
+    if not link.is_symlink():
+        link.symlink_to(ws.root / "configs", target_is_directory=True)
+    (i,) = add(ws, 1, round=9)
+    rel = sql(ws, "SELECT path FROM images WHERE id = ?", i)[0][0]
+    assert raw_get(url, f"/loop/files/{rel}")[0] == 200  # the harness reaches a served file
+    for path in forbidden_paths(ws):
+        status, body = raw_get(url, path)
+        assert status in (403, 404), f"{path} -> {status}"
+        assert b"SQLite format" not in body and b"model:" not in body and b"outside" not in body, path
+
+
+@browser_test
+def test_progress_tab_shows_counters_and_keys_work_after_switching_back(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 3, round=6)
+    page = open_page(browser, url, 6)
+    page.get_by_role("tab", name="Progress").click()
+    progress = page.get_by_role("tabpanel")
+    expect(progress).to_contain_text("Every round")
+    expect(progress).to_contain_text("Pace")
+    page.keyboard.press("1")  # the grid is hidden: its keys are off
+    page.get_by_role("tab", name="Rate").click()
+    expect(page.locator(".lr-tile").first).to_be_visible()
+    page.keyboard.press("4")
+    idle(page)
+    assert sql(ws, "SELECT image_id, tier FROM ratings WHERE image_id >= ?", ids[0]) == [(ids[0], "R")]
+    page.context.close()

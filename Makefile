@@ -22,6 +22,9 @@ demo: $(STAMP)
 	rm -rf $(DEMO_WS)
 	$(BIN)/loop init $(DEMO_WS)
 	$(BIN)/loop run --round --auto-rate -w $(DEMO_WS)
+	@echo "--- unit 1 draws the same prompts at the same seeds; the same scripted rater scores them ---"
+	$(BIN)/loop generate --unit 1 -w $(DEMO_WS)
+	$(BIN)/loop rate --auto -w $(DEMO_WS)
 	$(BIN)/loop status -w $(DEMO_WS)
 
 test: $(STAMP)

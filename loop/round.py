@@ -74,9 +74,9 @@ def run_round(
                 else:
                     result.status = "waiting"
                     result.message = (
-                        f"Round {n} needs your ratings: {rating_summary(store, n)}. Rate them with `loop rate` "
-                        f"(or `loop rate --auto` for the scripted rater), finish with `loop rate --finish`, "
-                        f"then run `loop run --round` again."
+                        f"Round {n} needs your ratings: {rating_summary(store, n)}. Run `loop rate` and open "
+                        f"http://127.0.0.1:7860 (one key per image), press Finish rating, then run "
+                        f"`loop run --round` again. (`loop rate --auto`: the scripted rater, for demos.)"
                     )
                     return result
             elif phase == "select":

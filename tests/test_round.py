@@ -33,6 +33,7 @@ def test_whole_round_leaves_promised_files_and_rows(ws, cfg):
         assert len(rows) == 8 and all(r["tier"] in TIERS for r in rows)
         ur = {r["sha256"] for r in rows if r["tier"] == "UR"}
         assert {i["sha256"] for i in manifest["images"]} == ur and ur
+        assert len(list((ws.root / "golden").glob("*.png"))) == len(ur)  # UR collected, originals kept
         for r in rows:
             assert sha256_file(ws.root / r["path"]) == r["sha256"]
         assert all(store.phase_done(0, p) for p in ("generate", "rate", "select", "train"))

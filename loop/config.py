@@ -114,6 +114,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off, 5 is typical
     start: str = "from_base"  # retrain on the accumulated set from the base model
 
     def __post_init__(self):
@@ -122,6 +123,7 @@ class TrainConfig:
             _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be a positive integer")
         _check(self.alpha > 0, "train.alpha", self.alpha, "must be > 0")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(self.snr_gamma >= 0, "train.snr_gamma", self.snr_gamma, "must be >= 0 (0 turns it off)")
         _check(
             len(self.target_modules) > 0, "train.target_modules", list(self.target_modules), "name at least one module"
         )

@@ -22,7 +22,7 @@ from loop.config import GenerateConfig, LoopConfig
 from loop.errors import LoopError
 from loop.images import png_bytes
 from loop.models import load_unit, set_scheduler
-from loop.store import Store
+from loop.store import IMAGE_COLUMNS, Store
 from loop.workspace import Workspace, atomic_write, sha256_bytes
 
 # per-line overrides, as in A1111's "prompts from file": `a red circle --n 4 --seed 7 --cfg 5`
@@ -195,22 +195,8 @@ def generate(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, round: int
             data = png_bytes(image, meta)
             sha = sha256_bytes(data)
             path = atomic_write(out_dir / f"{sha[:16]}.png", data)
-            store.add_image(
-                sha256=sha,
-                path=ws.rel(path),
-                prompt=job.prompt,
-                negative_prompt=job.negative,
-                seed=job.seed,
-                steps=job.steps,
-                cfg=job.cfg,
-                sampler=g.scheduler,
-                width=job.width,
-                height=job.height,
-                unit=unit,
-                round=round,
-                source="generated",
-                params=meta,
-            )
+            cols = {k: meta[k] for k in IMAGE_COLUMNS}
+            store.add_image(sha256=sha, path=ws.rel(path), source="generated", params=meta, **cols)
             made += 1
         bar.update(len(batch))
         bar.set_postfix(per_min=f"{made / max(time.time() - t0, 1e-9) * 60:.0f}")

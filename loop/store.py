@@ -91,6 +91,8 @@ CREATE VIEW IF NOT EXISTS current_tiers AS
 """
 
 PHASES = ("generate", "rate", "select", "train")
+# the images columns a PNG's `loop` metadata fills in (everything else stays in `params`)
+IMAGE_COLUMNS = ("prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "width", "height", "unit", "round")
 
 
 class Store:

@@ -205,6 +205,20 @@ def add_lora(unet, tc):
     return unet
 
 
+def snr_weights(noise_sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min-SNR-gamma weights for the epsilon loss: min(SNR, gamma) / SNR; all ones when gamma is 0.
+
+    They shrink the low-noise (detail) timesteps relative to the high-noise ones, where colour and layout
+    are decided, and steady training (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting").
+    """
+    if gamma <= 0:
+        return torch.ones(t.shape, device=t.device)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_sched, t)
+    return (torch.clamp(snr, max=gamma) / snr).to(t.device)
+
+
 def fit(unet, latents, embeds, noise_sched, tc, accelerator, desc: str = "train"):
     """tc.steps optimizer steps of the epsilon-prediction loss on cached latents; returns (unet, smoothed loss)."""
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -224,7 +238,8 @@ def fit(unet, latents, embeds, noise_sched, tc, accelerator, desc: str = "train"
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (bs,), generator=gen).to(accelerator.device)
         with accelerator.autocast():
             pred = unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred.float(), noise)
+        per_item = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_item * snr_weights(noise_sched, t, tc.snr_gamma)).mean()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -162,15 +162,11 @@ def recover(ws: Workspace, store, log=print) -> dict:
         if meta is None:
             log(f"warning: {rel} has no loop metadata; left as it is (move it out, or `loop import` it)")
             continue
-        keys = ("negative_prompt", "seed", "steps", "cfg", "sampler", "width", "height", "unit", "round")
-        store.add_image(
-            sha256=sha256_file(png),
-            path=rel,
-            prompt=meta.get("prompt", ""),
-            params=meta,
-            source="generated",
-            **{k: meta.get(k) for k in keys},
-        )
+        from loop.store import IMAGE_COLUMNS
+
+        cols = {k: meta.get(k) for k in IMAGE_COLUMNS}
+        cols["prompt"] = cols["prompt"] or ""
+        store.add_image(sha256=sha256_file(png), path=rel, params=meta, source="generated", **cols)
         adopted += 1
     if removed or adopted:
         log(f"recovered: removed {removed} temporary file(s), adopted {adopted} image(s) without a row")

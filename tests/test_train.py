@@ -50,3 +50,18 @@ def test_only_adapter_weights_change_and_adapter_changes_output(tmp_path):
     fresh = load_base(ModelConfig())
     fresh.load_lora_weights(str(tmp_path))
     np.testing.assert_allclose(_image(fresh), trained_img, atol=1e-4)
+
+
+def test_min_snr_weights():
+    from diffusers.training_utils import compute_snr
+
+    from loop.train import snr_weights
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([1, 100, 500, 999])
+    assert torch.equal(snr_weights(sched, t, 0.0), torch.ones(4))
+    w = snr_weights(sched, t, 5.0)
+    snr = compute_snr(sched, t)
+    assert torch.allclose(w[snr > 5], 5.0 / snr[snr > 5])  # low noise: shrunk
+    assert torch.allclose(w[snr <= 5], torch.ones(int((snr <= 5).sum())))  # high noise: kept
+    assert w[0] < w[1] < w[3] + 1e-6

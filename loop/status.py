@@ -36,8 +36,9 @@ def next_step(store: Store) -> str:
         return f"round {n} is closed; `loop run --round` starts round {n + 1}"
     todo = next(p for p in PHASES if p not in done)
     if todo == "generate":
-        state = "running or interrupted" if "generate" in phases else "not started"
-        return f"round {n}: generate {state}; `loop run --round` generates with unit {n}"
+        made = len(store.images(round=n))
+        state = f"has {made} image(s) so far" if made else "not started"
+        return f"round {n}: generate {state}; `loop run --round` generates (or finishes) with unit {n}"
     if todo == "rate":
         counts = store.tier_counts(round=n)
         unrated = counts.get(None, 0)

@@ -157,13 +157,16 @@ class Store:
             )
             return cur.lastrowid
 
-    def rate_many(self, items: list[tuple[int, str]], rater: str) -> None:
+    def rate_many(self, items: list[tuple[int, str]], rater: str) -> list[int]:
+        """Append one event per (image id, tier), in order, in one transaction; returns the event ids."""
         now = time.time()
         with self.tx():
-            self.db.executemany(
-                "INSERT INTO ratings (image_id, tier, rater, created_at) VALUES (?, ?, ?, ?)",
-                [(i, t, rater, now) for i, t in items],
-            )
+            return [
+                self.db.execute(
+                    "INSERT INTO ratings (image_id, tier, rater, created_at) VALUES (?, ?, ?, ?)", (i, t, rater, now)
+                ).lastrowid
+                for i, t in items
+            ]
 
     def undo(self, rater: str) -> int | None:
         """Cancel this rater's newest effective rating; returns the image id it applied to, or None."""

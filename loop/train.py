@@ -70,6 +70,7 @@ def encode_cached(ws: Workspace, pipe, items: list[dict], size: int, base: str, 
     vae_id, te_id = _identity(pipe.vae, base), _identity(pipe.text_encoder, base)
     lat_dir, txt_dir = ws.cache("latents"), ws.cache("text")
     latents, embeds, hits, misses = [], [], 0, 0
+    seen_captions: dict[Path, torch.Tensor] = {}
     for it in items:
         lat_path = lat_dir / f"{it['sha256']}-{vae_id}-{size}.safetensors"
         cap_key = hashlib.sha256(it["caption"].encode()).hexdigest()[:24]
@@ -86,7 +87,9 @@ def encode_cached(ws: Workspace, pipe, items: list[dict], size: int, base: str, 
             lat = (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor)[0].float().cpu()
             atomic_write(lat_path, _st_bytes({"latent": lat.contiguous()}))
             misses += 1
-        if txt_path.exists():
+        if txt_path in seen_captions:  # many images share a prompt: read or encode each caption once
+            emb = seen_captions[txt_path]
+        elif txt_path.exists():
             emb = load_file(txt_path)["embedding"]
         else:
             ids = pipe.tokenizer(
@@ -98,6 +101,7 @@ def encode_cached(ws: Workspace, pipe, items: list[dict], size: int, base: str, 
             ).input_ids
             emb = pipe.text_encoder(ids.to(pipe.device))[0][0].float().cpu()
             atomic_write(txt_path, _st_bytes({"embedding": emb.contiguous()}))
+        seen_captions[txt_path] = emb
         latents.append(lat)
         embeds.append(emb)
     log(f"encode cache: {hits} hit(s), {misses} miss(es)")

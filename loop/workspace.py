@@ -125,11 +125,15 @@ class Workspace:
     def open(cls, root: Path) -> Workspace:
         """An existing workspace: it has loop.db, or at least configs/ (like the repository root)."""
         ws = cls(root)
-        if not ws.db_path.exists() and not (ws.root / "configs").is_dir():
+        if ws.db_path.exists():
+            for name in FOLDERS:
+                (ws.root / name).mkdir(exist_ok=True)
+            return ws
+        if not (ws.root / "configs").is_dir():
             raise LoopError(
                 f"{ws.root} is not a loop workspace (no loop.db, no configs/); run `loop init {root}` first"
             )
-        return cls.init(root)
+        return cls.init(root)  # a ready layout without its database yet, like the repository root
 
     def store(self):
         from loop.store import Store
@@ -144,6 +148,7 @@ def recover(ws: Workspace, store, log=print) -> dict:
     self-describing file; its `loop` metadata chunk is enough to write the row it lacks.
     """
     from loop.images import read_meta
+    from loop.store import IMAGE_COLUMNS
 
     removed = adopted = 0
     for folder in ("generations", "golden", "checkpoints", "cache"):
@@ -162,8 +167,6 @@ def recover(ws: Workspace, store, log=print) -> dict:
         if meta is None:
             log(f"warning: {rel} has no loop metadata; left as it is (move it out, or `loop import` it)")
             continue
-        from loop.store import IMAGE_COLUMNS
-
         cols = {k: meta.get(k) for k in IMAGE_COLUMNS}
         cols["prompt"] = cols["prompt"] or ""
         store.add_image(sha256=sha256_file(png), path=rel, params=meta, source="generated", **cols)

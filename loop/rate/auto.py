@@ -41,13 +41,10 @@ def auto_rate(ws: Workspace, store: Store, rc: RateConfig, round: int) -> dict:
         items.append((row["id"], tier_for(s, list(rc.cutoffs))))
     store.rate_many(items, rater=rc.rater)
     # UR images are collected into golden/, as the page does (the original stays in generations/)
-    from loop.rate.handlers import golden_path, link_or_copy
+    from loop.rate.handlers import sync_golden
 
-    paths = {r["id"]: (r["sha256"], r["path"]) for r in todo}
-    for image_id, tier in items:
-        if tier == "UR":
-            sha, rel = paths[image_id]
-            link_or_copy(ws.root / rel, golden_path(ws, sha, rel))
+    for image_id, _ in items:
+        sync_golden(ws, store, image_id)
     counts = {t: 0 for t in TIERS}
     for _, t in items:
         counts[t] += 1

@@ -1,6 +1,6 @@
 """The `loop` command line (Typer). Each command parses, builds the config, and calls one stage function.
 
-loop init DIR | run --round [N] | generate | rate --auto | train | status | config
+loop init DIR | run --round [N] | generate [--forever|--count K] | vary IMAGE | rate | train | status | config
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ UnitOpt = Annotated[Optional[int], typer.Option("--unit", help="unit number (def
 
 def _quiet_libraries() -> None:
     from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
 
     dlog.set_verbosity_error()
+    dlog.disable_progress_bar()  # "Loading pipeline components" bars; our own bars say what is happening
+    tlog.disable_progress_bar()
 
 
 def _echo(msg: str) -> None:
@@ -103,22 +106,114 @@ def run(
 
 
 @app.command()
-def generate(workspace: WorkspaceOpt = Path("."), unit: UnitOpt = None, overrides: OverridesArg = None) -> None:
-    """One pass over configs/prompts.txt with a unit (images it already made are skipped)."""
-    from loop.generate import generate as gen
+def generate(
+    forever: Annotated[bool, typer.Option("--forever", help="the prompt file as a ring, until Ctrl-C or SIGTERM")] = False,
+    count: Annotated[Optional[int], typer.Option("--count", help="K images from the ring, then stop")] = None,
+    processes: Annotated[int, typer.Option("--processes", help="split the work between N processes (accelerate)")] = 1,
+    workspace: WorkspaceOpt = Path("."),
+    unit: UnitOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Generate from configs/prompts.txt: one pass (default), --count K images, or --forever.
+
+    The ring re-reads the file before every prompt and keeps its position in loop.db, so edits need no
+    restart and a restart continues where it stopped. Without --unit it follows the current unit."""
+    from loop.generate import generate as one_pass
+    from loop.generate import generate_ring, process_share, stop_on_signals
+    from loop.workspace import recover
+
+    if forever and count is not None:
+        raise LoopError("give --forever or --count K, not both")
+    if count is not None and count <= 0:
+        raise LoopError(f"--count must be a positive number of images, got {count}")
+    if processes < 1:
+        raise LoopError(f"--processes must be 1 or more, got {processes}")
+    if processes > 1:
+        raise typer.Exit(_launch(processes, ["generate"] + _without_processes(STATE.get("argv", sys.argv[1:]))))
+    ws, cfg = _open(workspace, overrides)
+    rank, world = process_share()
+    with ws.store() as store, stop_on_signals(_echo) as stop:
+        if rank == 0:
+            recover(ws, store, _echo)
+        store.ensure_base_unit(cfg.model.base)
+        if unit is not None and store.unit(unit) is None:
+            from loop.round import raise_missing_unit
+
+            raise_missing_unit(store, unit)
+        if forever or count is not None:
+            out = generate_ring(ws, store, cfg, unit=unit, count=count, log=_echo, stop=stop)
+            pos = out["position"]
+            where = f"line {pos['lineno']} of {ws.prompts_path.name}, cycle {pos['cycle']}"
+            what = "stopped cleanly" if out["stopped"] else "done"
+            _echo(f"{what}: made {out['made']} image(s) with unit {out['unit']}; the ring is at {where}")
+            return
+        n = store.current_unit() if unit is None else unit
+        out = one_pass(ws, store, cfg, unit=n, log=_echo, stop=stop)
+    what = "stopped cleanly; run the same command to finish the pass" if out["stopped"] else "done"
+    _echo(f"{what}: made {out['made']} image(s) with unit {n} in {ws.rel(ws.generations(n))}")
+
+
+def _without_processes(argv: list[str]) -> list[str]:
+    """The generate command's own arguments, without --processes N (the launched workers run one each)."""
+    args = argv[argv.index("generate") + 1 :] if "generate" in argv else []
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--processes":
+            skip = True
+        elif not a.startswith("--processes="):
+            out.append(a)
+    return out
+
+
+def _launch(processes: int, args: list[str]) -> int:
+    """Run `python -m loop ARGS` in N processes through `accelerate launch` (torchrun underneath)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a free port for the process group, so two launches don't collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "-m", "loop", *args,
+    ]  # fmt: skip
+    _echo(f"launching {processes} processes: accelerate launch --num_processes {processes} -m loop {' '.join(args)}")
+    return subprocess.call(cmd)
+
+
+@app.command()
+def vary(
+    image: Annotated[str, typer.Argument(help="an image: file path, sha256 prefix, or id")],
+    n: Annotated[int, typer.Option("--n", help="how many variations")] = 4,
+    strength: Annotated[
+        Optional[float], typer.Option("--strength", help="0..1, how far from the parent (default generate.strength)")
+    ] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="prompt (default: the parent's)")] = None,
+    workspace: WorkspaceOpt = Path("."),
+    unit: UnitOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """img2img variations of an image; each records its parent in the store and in its PNG."""
+    from loop.generate import resolve_image, stop_on_signals
+    from loop.generate import vary as make_variations
     from loop.workspace import recover
 
     ws, cfg = _open(workspace, overrides)
-    with ws.store() as store:
+    with ws.store() as store, stop_on_signals(_echo) as stop:
         recover(ws, store, _echo)
         store.ensure_base_unit(cfg.model.base)
-        n = store.current_unit() if unit is None else unit
-        if store.unit(n) is None:
+        parent = resolve_image(ws, store, image)
+        u = store.current_unit() if unit is None else unit
+        if store.unit(u) is None:
             from loop.round import raise_missing_unit
 
-            raise_missing_unit(store, n)
-        out = gen(ws, store, cfg, unit=n, log=_echo)
-    _echo(f"made {out['made']} image(s) with unit {n} in {ws.rel(ws.generations(n))}")
+            raise_missing_unit(store, u)
+        ids = make_variations(ws, store, cfg, [parent], n, strength, unit=u, prompt=prompt, log=_echo, stop=stop)
+    _echo(f"made {len(ids)} variation(s) of image {parent['id']} ({parent['sha256'][:12]}) with unit {u}")
 
 
 @app.command()
@@ -205,6 +300,7 @@ def show_config(workspace: WorkspaceOpt = Path("."), overrides: OverridesArg = N
 def entry(argv: list[str] | None = None) -> int:
     """Console-script entry: user errors print one line (traceback with --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    STATE["argv"] = argv
     try:
         rc = app(args=argv, standalone_mode=False)
     except LoopError as e:

@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class GenerateConfig:
-    images_per_prompt: int = 16  # K images for every line of configs/prompts.txt
+    images_per_prompt: int = 30  # K images for every line of configs/prompts.txt
     batch_size: int = 16
     steps: int = 20
     cfg: float = 4.0  # classifier-free guidance scale
@@ -57,8 +57,12 @@ class GenerateConfig:
     height: int = 0
     negative_prompt: str = ""
     seed: int = 0  # image k of a prompt uses seed + k, so units can be compared at the same seeds
+    strength: float = 0.5  # img2img (`loop vary`): how far a variation may move from its parent, 0..1
+    compile: bool = False  # torch.compile the UNet (GPU; the first batch pays for the compilation)
+    channels_last: bool = True  # channels_last memory format for the UNet and VAE on GPU
 
     def __post_init__(self):
+        _check(0 < self.strength <= 1, "generate.strength", self.strength, "must be in (0, 1]")
         for key in ("images_per_prompt", "batch_size", "steps"):
             _check(getattr(self, key) > 0, f"generate.{key}", getattr(self, key), "must be a positive integer")
         _check(self.cfg >= 0, "generate.cfg", self.cfg, "must be >= 0")

@@ -30,6 +30,8 @@ def a1111_parameters(meta: dict) -> str:
         f"Size: {meta.get('width')}x{meta.get('height')}",
         f"Model: {meta.get('model')}",
     ]
+    if meta.get("strength") is not None:  # img2img, as A1111 writes it
+        settings.append(f"Denoising strength: {meta['strength']}")
     if meta.get("unit") is not None:
         settings.append(f"Loop unit: {meta['unit']}")
     lines.append(", ".join(settings))

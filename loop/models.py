@@ -67,7 +67,7 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None, dtype: torch
     dtype = dtype or pick_dtype(cfg, device)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            base, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            base, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as e:
         where = "local folder" if Path(base).exists() else "local folder nor a hub id available offline"

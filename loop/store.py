@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE INDEX IF NOT EXISTS images_unit ON images(unit);
 CREATE INDEX IF NOT EXISTS images_round ON images(round);
+CREATE INDEX IF NOT EXISTS images_unit_prompt_seed ON images(unit, prompt, seed);  -- "made already?" per batch
+CREATE INDEX IF NOT EXISTS images_parent ON images(parent_id);
 
 CREATE TABLE IF NOT EXISTS ratings (
     id INTEGER PRIMARY KEY,
@@ -77,6 +79,13 @@ CREATE TABLE IF NOT EXISTS units (
     strategy TEXT,
     created_at REAL NOT NULL,
     manifest TEXT NOT NULL DEFAULT '{}'
+);
+
+-- small named states, JSON: the prompt ring's position per generator process
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL
 );
 
 -- effective rating events: not undo events, and not undone
@@ -142,6 +151,46 @@ class Store:
             sql += " AND i.round = ?"
             args.append(round)
         return self.db.execute(sql + " ORDER BY i.id", args).fetchall()
+
+    def made_seeds(self, unit: int, prompt: str, seeds: list[int]) -> set[int]:
+        """Which of `seeds` this unit already made for `prompt` (txt2img; variations have a parent)."""
+        if not seeds:
+            return set()
+        marks = ",".join("?" for _ in seeds)
+        rows = self.db.execute(
+            f"SELECT seed FROM images WHERE unit = ? AND prompt = ? AND parent_id IS NULL AND seed IN ({marks})",
+            (unit, prompt, *seeds),
+        )
+        return {r[0] for r in rows}
+
+    def children(self, parent_id: int) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM images WHERE parent_id = ? ORDER BY id", (parent_id,)).fetchall()
+
+    def image_by_sha(self, sha_or_prefix: str) -> list[sqlite3.Row]:
+        """Images whose sha256 starts with the given hex (a full hash gives at most one)."""
+        return self.db.execute(
+            "SELECT * FROM images WHERE sha256 >= ? AND sha256 < ? ORDER BY id LIMIT 2",
+            (sha_or_prefix.lower(), sha_or_prefix.lower() + "g"),
+        ).fetchall()
+
+    # -- small states ----------------------------------------------------------------------------------------
+    def get_state(self, key: str) -> dict | None:
+        row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def latest_state(self, prefix: str) -> dict | None:
+        row = self.db.execute(
+            "SELECT value FROM state WHERE key >= ? AND key < ? ORDER BY updated_at DESC LIMIT 1",
+            (prefix, prefix + "\uffff"),
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_state(self, key: str, value: dict) -> None:
+        with self.tx():
+            self.db.execute(
+                "INSERT OR REPLACE INTO state (key, value, updated_at) VALUES (?, ?, ?)",
+                (key, json.dumps(value), time.time()),
+            )
 
     def known_paths(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT path FROM images")}

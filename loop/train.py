@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -184,7 +185,7 @@ def save_lora(unet, folder: Path) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
-    tmp = folder / f".save{TMP_MARK}{time.time_ns()}"
+    tmp = folder / f".save{TMP_MARK}{os.getpid()}-{time.time_ns()}"
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(
         tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()

@@ -59,7 +59,8 @@ def atomic_write(path: Path, data: bytes | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str):
         data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent)
+    # the writer's pid is in the name, so recovery never deletes a file another live process is writing
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -153,6 +154,8 @@ def recover(ws: Workspace, store, log=print) -> dict:
     removed = adopted = 0
     for folder in ("generations", "golden", "checkpoints", "cache"):
         for tmp in (ws.root / folder).rglob(f"*{TMP_MARK}*"):
+            if _writer_alive(tmp.name):  # another process (a generator running alongside) is writing it now
+                continue
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
@@ -169,8 +172,27 @@ def recover(ws: Workspace, store, log=print) -> dict:
             continue
         cols = {k: meta.get(k) for k in IMAGE_COLUMNS}
         cols["prompt"] = cols["prompt"] or ""
-        store.add_image(sha256=sha256_file(png), path=rel, params=meta, source="generated", **cols)
+        if meta.get("parent"):
+            found = store.image_by_sha(str(meta["parent"]))
+            cols["parent_id"] = found[0]["id"] if found else None
+        store.add_image(
+            sha256=sha256_file(png), path=rel, params=meta, source=meta.get("source", "generated"), **cols
+        )
         adopted += 1
     if removed or adopted:
         log(f"recovered: removed {removed} temporary file(s), adopted {adopted} image(s) without a row")
     return {"removed": removed, "adopted": adopted}
+
+
+def _writer_alive(name: str) -> bool:
+    """True when the temporary file's name carries the pid of a running process other than this one."""
+    pid = name.split(TMP_MARK, 1)[-1].split("-", 1)
+    if len(pid) < 2 or not pid[0].isdigit() or int(pid[0]) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid[0]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True

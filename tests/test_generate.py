@@ -40,11 +40,28 @@ def test_read_prompts_skips_comments_and_reports_bad_lines(tmp_path):
     assert len(problems) == 1 and "prompts.txt:4" in problems[0]
 
 
-def test_read_prompts_not_utf8(tmp_path):
+def test_read_prompts_not_utf8_line_is_skipped_and_named(tmp_path):
     p = tmp_path / "prompts.txt"
-    p.write_bytes(b"a circle\n" + b"\xff\xfe bad\n")
-    with pytest.raises(LoopError, match="UTF-8"):
+    p.write_bytes(b"\xef\xbb\xbfa circle\n" + b"\xff\xfe bad\n" + "夕焼け 🌅\n".encode())
+    lines, problems = read_prompts(p)
+    assert [ln.text for ln in lines] == ["a circle", "夕焼け 🌅"]  # the BOM is not part of the prompt
+    assert len(problems) == 1 and "prompts.txt:2" in problems[0] and "UTF-8" in problems[0]
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [(None, ["no prompt file"]), (b"", ["no usable prompts"]), (b"# only\n\n", ["no usable prompts"]),
+     (b"\xff\n", ["prompts.txt:1", "UTF-8"]), (b"x --n 0\n", ["prompts.txt:1", "--n"])],
+)  # fmt: skip
+def test_unusable_prompt_file_is_one_clear_error(tmp_path, content, words):
+    p = tmp_path / "prompts.txt"
+    if content is not None:
+        p.write_bytes(content)
+    with pytest.raises(LoopError) as e:
         read_prompts(p)
+    assert "\n" not in str(e.value)
+    for w in words:
+        assert w in str(e.value)
 
 
 def test_generate_writes_pngs_with_metadata_and_rows(ws, cfg):

@@ -35,3 +35,4 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m loop.bench round
+	$(BIN)/python -m loop.bench generate

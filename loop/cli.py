@@ -107,7 +107,9 @@ def run(
 
 @app.command()
 def generate(
-    forever: Annotated[bool, typer.Option("--forever", help="the prompt file as a ring, until Ctrl-C or SIGTERM")] = False,
+    forever: Annotated[
+        bool, typer.Option("--forever", help="the prompt file as a ring, until Ctrl-C or SIGTERM")
+    ] = False,
     count: Annotated[Optional[int], typer.Option("--count", help="K images from the ring, then stop")] = None,
     processes: Annotated[int, typer.Option("--processes", help="split the work between N processes (accelerate)")] = 1,
     workspace: WorkspaceOpt = Path("."),

@@ -8,9 +8,9 @@ The per-line options follow AUTOMATIC1111's "prompts from file" script. A line t
 option, bytes that are not UTF-8) is reported with its line number and skipped; the other lines still run.
 
 The ring re-reads the file before every prompt, so edits are picked up without a restart, and keeps its
-position in the store: (index of the current line, that line's text, cycle). After an edit the position
-follows the line's text if it moved; if the line was deleted, the ring carries on with the line that took
-its place.
+position in the store: (index of the current line, that line's text, cycle, the line done before it). After
+an edit the position follows the line's text if it moved; if the line was deleted, the ring goes on with the
+line after the one it did last.
 """
 
 from __future__ import annotations
@@ -106,9 +106,10 @@ class RingPosition:
     index: int = 0  # the line the ring is on (among the usable lines)
     text: str = ""  # that line's text, to find it again after an edit
     cycle: int = 0  # how many times the ring went round; image k of a line in cycle c uses seed + c*n + k
+    after: str = ""  # the text of the line done before it, to find the place again if this line is deleted
 
     def as_dict(self) -> dict:
-        return {"index": self.index, "text": self.text, "cycle": self.cycle}
+        return {"index": self.index, "text": self.text, "cycle": self.cycle, "after": self.after}
 
 
 class Ring:
@@ -118,7 +119,7 @@ class Ring:
         self.path, self.store, self.key, self.log = Path(path), store, key, log
         # a new process layout (say 2 processes after 1) starts where the most recent ring stopped
         saved = store.get_state(key) or store.latest_state(key.split("/")[0] + "/") or {}
-        self.pos = RingPosition(**{k: saved[k] for k in ("index", "text", "cycle") if k in saved})
+        self.pos = RingPosition(**{k: saved[k] for k in ("index", "text", "cycle", "after") if k in saved})
         self._reported: set[str] = set()
         self.line: PromptLine | None = None  # the line current() last returned
 
@@ -136,10 +137,12 @@ class Ring:
             return None
         pos = self.pos
         if not (pos.index < len(lines) and lines[pos.index].text == pos.text):
-            moved = [i for i, ln in enumerate(lines) if ln.text == pos.text]
-            if pos.text and moved:  # the line moved: follow it (the nearest copy if it appears twice)
-                pos.index = min(moved, key=lambda i: abs(i - pos.index))
-            elif pos.index >= len(lines):  # lines were removed from the end: start the next cycle
+            texts = [ln.text for ln in lines]
+            if pos.text and pos.text in texts:  # the line moved: follow it (the nearest copy if it appears twice)
+                pos.index = min((i for i, t in enumerate(texts) if t == pos.text), key=lambda i: abs(i - pos.index))
+            elif pos.after and pos.after in texts:  # the line was deleted: go on after the line done before it
+                pos.index = texts.index(pos.after) + 1
+            if pos.index >= len(lines):  # past the end: start the next cycle
                 pos.index, pos.cycle = 0, (pos.cycle + 1 if pos.text else pos.cycle)
         pos.text = lines[pos.index].text
         self._lines = lines
@@ -149,6 +152,7 @@ class Ring:
     def advance(self) -> None:
         """Move to the next line (wrapping into the next cycle) and persist the position."""
         lines = getattr(self, "_lines", None) or [None]
+        self.pos.after = self.pos.text
         self.pos.index += 1
         if self.pos.index >= len(lines):
             self.pos.index, self.pos.cycle = 0, self.pos.cycle + 1

@@ -175,9 +175,7 @@ def recover(ws: Workspace, store, log=print) -> dict:
         if meta.get("parent"):
             found = store.image_by_sha(str(meta["parent"]))
             cols["parent_id"] = found[0]["id"] if found else None
-        store.add_image(
-            sha256=sha256_file(png), path=rel, params=meta, source=meta.get("source", "generated"), **cols
-        )
+        store.add_image(sha256=sha256_file(png), path=rel, params=meta, source=meta.get("source", "generated"), **cols)
         adopted += 1
     if removed or adopted:
         log(f"recovered: removed {removed} temporary file(s), adopted {adopted} image(s) without a row")

@@ -1,5 +1,6 @@
 """python -m loop.bench round [--images 64] [--rounds 2]
 python -m loop.bench rate [--images 10000] [--ratings 200]
+python -m loop.bench generate [--images 64] [--steps 20] [--batch 16]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
 short strings) and rewrites its own section of docs/benchmarks.md.
@@ -31,7 +32,29 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--baseline-ratings", type=int, default=20, help="ratings timed on the gr.Gallery page")
     r.add_argument("--no-screenshots", action="store_true", help="skip docs/img/rate-grid.png and rate-detail.png")
     r.add_argument("--out", default="docs")
+    r = sub.add_parser("generate", help="loop generate against one pipe() call per image, same model and seeds")
+    r.add_argument("--images", type=int, default=64)
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--batch", type=int, default=16)
+    r.add_argument("--reps", type=int, default=2, help="alternating runs of each side; the best is kept")
+    r.add_argument("--out", default="docs")
+    r = sub.add_parser("sd15-check", help="build the SD1.5-shaped random pipeline and run it once (any device)")
+    r.add_argument("--size", type=int, default=64)
     args = ap.parse_args(argv)
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    if args.name == "generate":
+        from loop.bench.generate import bench_generate
+
+        bench_generate(images=args.images, steps=args.steps, batch=args.batch, reps=args.reps, out=args.out)
+    elif args.name == "sd15-check":
+        from loop.bench.generate import sd15_check
+
+        sd15_check(args.size)
     if args.name == "round":
         from loop.bench.round import bench_round
 

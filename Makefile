@@ -36,3 +36,4 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m loop.bench round
 	$(BIN)/python -m loop.bench generate
+	$(BIN)/python -m loop.bench train

@@ -1,6 +1,7 @@
 """The `loop` command line (Typer). Each command parses, builds the config, and calls one stage function.
 
-loop init DIR | run --round [N] | generate [--forever|--count K] | vary IMAGE | rate | train | status | config
+loop init DIR | run --round [N] | generate [--forever|--count K] | vary IMAGE | rate | train | export-lora |
+export | import | status | config
 """
 
 from __future__ import annotations
@@ -155,9 +156,9 @@ def generate(
     _echo(f"{what}: made {out['made']} image(s) with unit {n} in {ws.rel(ws.generations(n))}")
 
 
-def _without_processes(argv: list[str]) -> list[str]:
-    """The generate command's own arguments, without --processes N (the launched workers run one each)."""
-    args = argv[argv.index("generate") + 1 :] if "generate" in argv else []
+def _without_processes(argv: list[str], command: str = "generate") -> list[str]:
+    """The command's own arguments, without --processes N (the launched workers run one each)."""
+    args = argv[argv.index(command) + 1 :] if command in argv else []
     out, skip = [], False
     for a in args:
         if skip:
@@ -270,15 +271,82 @@ def rate(
 
 
 @app.command()
-def train(workspace: WorkspaceOpt = Path("."), unit: UnitOpt = None, overrides: OverridesArg = None) -> None:
-    """Train unit N+1 from the selection of round N (default: the current unit)."""
-    from loop.train import train_lora
+def train(
+    processes: Annotated[int, typer.Option("--processes", help="DDP over N processes (accelerate launch)")] = 1,
+    workspace: WorkspaceOpt = Path("."),
+    unit: UnitOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Train unit N+1 from the selection of round N (default: the current unit); resumes after a kill."""
+    from loop.train import train_unit
 
+    if processes < 1:
+        raise LoopError(f"--processes must be 1 or more, got {processes}")
+    if processes > 1:
+        argv = STATE.get("argv", sys.argv[1:])
+        args = argv[argv.index("train") + 1 :] if "train" in argv else []
+        raise typer.Exit(_launch(processes, ["train"] + _without_processes(["train", *args], "train")))
     ws, cfg = _open(workspace, overrides)
     with ws.store() as store:
         n = store.current_unit() if unit is None else unit
-        m = train_lora(ws, store, cfg, parent=n, log=_echo)
-    _echo(f"unit {n + 1} saved to {ws.rel(ws.checkpoint(n + 1))} (loss {m.get('final_loss')})")
+        m = train_unit(ws, store, cfg, parent=n, log=_echo)
+    if m:  # only the main process reports
+        _echo(f"unit {n + 1} saved to {ws.rel(ws.checkpoint(n + 1))} (loss {m.get('final_loss')})")
+
+
+@app.command("export-lora")
+def export_lora_cmd(
+    unit: Annotated[int, typer.Option("--unit", help="the unit whose adapter to export")],
+    fmt: Annotated[str, typer.Option("--format", help="kohya (A1111, ComfyUI) or diffusers")] = "kohya",
+    out: Annotated[Optional[Path], typer.Option("--out", help="file or folder (default: the unit's folder)")] = None,
+    workspace: WorkspaceOpt = Path("."),
+) -> None:
+    """Write a unit's LoRA as one .safetensors file other tools load."""
+    from loop.interop import export_lora
+    from loop.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    with ws.store() as store:
+        r = export_lora(ws, store, unit, fmt, out, log=_echo)
+    _echo(f"wrote {r['path']} ({r['format']}, {r['modules']} modules, rank {r['rank']}, alpha {r['alpha']})")
+
+
+@app.command("export")
+def export_cmd(
+    out: Annotated[Path, typer.Option("--out", help="a new (or empty) folder")],
+    which: Annotated[str, typer.Option("--set", help="golden (UR), or a tier: that tier and better")] = "golden",
+    workspace: WorkspaceOpt = Path("."),
+) -> None:
+    """Export rated images as a Hugging Face imagefolder (images + metadata.jsonl)."""
+    from loop.interop import export_set
+    from loop.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    with ws.store() as store:
+        r = export_set(ws, store, which, out, log=_echo)
+    _echo(
+        f"exported {r['count']} image(s) to {r['path']}; load with datasets.load_dataset('imagefolder', data_dir=...)"
+    )
+
+
+@app.command("import")
+def import_cmd(
+    src: Annotated[Path, typer.Argument(help="a folder (searched recursively) or one image file")],
+    tier: Annotated[Optional[str], typer.Option("--tier", help="rate every imported image this tier, e.g. UR")] = None,
+    source: Annotated[str, typer.Option("--source", help="where the images come from (kept with each)")] = "import",
+    workspace: WorkspaceOpt = Path("."),
+) -> None:
+    """Bring outside images into the workspace (golden/); unreadable files are skipped, one line each."""
+    from loop.config import TIERS
+    from loop.interop import import_images
+    from loop.workspace import Workspace
+
+    if tier is not None and tier not in TIERS:
+        raise LoopError(f"--tier {tier!r}: use one of {', '.join(TIERS)}")
+    ws = Workspace.open(workspace)
+    with ws.store() as store:
+        r = import_images(ws, store, src, tier, source, log=_echo)
+    _echo(f"imported {r['imported']}, skipped {r['skipped']} unreadable, {r['duplicates']} already here")
 
 
 @app.command()

@@ -19,7 +19,8 @@ from loop.errors import LoopError
 TIERS = ("UR", "SSR", "SR", "R", "N")  # best first
 SCHEDULERS = ("dpm++", "ddim", "euler", "euler_a", "ddpm")
 STRATEGIES = ("golden", "converge")
-METHODS = ("lora",)
+METHODS = ("lora", "custom_diffusion")
+STARTS = ("from_base", "from_parent")
 PREFERENCES = ("warm", "cool", "bright", "dark")
 
 
@@ -109,25 +110,40 @@ class SelectConfig:
 
 @dataclass
 class TrainConfig:
+    # lora: DreamBooth-style LoRA on the UNet's attention (target_modules), optionally on the text encoder too.
+    # custom_diffusion: "Multi-Concept Customization" (Kumari et al. 2023): only the cross-attention key and
+    #   value projections (attn2.to_k, attn2.to_v) learn, as a low-rank PEFT adapter, plus optionally one new
+    #   modifier token whose embedding row is the only part of the text encoder that learns.
     method: str = "lora"
     rank: int = 8
     alpha: float = 8.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # lora
+    text_encoder_lora: bool = False  # lora: also a LoRA on the text encoder's attention (q, k, v, out_proj)
+    modifier_token: str = "<new1>"  # custom_diffusion: the new token put before every caption ("" for none)
+    initializer_token: str = "shape"  # custom_diffusion: the word whose embedding the new token starts from
     steps: int = 300
     batch_size: int = 8
     lr: float = 1e-3
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off, 5 is typical
-    start: str = "from_base"  # retrain on the accumulated set from the base model
+    noise_offset: float = 0.0  # adds offset * N(0,1) per channel to the noise: lets units move overall brightness
+    prior_preservation: bool = False  # class images by the base model, generated once and cached, in every batch
+    class_images: int = 8  # prior preservation: class images per caption
+    prior_weight: float = 1.0  # prior preservation: weight of the class images' loss
+    start: str = "from_base"  # from_base: retrain on the accumulated set; from_parent: continue unit N's adapter
+    checkpoint_every: int = 100  # accelerate checkpoint every N steps, so a killed training resumes (0: never)
 
     def __post_init__(self):
         _check(self.method in METHODS, "train.method", self.method, f"use one of {', '.join(METHODS)}")
-        for key in ("rank", "steps", "batch_size"):
+        for key in ("rank", "steps", "batch_size", "class_images"):
             _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be a positive integer")
         _check(self.alpha > 0, "train.alpha", self.alpha, "must be > 0")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(self.snr_gamma >= 0, "train.snr_gamma", self.snr_gamma, "must be >= 0 (0 turns it off)")
+        _check(self.noise_offset >= 0, "train.noise_offset", self.noise_offset, "must be >= 0 (0 turns it off)")
+        _check(self.prior_weight >= 0, "train.prior_weight", self.prior_weight, "must be >= 0")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "must be >= 0")
         _check(
             len(self.target_modules) > 0, "train.target_modules", list(self.target_modules), "name at least one module"
         )
@@ -137,7 +153,14 @@ class TrainConfig:
             self.mixed_precision,
             "use no, fp16 or bf16",
         )
-        _check(self.start == "from_base", "train.start", self.start, "only from_base is supported so far")
+        _check(self.start in STARTS, "train.start", self.start, f"use one of {', '.join(STARTS)}")
+        _check(
+            not self.modifier_token
+            or (self.modifier_token.strip() == self.modifier_token and " " not in self.modifier_token),
+            "train.modifier_token",
+            self.modifier_token,
+            "one word without spaces, like <new1>, or empty for none",
+        )
 
 
 @dataclass

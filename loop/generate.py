@@ -38,7 +38,7 @@ from tqdm import tqdm
 from loop.config import GenerateConfig, LoopConfig
 from loop.errors import LoopError
 from loop.images import png_bytes
-from loop.models import load_unit, set_scheduler
+from loop.models import load_unit, set_scheduler, unit_trigger
 from loop.prompts import LINE_OPTIONS, PromptLine, Ring, parse_line, read_prompts  # noqa: F401 (re-exported)
 from loop.store import IMAGE_COLUMNS, Store
 from loop.workspace import Workspace, atomic_write, sha256_bytes
@@ -177,6 +177,8 @@ class Renderer:
         self.round = unit if round is None else round
         self.stop = stop if stop is not None else StopFlag()
         self.pipe = load_unit(cfg.model, ws.checkpoint(unit), unit)
+        # a Custom Diffusion unit's modifier token goes before every prompt (the row keeps the file's prompt)
+        self.trigger = unit_trigger(ws.checkpoint(unit)) if unit > 0 else ""
         set_scheduler(self.pipe, cfg.generate.scheduler)
         tune_for_speed(self.pipe, cfg.generate)
         self.native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
@@ -191,7 +193,7 @@ class Renderer:
     def render(self, batch: list[Job], parent_images: list[Image.Image] | None = None) -> list[Image.Image]:
         b0 = batch[0]
         args = dict(
-            prompt=[j.prompt for j in batch],
+            prompt=[f"{self.trigger} {j.prompt}" if self.trigger else j.prompt for j in batch],
             negative_prompt=[j.negative for j in batch] if b0.negative else None,
             num_inference_steps=b0.steps,
             guidance_scale=b0.cfg,
@@ -230,6 +232,8 @@ class Renderer:
             strategy=self.cfg.select.strategy,
             exploration=False,
         )
+        if self.trigger:
+            meta["trigger"] = self.trigger
         if self.share[1] > 1:
             meta["process"] = f"{self.share[0]}/{self.share[1]}"  # which of the launched processes made it
         meta.update(extra)

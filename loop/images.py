@@ -19,7 +19,8 @@ SAMPLER_NAMES = {"dpm++": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "euler_a
 
 def a1111_parameters(meta: dict) -> str:
     """The `parameters` text A1111 writes: prompt, negative prompt, then one line of settings."""
-    lines = [meta.get("prompt", "")]
+    prompt = meta.get("prompt", "")
+    lines = [f"{meta['trigger']} {prompt}" if meta.get("trigger") else prompt]  # the text the model was given
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     settings = [

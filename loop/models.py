@@ -83,5 +83,25 @@ def load_unit(cfg: ModelConfig, checkpoints: Path | None, unit: int):
         folder = Path(checkpoints)
         if not (folder / "pytorch_lora_weights.safetensors").exists():
             raise LoopError(f"unit {unit} has no weights at {folder}; train it with `loop run --round {unit - 1}`")
-        pipe.load_lora_weights(str(folder))
+        try:
+            pipe.load_lora_weights(str(folder))
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise LoopError(
+                f"unit {unit}'s adapter at {folder} does not fit model.base={cfg.base!r} "
+                f"({str(e).splitlines()[0][:160]}); was it trained on another base model?"
+            ) from e
+        token = unit_trigger(folder)
+        if token:  # Custom Diffusion's modifier token: its learned embedding row
+            pipe.load_textual_inversion(str(folder), weight_name="learned_embeds.safetensors", token=token)
     return pipe
+
+
+def unit_trigger(folder: Path | None) -> str:
+    """The modifier token a unit was trained with ("" for none); the generator puts it before every prompt."""
+    if folder is None or not (Path(folder) / "learned_embeds.safetensors").exists():
+        return ""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / "learned_embeds.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    return keys[0] if len(keys) == 1 else ""

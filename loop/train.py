@@ -1,13 +1,32 @@
-"""Training: a DreamBooth-style PEFT LoRA on the UNet, from the selected images and their prompts.
+"""Training a unit: DreamBooth-style LoRA or Custom Diffusion, through PEFT and accelerate.
 
-    loop train [--unit N]          trains unit N+1 from checkpoints/unit_{N+1}/selection.json
-    loop run --round               (the train phase)
+    loop train [--unit N]           trains unit N+1 from checkpoints/unit_{N+1}/selection.json
+    loop train --processes 2        the same with DDP (accelerate launch; gloo on CPU)
+    loop run --round                (the train phase)
 
-Each image is encoded once: latents (keyed by image hash, VAE identity and resolution) and text
-embeddings (keyed by caption and text-encoder identity) live under cache/ and are reused by later rounds.
-Non-square images are resized on their shorter side and centre-cropped. The adapter is saved in the
-diffusers format (`pytorch_lora_weights.safetensors`, loads with `pipe.load_lora_weights(folder)`), next to
-manifest.json, which traces the unit back to the exact images, and the resolved config.yaml.
+Methods (`train.method`):
+- lora: a LoRA on the UNet's attention projections (`train.target_modules`), optionally on the text encoder
+  (`train.text_encoder_lora`).
+- custom_diffusion: as in "Multi-Concept Customization of Text-to-Image Diffusion" (Kumari et al., 2023), only
+  the cross-attention key and value projections (attn2.to_k, attn2.to_v) learn, plus optionally one new
+  modifier token (`train.modifier_token`, initialised from `train.initializer_token`) whose embedding row is
+  the only part of the text encoder that learns. We use the paper's low-rank variant (a PEFT LoRA on to_k and
+  to_v) rather than full K/V: it is saved in the ordinary diffusers LoRA format, so it loads with
+  `load_lora_weights` everywhere, and it avoids diffusers' Custom Diffusion attention processors, which
+  silently fail to load their weights when peft is installed (diffusers issues #7261 and #9320). The token's
+  embedding is saved as learned_embeds.safetensors, the textual-inversion format `load_textual_inversion` reads.
+
+Both: min-SNR-gamma weighting, noise offset, optional prior preservation (class images made once by the base
+model and cached). `train.start`: from_base (default: a new adapter on the accumulated set, which keeps drift
+in check) or from_parent (continue unit N's adapter).
+
+Cache: latents keyed by image hash, VAE identity and resolution; text embeddings keyed by caption and
+text-encoder identity (when the text encoder is frozen). A round encodes only images it hasn't seen.
+Non-square images are resized on their shorter side and centre-cropped (documented crop policy).
+
+Resume: an accelerate checkpoint (adapter, optimizer, scheduler, RNG) every `train.checkpoint_every` steps in
+checkpoints/unit_NNN/.training/; after a kill, training the same selection with the same settings resumes
+from the last one. Weights are written before manifest.json, which marks the unit done.
 """
 
 from __future__ import annotations
@@ -18,6 +37,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +54,9 @@ from loop.store import Store
 from loop.workspace import TMP_MARK, Workspace, atomic_write, unit_name
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
+EMBEDS = "learned_embeds.safetensors"
+CD_TARGETS = ["attn2.to_k", "attn2.to_v"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def _identity(model, base: str) -> str:
@@ -65,17 +88,20 @@ def load_square(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
+def _token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+
+
 @torch.no_grad()
-def encode_cached(ws: Workspace, pipe, items: list[dict], size: int, base: str, log=print):
-    """Latents and text embeddings for every item, computing only what the cache lacks."""
-    vae_id, te_id = _identity(pipe.vae, base), _identity(pipe.text_encoder, base)
-    lat_dir, txt_dir = ws.cache("latents"), ws.cache("text")
-    latents, embeds, hits, misses = [], [], 0, 0
-    seen_captions: dict[Path, torch.Tensor] = {}
+def encode_latents(ws: Workspace, pipe, items: list[dict], size: int, base: str, log=print):
+    """Latents for every readable item, computing only what the cache lacks; returns (latents, kept, stats)."""
+    vae_id = _identity(pipe.vae, base)
+    lat_dir = ws.cache("latents")
+    latents, kept, hits, misses = [], [], 0, 0
     for it in items:
         lat_path = lat_dir / f"{it['sha256']}-{vae_id}-{size}.safetensors"
-        cap_key = hashlib.sha256(it["caption"].encode()).hexdigest()[:24]
-        txt_path = txt_dir / f"{cap_key}-{te_id}.safetensors"
         if lat_path.exists():
             lat = load_file(lat_path)["latent"]
             hits += 1
@@ -88,128 +114,170 @@ def encode_cached(ws: Workspace, pipe, items: list[dict], size: int, base: str, 
             lat = (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor)[0].float().cpu()
             atomic_write(lat_path, _st_bytes({"latent": lat.contiguous()}))
             misses += 1
-        if txt_path in seen_captions:  # many images share a prompt: read or encode each caption once
-            emb = seen_captions[txt_path]
-        elif txt_path.exists():
-            emb = load_file(txt_path)["embedding"]
-        else:
-            ids = pipe.tokenizer(
-                it["caption"],
-                padding="max_length",
-                truncation=True,
-                max_length=pipe.tokenizer.model_max_length,
-                return_tensors="pt",
-            ).input_ids
-            emb = pipe.text_encoder(ids.to(pipe.device))[0][0].float().cpu()
-            atomic_write(txt_path, _st_bytes({"embedding": emb.contiguous()}))
-        seen_captions[txt_path] = emb
         latents.append(lat)
-        embeds.append(emb)
-    log(f"encode cache: {hits} hit(s), {misses} miss(es)")
+        kept.append(it)
+    return latents, kept, {"cache_hits": hits, "cache_misses": misses}
+
+
+@torch.no_grad()
+def encode_texts(ws: Workspace, pipe, captions: list[str], base: str) -> torch.Tensor:
+    """Frozen-text-encoder embeddings, one per caption, each distinct caption read or encoded once."""
+    te_id = _identity(pipe.text_encoder, base)
+    txt_dir = ws.cache("text")
+    seen: dict[str, torch.Tensor] = {}
+    out = []
+    for cap in captions:
+        if cap not in seen:
+            path = txt_dir / f"{hashlib.sha256(cap.encode()).hexdigest()[:24]}-{te_id}.safetensors"
+            if path.exists():
+                seen[cap] = load_file(path)["embedding"]
+            else:
+                seen[cap] = pipe.text_encoder(_token_ids(pipe.tokenizer, [cap]).to(pipe.device))[0][0].float().cpu()
+                atomic_write(path, _st_bytes({"embedding": seen[cap].contiguous()}))
+        out.append(seen[cap])
+    return torch.stack(out)
+
+
+def encode_cached(ws: Workspace, pipe, items: list[dict], size: int, base: str, log=print):
+    """Latents and text embeddings for every item (cached); kept for the benchmarks and older callers."""
+    latents, kept, stats = encode_latents(ws, pipe, items, size, base, log)
+    log(f"encode cache: {stats['cache_hits']} hit(s), {stats['cache_misses']} miss(es)")
     if not latents:
         raise LoopError("none of the selected images could be read; check the files listed above")
-    return torch.stack(latents), torch.stack(embeds), {"cache_hits": hits, "cache_misses": misses}
+    return torch.stack(latents), encode_texts(ws, pipe, [it["caption"] for it in kept], base), stats
 
 
-def _st_bytes(tensors: dict) -> bytes:
+def _st_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
     from safetensors.torch import save
 
-    return save(tensors)
+    return save(tensors, metadata=metadata)
 
 
-def train_lora(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=print) -> dict:
-    """Train unit parent+1 from its selection.json; writes weights, manifest.json and config.yaml."""
-    from accelerate import Accelerator
-    from diffusers import DDPMScheduler
+@dataclass
+class TrainData:
+    """What one step samples from: cached latents, and either cached text embeddings or token ids (when the
+    text encoder learns). Items with prior=True are class images for prior preservation."""
 
-    tc = cfg.train
-    unit = parent + 1
-    out = ws.checkpoint(unit)
-    sel_path = out / "selection.json"
-    if not sel_path.exists():
-        raise LoopError(f"no selection for unit {unit} at {ws.rel(sel_path)}; run `loop run --round {parent}` first")
-    selection = json.loads(sel_path.read_text())["images"]
-    t0 = time.time()
-
-    # 1. the base model in fp32 (accelerate handles mixed precision); everything frozen
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=pick_device(cfg.model).type == "cpu")
-    pipe = load_base(cfg.model, device=accelerator.device, dtype=torch.float32)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    for m in (pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)
-
-    # 2. encode each selected image once (cached across rounds)
-    latents, embeds, cache_stats = encode_cached(ws, pipe, selection, size, cfg.model.base, log)
-
-    # 3. the LoRA adapter, through PEFT, and the loop: sample cached latents, noise them, predict the noise
-    unet = add_lora(pipe.unet, tc)
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet, ema = fit(unet, latents, embeds, noise_sched, tc, accelerator, desc=f"train {unit_name(unit)}")
-
-    # 5. save: weights (diffusers format), then config.yaml, then manifest.json last (it marks the unit done)
-    manifest = {}
-    if accelerator.is_main_process:
-        save_lora(unet, out)
-        atomic_write(out / "config.yaml", to_yaml(cfg))
-        manifest = {
-            "unit": unit,
-            "parent": parent,
-            "base_model": cfg.model.base,
-            "method": tc.method,
-            "start": tc.start,
-            "strategy": cfg.select.strategy,
-            "images": [{k: it[k] for k in ("id", "sha256", "caption", "tier")} for it in selection],
-            "config": json.loads(json.dumps(_plain(cfg))),
-            "steps": tc.steps,
-            "final_loss": round(ema, 6),
-            "duration_s": round(time.time() - t0, 2),
-            **cache_stats,
-        }
-        atomic_write(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
-        store.add_unit(
-            unit,
-            parent=parent,
-            path=ws.rel(out),
-            base=cfg.model.base,
-            method=tc.method,
-            strategy=cfg.select.strategy,
-            manifest={k: v for k, v in manifest.items() if k != "images"},
-        )
-    return manifest
+    latents: torch.Tensor
+    embeds: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    prior: torch.Tensor | None = None  # bool per item
 
 
-def save_lora(unet, folder: Path) -> Path:
-    """Write the UNet's adapter as folder/pytorch_lora_weights.safetensors (diffusers format), atomically."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.training_utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+# -- class images (prior preservation) ---------------------------------------------------------------------
+@torch.no_grad()
+def class_images(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig, log=print) -> list[dict]:
+    """`n` base-model images per prompt, made once and cached under cache/class/ (keyed by base identity)."""
+    folder = ws.cache("class", _identity(pipe.unet, cfg.model.base))
+    items, todo = [], []
+    for prompt in sorted(set(prompts)):
+        key = hashlib.sha256(prompt.encode()).hexdigest()[:16]
+        for seed in range(n):
+            path = folder / f"{key}-{seed}.png"
+            (items if path.exists() else todo).append((prompt, seed, path))
+    if todo:
+        log(f"prior preservation: making {len(todo)} class image(s) with the base model (once; cached)")
+    for prompt, seed, path in todo:
+        image = pipe(
+            prompt,
+            num_inference_steps=cfg.generate.steps,
+            guidance_scale=cfg.generate.cfg,
+            generator=torch.Generator(pipe.device).manual_seed(seed),
+        ).images[0]
+        import io
 
-    folder = Path(folder)
-    tmp = folder / f".save{TMP_MARK}{os.getpid()}-{time.time_ns()}"
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(
-        tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()
-    )
-    (tmp / WEIGHTS).replace(folder / WEIGHTS)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return folder / WEIGHTS
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        atomic_write(path, buf.getvalue())
+    out = []
+    for prompt, _seed, path in sorted(items + todo, key=lambda x: (x[0], x[1])):
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        out.append({"id": None, "sha256": sha, "path": ws.rel(path), "caption": prompt, "prior": True})
+    return out
 
 
-def add_lora(unet, tc):
-    """Freeze the UNet and attach a PEFT LoRA adapter to tc.target_modules."""
+# -- adapters ----------------------------------------------------------------------------------------------
+def add_lora(unet, tc, targets: list[str] | None = None):
+    """Freeze the UNet and attach a PEFT LoRA adapter to `targets` (default tc.target_modules)."""
     from peft import LoraConfig
 
+    targets = list(targets or tc.target_modules)
     unet.requires_grad_(False)
-    lora = LoraConfig(
-        r=tc.rank, lora_alpha=tc.alpha, init_lora_weights="gaussian", target_modules=list(tc.target_modules)
-    )
+    lora = LoraConfig(r=tc.rank, lora_alpha=tc.alpha, init_lora_weights="gaussian", target_modules=targets)
     try:
         unet.add_adapter(lora)
     except ValueError as e:
-        raise LoopError(f"train.target_modules={list(tc.target_modules)} matched nothing in the UNet: {e}") from e
+        raise LoopError(f"train.target_modules={targets} matched nothing in the UNet: {e}") from e
     return unet
 
 
+def add_text_lora(text_encoder, tc):
+    from peft import LoraConfig
+
+    text_encoder.requires_grad_(False)
+    text_encoder.add_adapter(
+        LoraConfig(r=tc.rank, lora_alpha=tc.alpha, init_lora_weights="gaussian", target_modules=TE_TARGETS)
+    )
+    return text_encoder
+
+
+def add_modifier_token(tokenizer, text_encoder, token: str, initializer: str) -> int:
+    """Add `token` to the tokenizer; its embedding row starts as the initializer word's (mean over its pieces).
+    Returns the new row's index."""
+    if token in tokenizer.get_vocab():
+        raise LoopError(f"train.modifier_token={token!r} is already a word of the tokenizer; pick a new one")
+    init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
+    if not init_ids:
+        raise LoopError(f"train.initializer_token={initializer!r} gives no tokens; give an ordinary word")
+    tokenizer.add_tokens([token])
+    new_id = tokenizer.convert_tokens_to_ids(token)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[new_id] = table[init_ids].mean(dim=0)
+    return new_id
+
+
+def load_parent_adapter(pipe, folder: Path, tc) -> None:
+    """from_parent: copy unit N's adapter weights into the freshly attached adapter(s) of the same shape."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    if not (folder / WEIGHTS).exists():
+        raise LoopError(f"train.start=from_parent needs the parent's weights at {folder / WEIGHTS}")
+    sd, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
+    unet_sd = convert_unet_state_dict_to_peft({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
+    try:
+        out = set_peft_model_state_dict(pipe.unet, unet_sd, adapter_name="default")
+    except RuntimeError as e:  # shapes differ: another rank
+        raise LoopError(
+            f"the parent adapter at {folder} does not match this one ({str(e).splitlines()[1].strip()[:120]}): "
+            "train.method, rank and target_modules must be the parent's for from_parent"
+        ) from e
+    missing = [k for k in getattr(out, "missing_keys", []) if "lora_" in k]
+    unexpected = list(getattr(out, "unexpected_keys", []))
+    if missing or unexpected:
+        raise LoopError(
+            f"the parent adapter at {folder} does not match this one ({len(missing)} missing, {len(unexpected)} "
+            "unexpected weights): train.method, rank and target_modules must be the parent's for from_parent"
+        )
+    te_sd = {k[13:]: v for k, v in sd.items() if k.startswith("text_encoder.")}
+    if te_sd and getattr(pipe.text_encoder, "peft_config", None):
+        set_peft_model_state_dict(pipe.text_encoder, convert_unet_state_dict_to_peft(te_sd), adapter_name="default")
+
+
+def _trainable(*modules) -> dict[str, torch.Tensor]:
+    return {
+        f"{i}.{n}": p.detach().cpu().clone()
+        for i, m in enumerate(modules)
+        if m is not None
+        for n, p in m.named_parameters()
+        if p.requires_grad
+    }
+
+
+# -- the loop ----------------------------------------------------------------------------------------------
 def snr_weights(noise_sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """min-SNR-gamma weights for the epsilon loss: min(SNR, gamma) / SNR; all ones when gamma is 0.
 
@@ -224,40 +292,343 @@ def snr_weights(noise_sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return (torch.clamp(snr, max=gamma) / snr).to(t.device)
 
 
-def fit(unet, latents, embeds, noise_sched, tc, accelerator, desc: str = "train"):
-    """tc.steps optimizer steps of the epsilon-prediction loss on cached latents; returns (unet, smoothed loss)."""
-    params = [p for p in unet.parameters() if p.requires_grad]
+class Checkpoints:
+    """accelerate checkpoints in `folder`, tied to a fingerprint of the selection and the settings."""
+
+    def __init__(self, folder: Path | None, fingerprint: str, accelerator, modules: list, log=print):
+        self.folder, self.fingerprint, self.acc, self.modules, self.log = (
+            folder,
+            fingerprint,
+            accelerator,
+            modules,
+            log,
+        )
+        if folder is None:
+            return
+
+        # only the trainable tensors go into a checkpoint, not the whole frozen model (as diffusers' scripts do)
+        def save_hook(models, weights, output_dir):
+            while weights:
+                weights.pop()
+            torch.save(_trainable(*self.modules), Path(output_dir) / "trainable.pt")
+
+        def load_hook(models, input_dir):
+            while models:
+                models.pop()
+            saved = torch.load(Path(input_dir) / "trainable.pt", weights_only=True)
+            params = {
+                f"{i}.{n}": p
+                for i, m in enumerate(self.modules)
+                if m is not None
+                for n, p in m.named_parameters()
+                if p.requires_grad
+            }
+            with torch.no_grad():
+                for k, v in saved.items():
+                    params[k].copy_(v)
+
+        accelerator.register_save_state_pre_hook(save_hook)
+        accelerator.register_load_state_pre_hook(load_hook)
+
+    def latest(self) -> tuple[Path, dict] | None:
+        if self.folder is None or not self.folder.exists():
+            return None
+        found = []
+        for d in self.folder.glob("step_*"):
+            info = d / "loop.json"
+            if info.exists():
+                meta = json.loads(info.read_text())
+                if meta.get("fingerprint") == self.fingerprint:
+                    found.append((meta["step"], d, meta))
+        if not found:
+            return None
+        step, d, meta = max(found, key=lambda x: x[0])
+        return d, meta
+
+    def save(self, step: int, gen: torch.Generator, ema: float) -> None:
+        """Write step_NNNNNN via a temporary folder renamed into place (all processes call this)."""
+        final = self.folder / f"step_{step:06d}"
+        tmp = self.folder / f".step_{step:06d}{TMP_MARK}{os.getpid()}-0"
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        torch.save(gen.get_state(), tmp / f"gen_{self.acc.process_index}.pt")
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            atomic_write(tmp / "loop.json", json.dumps({"fingerprint": self.fingerprint, "step": step, "ema": ema}))
+            tmp.replace(final)
+            for old in self.folder.glob("step_*"):  # keep the newest only
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def load(self, where: Path, gen: torch.Generator) -> None:
+        self.acc.load_state(str(where))
+        gen_path = where / f"gen_{self.acc.process_index}.pt"
+        if gen_path.exists():
+            gen.set_state(torch.load(gen_path, weights_only=True))
+
+    def clear(self) -> None:
+        if self.folder is not None and self.acc.is_main_process:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def fit(
+    unet,
+    data: TrainData,
+    noise_sched,
+    tc,
+    accelerator,
+    desc: str = "train",
+    text_encoder=None,
+    keep_rows: tuple[torch.Tensor, int] | None = None,
+    checkpoints: Checkpoints | None = None,
+    stop_after: int | None = None,
+):
+    """tc.steps optimizer steps of the epsilon-prediction loss; returns (unet, text_encoder, smoothed loss).
+
+    `text_encoder` is given when it learns (a LoRA or a modifier token): captions are then encoded every step
+    from `data.ids`. `keep_rows` = (original embedding table, new row): every other row is restored after each
+    step, so only the new token's embedding learns (AdamW's weight decay would otherwise move them too).
+    """
+    te_learns = text_encoder is not None
+    modules = [unet] + ([text_encoder] if te_learns else [])
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, tc.steps // 20)))
-    unet, opt, sched = accelerator.prepare(unet, opt, sched)
-    gen = torch.Generator().manual_seed(tc.seed)
+    if te_learns:
+        unet, text_encoder, opt, sched = accelerator.prepare(unet, text_encoder, opt, sched)
+    else:
+        unet, opt, sched = accelerator.prepare(unet, opt, sched)
+    gen = torch.Generator().manual_seed(tc.seed + accelerator.process_index)  # each process its own batches
+    start, ema = 0, float("nan")
+    if checkpoints is not None:
+        found = checkpoints.latest()
+        if found:
+            where, meta = found
+            checkpoints.load(where, gen)
+            start, ema = meta["step"], meta["ema"]
+            checkpoints.log(f"resuming training from step {start} of {tc.steps} ({where.name})")
     unet.train()
-    bar = tqdm(range(tc.steps), desc=desc, disable=not accelerator.is_main_process)
-    ema = float("nan")
-    bs = min(tc.batch_size, len(latents))
+    dev = accelerator.device
+    inst = torch.arange(len(data.latents)) if data.prior is None else torch.nonzero(~data.prior).flatten()
+    prior = None if data.prior is None else torch.nonzero(data.prior).flatten()
+    bs = min(tc.batch_size, len(inst))
+    bar = tqdm(
+        range(start, tc.steps), desc=desc, disable=not accelerator.is_main_process, initial=start, total=tc.steps
+    )
     for step in bar:
-        idx = torch.randint(0, len(latents), (bs,), generator=gen)
-        x0 = latents[idx].to(accelerator.device)
-        cond = embeds[idx].to(accelerator.device)
-        noise = torch.randn(x0.shape, generator=gen).to(accelerator.device)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (bs,), generator=gen).to(accelerator.device)
+        idx = inst[torch.randint(0, len(inst), (bs,), generator=gen)]
+        if prior is not None and len(prior):
+            idx = torch.cat([idx, prior[torch.randint(0, len(prior), (bs,), generator=gen)]])
+        x0 = data.latents[idx].to(dev)
+        noise = torch.randn(x0.shape, generator=gen)
+        if tc.noise_offset:
+            noise = noise + tc.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
+        noise = noise.to(dev)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(dev)
         with accelerator.autocast():
+            cond = text_encoder(data.ids[idx].to(dev))[0] if te_learns else data.embeds[idx].to(dev)
             pred = unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         per_item = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_item * snr_weights(noise_sched, t, tc.snr_gamma)).mean()
+        per_item = per_item * snr_weights(noise_sched, t, tc.snr_gamma)
+        if prior is not None and len(prior):
+            loss = per_item[:bs].mean() + tc.prior_weight * per_item[bs:].mean()
+        else:
+            loss = per_item.mean()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        ema = loss.item() if step == 0 else 0.95 * ema + 0.05 * loss.item()
+        if keep_rows is not None:
+            original, row = keep_rows
+            table = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight
+            with torch.no_grad():
+                mask = torch.ones(len(original), dtype=torch.bool)
+                mask[row] = False
+                table[mask] = original[mask].to(table.device)
+        ema = loss.item() if step == 0 or not math.isfinite(ema) else 0.95 * ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{ema:.4f}")
+        done = step + 1
+        if checkpoints is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
+            checkpoints.save(done, gen, ema)
+        if stop_after is not None and done >= stop_after:  # tests: end "mid-training" at a known step
+            break
     if not math.isfinite(ema):
         raise LoopError(f"training diverged (loss {ema}); lower train.lr (now {tc.lr})")
     accelerator.wait_for_everyone()
     unet = accelerator.unwrap_model(unet)
     unet.eval()
-    return unet, ema
+    if te_learns:
+        text_encoder = accelerator.unwrap_model(text_encoder)
+        text_encoder.eval()
+    return unet, text_encoder, ema
+
+
+# -- a whole unit ------------------------------------------------------------------------------------------
+def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=print, stop_after=None) -> dict:
+    """Train unit parent+1 from its selection.json; writes the adapter, manifest.json and config.yaml."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    tc = cfg.train
+    unit = parent + 1
+    out = ws.checkpoint(unit)
+    sel_path = out / "selection.json"
+    if not sel_path.exists():
+        raise LoopError(f"no selection for unit {unit} at {ws.rel(sel_path)}; run `loop run --round {parent}` first")
+    selection = json.loads(sel_path.read_text())["images"]
+    if not selection:
+        raise LoopError(f"the selection for unit {unit} is empty; rate some images higher, then select again")
+    t0 = time.time()
+
+    # 1. the base model in fp32 (accelerate handles mixed precision); everything frozen
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=pick_device(cfg.model).type == "cpu")
+    pipe = load_base(cfg.model, device=accelerator.device, dtype=torch.float32)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
+        m.requires_grad_(False)
+    cd = tc.method == "custom_diffusion"
+    token = tc.modifier_token if cd else ""
+    te_lora = tc.method == "lora" and tc.text_encoder_lora
+
+    # 2. class images (made by the base model, before any adapter is attached), then the latents (cached)
+    items = [dict(it, prior=False) for it in selection]
+    if tc.prior_preservation:
+        items += class_images(ws, pipe, [it["caption"] for it in selection], tc.class_images, cfg, log)
+    lat, items, cache_stats = encode_latents(ws, pipe, items, size, cfg.model.base, log)
+    log(f"encode cache: {cache_stats['cache_hits']} hit(s), {cache_stats['cache_misses']} miss(es)")
+    if not any(not it["prior"] for it in items):
+        raise LoopError("none of the selected images could be read; check the files listed above")
+    captions = [f"{token} {it['caption']}".strip() if token and not it["prior"] else it["caption"] for it in items]
+    data = TrainData(latents=torch.stack(lat), prior=torch.tensor([it["prior"] for it in items]))
+
+    # 3. adapters: what learns depends on the method; their random init is seeded, so a unit is reproducible
+    with torch.random.fork_rng():
+        torch.manual_seed(tc.seed)
+        unet, text_encoder, keep_rows, new_row = _attach(pipe, tc, cd, token, te_lora)
+    if text_encoder is not None:
+        data.ids = _token_ids(pipe.tokenizer, captions)
+    else:
+        data.embeds = encode_texts(ws, pipe, captions, cfg.model.base)
+    if tc.start == "from_parent" and parent > 0:
+        load_parent_adapter(pipe, ws.checkpoint(parent), tc)
+        if token and (ws.checkpoint(parent) / EMBEDS).exists():
+            saved = load_file(ws.checkpoint(parent) / EMBEDS)
+            if token in saved:
+                with torch.no_grad():
+                    pipe.text_encoder.get_input_embeddings().weight[new_row] = saved[token][0]
+                keep_rows = (pipe.text_encoder.get_input_embeddings().weight.detach().clone().cpu(), new_row)
+
+    # 4. the loop, with resumable checkpoints tied to this exact selection and these settings
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {"images": [it["sha256"] for it in items], "train": _plain(cfg)["train"], "base": cfg.model.base},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    ckpt = Checkpoints(out / ".training", fingerprint, accelerator, [unet, text_encoder], log)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet, text_encoder, ema = fit(
+        unet,
+        data,
+        noise_sched,
+        tc,
+        accelerator,
+        desc=f"train {unit_name(unit)}",
+        text_encoder=text_encoder,
+        keep_rows=keep_rows,
+        checkpoints=ckpt,
+        stop_after=stop_after,
+    )
+    if stop_after is not None and stop_after < tc.steps:
+        return {"stopped_at": stop_after}
+
+    # 5. save: weights (diffusers format), then config.yaml, then manifest.json last (it marks the unit done)
+    manifest = {}
+    if accelerator.is_main_process:
+        save_lora(unet, out, text_encoder if te_lora else None)
+        if token:
+            emb = text_encoder.get_input_embeddings().weight[new_row : new_row + 1].detach().float().cpu()
+            atomic_write(out / EMBEDS, _st_bytes({token: emb.contiguous()}))
+        else:
+            (out / EMBEDS).unlink(missing_ok=True)
+        atomic_write(out / "config.yaml", to_yaml(cfg))
+        manifest = {
+            "unit": unit,
+            "parent": parent,
+            "base_model": cfg.model.base,
+            "method": tc.method,
+            "start": tc.start,
+            "strategy": cfg.select.strategy,
+            "modifier_token": token or None,
+            "text_encoder_lora": te_lora,
+            "images": [{k: it.get(k) for k in ("id", "sha256", "caption", "tier")} for it in selection],
+            "class_images": sum(it["prior"] for it in items),
+            "config": json.loads(json.dumps(_plain(cfg))),
+            "steps": tc.steps,
+            "processes": accelerator.num_processes,
+            "final_loss": round(ema, 6),
+            "duration_s": round(time.time() - t0, 2),
+            **cache_stats,
+        }
+        atomic_write(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
+        store.add_unit(
+            unit,
+            parent=parent,
+            path=ws.rel(out),
+            base=cfg.model.base,
+            method=tc.method,
+            strategy=cfg.select.strategy,
+            manifest={k: v for k, v in manifest.items() if k != "images"},
+        )
+        ckpt.clear()
+    accelerator.wait_for_everyone()
+    return manifest
+
+
+def _attach(pipe, tc, cd: bool, token: str, te_lora: bool):
+    """The method's adapters: returns (unet, learning text encoder or None, rows to keep, new token row)."""
+    keep_rows, text_encoder, new_row = None, None, None
+    if token:
+        new_row = add_modifier_token(pipe.tokenizer, pipe.text_encoder, token, tc.initializer_token)
+        table = pipe.text_encoder.get_input_embeddings().weight
+        table.requires_grad_(True)
+        keep_rows = (table.detach().clone().cpu(), new_row)
+        text_encoder = pipe.text_encoder
+    if te_lora:
+        text_encoder = add_text_lora(pipe.text_encoder, tc)
+    unet = add_lora(pipe.unet, tc, CD_TARGETS if cd else None)
+    return unet, text_encoder, keep_rows, new_row
+
+
+train_lora = train_unit  # the name the round and older callers use
+
+
+def save_lora(unet, folder: Path, text_encoder=None) -> Path:
+    """Write the adapter(s) as folder/pytorch_lora_weights.safetensors (diffusers format), atomically."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".save{TMP_MARK}{os.getpid()}-{time.time_ns()}"
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    extra = {}
+    if text_encoder is not None:
+        extra = dict(
+            text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)),
+            text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict(),
+        )
+    StableDiffusionPipeline.save_lora_weights(
+        tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), **extra
+    )
+    (tmp / WEIGHTS).replace(folder / WEIGHTS)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder / WEIGHTS
 
 
 def _plain(cfg: LoopConfig) -> dict:

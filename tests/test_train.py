@@ -5,7 +5,7 @@ from diffusers import DDPMScheduler
 
 from loop.config import ModelConfig, load_config
 from loop.models import load_base
-from loop.train import add_lora, fit, save_lora
+from loop.train import TrainData, add_lora, fit, save_lora
 
 
 def _fake_data(pipe, n=4):
@@ -29,9 +29,8 @@ def test_only_adapter_weights_change_and_adapter_changes_output(tmp_path):
     unet = add_lora(pipe.unet, tc)
     snapshot = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     latents, embeds = _fake_data(pipe)
-    unet, loss = fit(
-        unet, latents, embeds, DDPMScheduler.from_config(pipe.scheduler.config), tc, Accelerator(cpu=True)
-    )
+    data = TrainData(latents=latents, embeds=embeds)
+    unet, _, loss = fit(unet, data, DDPMScheduler.from_config(pipe.scheduler.config), tc, Accelerator(cpu=True))
     assert np.isfinite(loss)
     after = unet.state_dict()
     changed = {k for k in snapshot if not torch.equal(snapshot[k], after[k])}

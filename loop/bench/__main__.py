@@ -1,6 +1,7 @@
 """python -m loop.bench round [--images 64] [--rounds 2]
 python -m loop.bench rate [--images 10000] [--ratings 200]
 python -m loop.bench generate [--images 64] [--steps 20] [--batch 16]
+python -m loop.bench train [--images 32] [--steps 40] [--batch 8]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
 short strings) and rewrites its own section of docs/benchmarks.md.
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--batch", type=int, default=16)
     r.add_argument("--reps", type=int, default=2, help="alternating runs of each side; the best is kept")
     r.add_argument("--out", default="docs")
+    r = sub.add_parser("train", help="our trainer (cached encodings) against re-encoding every step")
+    r.add_argument("--images", type=int, default=32)
+    r.add_argument("--steps", type=int, default=40)
+    r.add_argument("--batch", type=int, default=8)
+    r.add_argument("--out", default="docs")
     r = sub.add_parser("sd15-check", help="build the SD1.5-shaped random pipeline and run it once (any device)")
     r.add_argument("--size", type=int, default=64)
     args = ap.parse_args(argv)
@@ -47,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
-    if args.name == "generate":
+    if args.name == "train":
+        from loop.bench.train import bench_train
+
+        bench_train(images=args.images, steps=args.steps, batch=args.batch, out=args.out)
+    elif args.name == "generate":
         from loop.bench.generate import bench_generate
 
         bench_generate(images=args.images, steps=args.steps, batch=args.batch, reps=args.reps, out=args.out)

@@ -1,0 +1,194 @@
+"""`python -m loop.bench train`: our trainer against a reference loop that re-encodes every step.
+
+ours       `fit` on latents and text embeddings encoded once and cached (what `loop train` does)
+reference  what diffusers' train_dreambooth_lora.py does each step: read the batch's images, VAE-encode them
+           (sampling the latent distribution), tokenize and text-encode the captions, then the same UNet step
+
+Same tiny model, images, batch, steps, seed and LoRA. Both sides are timed after one warm-up step; the
+reference is run first and ours second, then both again, and the better of each is kept.
+
+It also times the preprocessing of a second round in which half the images are new: with the cache of the
+first round (only the new half is encoded) and with an empty cache (everything is encoded).
+
+On a machine with CUDA it reports LoRA training images/s on the SD1.5-shaped random-weight pipeline at
+512x512, bf16, batch 4.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from loop.bench.report import table, write
+from loop.config import load_config
+from loop.generate import generate_ring
+from loop.models import load_base
+from loop.train import TrainData, _token_ids, add_lora, encode_latents, encode_texts, fit, load_square
+from loop.workspace import Workspace
+
+PROMPTS = ["a circle", "a square", "a triangle", "a ring"]
+
+
+def _items(ws: Workspace, unit: int | None = None) -> list[dict]:
+    with ws.store() as store:
+        rows = store.images(unit=unit)
+    return [{"id": r["id"], "sha256": r["sha256"], "path": r["path"], "caption": r["prompt"]} for r in rows]
+
+
+def _reference(pipe, ws, items, tc, steps: int, size: int) -> float:
+    """diffusers' DreamBooth-LoRA loop: everything re-encoded every step. Seconds per step."""
+    from diffusers import DDPMScheduler
+
+    unet = add_lora(pipe.unet, tc)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=1e-2)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    gen = torch.Generator().manual_seed(tc.seed)
+    bs = min(tc.batch_size, len(items))
+    unet.train()
+    t0 = None
+    for step in range(steps + 1):
+        if step == 1:
+            t0 = time.perf_counter()  # after one warm-up step
+        idx = torch.randint(0, len(items), (bs,), generator=gen).tolist()
+        pixels = torch.stack([load_square(ws.root / items[i]["path"], size) for i in idx])
+        with torch.no_grad():
+            x0 = pipe.vae.encode(pixels).latent_dist.sample(gen) * pipe.vae.config.scaling_factor
+            cond = pipe.text_encoder(_token_ids(pipe.tokenizer, [items[i]["caption"] for i in idx]))[0]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=gen)
+        pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - t0) / steps
+
+
+def _ours(pipe, ws, items, tc, steps: int, size: int, base: str) -> float:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    lat, kept, _ = encode_latents(ws, pipe, items, size, base, log=lambda m: None)
+    data = TrainData(latents=torch.stack(lat), embeds=encode_texts(ws, pipe, [it["caption"] for it in kept], base))
+    unet = add_lora(pipe.unet, tc)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    acc = Accelerator(cpu=True)
+    warm = load_config(None, ["train.steps=1", f"train.batch_size={tc.batch_size}"]).train
+    fit(unet, data, sched, warm, acc, desc="warm-up")
+    timed = load_config(None, [f"train.steps={steps}", f"train.batch_size={tc.batch_size}"]).train
+    t0 = time.perf_counter()
+    fit(unet, data, sched, timed, acc, desc="ours")
+    return (time.perf_counter() - t0) / steps
+
+
+def _prep(ws: Workspace, pipe, items, size, base) -> float:
+    t0 = time.perf_counter()
+    lat, kept, _ = encode_latents(ws, pipe, items, size, base, log=lambda m: None)
+    encode_texts(ws, pipe, [it["caption"] for it in kept], base)
+    return time.perf_counter() - t0
+
+
+def bench_train(images: int = 32, steps: int = 40, batch: int = 8, out: str = "docs") -> dict:
+    from loop.config import ModelConfig
+
+    with tempfile.TemporaryDirectory(prefix="loop-bench-train-") as tmp:
+        ws = Workspace.init(Path(tmp) / "ws")
+        ws.prompts_path.write_text("\n".join(PROMPTS) + "\n")
+        cfg = load_config(ws.root, ["generate.steps=8", f"train.batch_size={batch}"])
+        print(f"train: making {images} images with the embedded model ...")
+        with ws.store() as store:
+            store.ensure_base_unit("embedded")
+            generate_ring(ws, store, cfg, unit=0, count=images, log=lambda m: None)
+        items = _items(ws)
+        size = 32
+        ours, ref = [], []
+        for rep in range(2):
+            shutil.rmtree(ws.root / "cache", ignore_errors=True)
+            ref.append(_reference(load_base(ModelConfig()), ws, items, cfg.train, steps, size))
+            ours.append(_ours(load_base(ModelConfig()), ws, items, cfg.train, steps, size, "embedded"))
+            print(f"  run {rep + 1}: reference {ref[-1]:.3f} s/step, ours {ours[-1]:.3f} s/step")
+
+        # a second round where half the images are new: with round 1's cache, and with an empty one
+        pipe = load_base(ModelConfig())
+        half = items[: len(items) // 2]
+        shutil.rmtree(ws.root / "cache", ignore_errors=True)
+        _prep(ws, pipe, half, size, "embedded")  # round 1 fills the cache with its half
+        prep_cached = _prep(ws, pipe, items, size, "embedded")
+        shutil.rmtree(ws.root / "cache", ignore_errors=True)
+        prep_uncached = _prep(ws, pipe, items, size, "embedded")
+
+    figures = {
+        "images": len(items),
+        "steps": steps,
+        "batch_size": batch,
+        "ours_s_per_step": round(min(ours), 4),
+        "reference_s_per_step": round(min(ref), 4),
+        "ratio": round(min(ref) / min(ours), 2),
+        "prep_cached_s": round(prep_cached, 3),
+        "prep_uncached_s": round(prep_uncached, 3),
+        "prep_ratio": round(prep_uncached / max(prep_cached, 1e-9), 2),
+    }
+    rows = [
+        {"side": "reference (re-encode every step)", "s/step": figures["reference_s_per_step"]},
+        {"side": "ours (cached latents + text)", "s/step": figures["ours_s_per_step"]},
+    ]
+    prep_rows = [
+        {"second round, half new": "with round 1's cache", "prep_s": figures["prep_cached_s"]},
+        {"second round, half new": "empty cache", "prep_s": figures["prep_uncached_s"]},
+    ]
+    if torch.cuda.is_available():
+        figures.update(_gpu_images_per_s())
+    else:
+        figures["gpu"] = "not measured: no CUDA device on this machine"
+    md = (
+        "## train\n\n"
+        f"`python -m loop.bench train`: LoRA (rank 8, attention) on the embedded model, {len(items)} images, "
+        f"batch {batch}, {steps} timed steps after one warm-up; best of 2 runs each.\n\n"
+        + table(rows)
+        + f"\n\nratio (reference / ours): **{figures['ratio']}x**\n\n"
+        + "Preprocessing of a second round in which half the images are new:\n\n"
+        + table(prep_rows)
+        + "\n\n"
+        + (
+            f"GPU LoRA training: {figures['gpu_train_images_per_s']} images/s (SD1.5 shape, 512px, bf16, batch 4)\n"
+            if "gpu_train_images_per_s" in figures
+            else f"GPU: {figures['gpu']}\n"
+        )
+    )
+    print(table(rows))
+    print(table(prep_rows))
+    print(f"ratio reference/ours: {figures['ratio']}x")
+    write("train", figures, md, out)
+    return figures
+
+
+def _gpu_images_per_s(steps: int = 20, batch: int = 4) -> dict:
+    """LoRA training throughput on the SD1.5-shaped random-weight UNet at 512px (64x64 latents), bf16."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from loop.bench.generate import sd15_folder
+
+    with tempfile.TemporaryDirectory(prefix="loop-sd15-") as tmp:
+        folder = sd15_folder(Path(tmp) / "sd15", dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    tc = load_config(None, [f"train.steps={steps}", f"train.batch_size={batch}", "train.mixed_precision=bf16"]).train
+    acc = Accelerator(mixed_precision="bf16")
+    unet = add_lora(unet.to(acc.device), tc)
+    g = torch.Generator().manual_seed(0)
+    data = TrainData(latents=torch.randn(16, 4, 64, 64, generator=g), embeds=torch.randn(16, 77, 768, generator=g))
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    warm = load_config(None, ["train.steps=2", f"train.batch_size={batch}", "train.mixed_precision=bf16"]).train
+    fit(unet, data, sched, warm, acc, desc="gpu warm-up")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fit(unet, data, sched, tc, acc, desc="gpu")
+    torch.cuda.synchronize()
+    return {"gpu_train_images_per_s": round(steps * batch / (time.perf_counter() - t0), 2)}

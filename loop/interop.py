@@ -1,0 +1,428 @@
+"""Moving adapters and images between loop and the outside world.
+
+    loop export --unit N --format kohya|diffusers [--out FILE]   a unit's LoRA as one .safetensors file
+    loop export --set golden|TIER --out DIR                       rated images as a Hugging Face imagefolder
+    loop import DIR|FILE [--tier UR] [--source TEXT]              outside images into golden/, optionally rated
+
+The kohya file is what AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI load: `lora_unet_*` / `lora_te_*` module
+names with `.lora_down.weight`, `.lora_up.weight` and `.alpha`. Those tools scale each module by
+alpha / rank, so `.alpha` carries the training alpha (diffusers' own converter writes alpha = rank, which
+would silently change the strength whenever train.alpha != train.rank).
+
+Every file is written atomically; an exported set appears all at once (written into a temporary sibling,
+then renamed); an imported image is copied into golden/ before its row is written, and its row and rating
+are one transaction, so an interrupted import leaves nothing half-done.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from loop.config import TIERS
+from loop.errors import LoopError
+from loop.workspace import TMP_MARK, atomic_write, sha256_bytes, unit_name
+
+WEIGHTS = "pytorch_lora_weights.safetensors"
+FORMATS = ("diffusers", "kohya")
+KEEP_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # stored byte for byte
+CAPTION_EXTS = (".txt", ".caption")
+# diffusers prefixes of the pipeline components a LoRA file can hold -> kohya prefixes (SD 1.x has one text encoder)
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+# -- export a unit's adapter -----------------------------------------------------------------------------------
+def export_lora(ws, store, unit: int, fmt: str, out: Path | None = None, log=print) -> dict:
+    """Write unit `unit`'s LoRA as one .safetensors file in `fmt` ("diffusers" or "kohya"); returns a summary."""
+    fmt = (fmt or "").strip().lower()
+    if fmt not in FORMATS:
+        raise LoopError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if unit < 0:
+        raise LoopError(f"unit must be 0 or more, got {unit}")
+    if unit == 0:
+        raise LoopError("unit 0 is the base model and has no adapter to export; export unit 1 or later")
+    src = ws.checkpoint(unit) / WEIGHTS
+    if not src.is_file():
+        raise LoopError(f"unit {unit} has no weights at {src}; train it with `loop run --round {unit - 1}`")
+
+    default = f"{unit_name(unit)}_{fmt}.safetensors"
+    out = Path(out).expanduser() if out is not None else ws.checkpoint(unit) / default
+    if out.is_dir():
+        out = out / default
+    if out.suffix.lower() != ".safetensors":
+        raise LoopError(f"--out {out} should name a .safetensors file or an existing folder")
+    if out.resolve() == src.resolve():
+        raise LoopError(f"--out {out} is the unit's own weights file; choose another path")
+
+    if fmt == "diffusers":
+        data = src.read_bytes()  # the file as trained, metadata (rank, alpha) included
+        tensors, meta = _read_safetensors(src)
+        summary = {"modules": len({_module_of(k) for k in tensors}), **_adapter_summary(ws, unit, meta)}
+    else:
+        data, summary = _kohya_bytes(ws, unit, src)
+    atomic_write(out, data)
+    log(f"exported unit {unit} ({fmt}, {summary['modules']} modules) to {out}")
+    return {"unit": unit, "format": fmt, "path": str(out), "bytes": len(data), **summary}
+
+
+def _read_safetensors(path: Path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        raw = path.read_bytes()
+        tensors = load(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        meta = json.loads(raw[8 : 8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, OSError) as e:
+        raise LoopError(f"{path} is not a readable safetensors file ({e}); retrain the unit") from e
+    return tensors, meta
+
+
+def _module_of(key: str) -> str:
+    """'unet.x.to_q.lora_A.weight' / 'unet.x.to_q.lora.down.weight' -> 'unet.x.to_q'."""
+    for mark in (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", ".lora_linear_layer.", ".lora_magnitude_vector"):
+        if mark in key:
+            return key.split(mark)[0]
+    return key.rsplit(".", 1)[0]
+
+
+def _adapter_configs(ws, unit: int, meta: dict) -> dict[str, dict]:
+    """Per component ('unet', 'text_encoder'), the PEFT LoraConfig fields the adapter was trained with.
+
+    From the weights file's own `lora_adapter_metadata` (written by save_lora_weights); for files without
+    it, from the unit's config.yaml, then manifest.json (train.rank / train.alpha).
+    """
+    configs: dict[str, dict] = {}
+    raw = meta.get("lora_adapter_metadata")
+    if raw:
+        try:
+            flat = json.loads(raw)
+        except json.JSONDecodeError:
+            flat = {}
+        for key, value in flat.items():
+            comp, _, field = key.partition(".")
+            if comp in COMPONENTS and field:
+                configs.setdefault(comp, {})[field] = value
+    if all(configs.get(c, {}).get("lora_alpha") is not None for c in COMPONENTS):
+        return configs
+    train = _unit_train_config(ws, unit)
+    if train.get("alpha") is not None:
+        fallback = {"lora_alpha": float(train["alpha"]), "r": train.get("rank")}
+        for comp in COMPONENTS:
+            if configs.get(comp, {}).get("lora_alpha") is None:
+                configs[comp] = {**configs.get(comp, {}), **fallback}
+    if not any(c.get("lora_alpha") is not None for c in configs.values()):
+        raise LoopError(
+            f"unit {unit}'s weights carry no LoRA alpha and {ws.checkpoint(unit)} has no config.yaml or "
+            "manifest.json saying train.alpha; the strength cannot be exported faithfully"
+        )
+    return configs
+
+
+def _unit_train_config(ws, unit: int) -> dict:
+    folder = ws.checkpoint(unit)
+    if (folder / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        try:
+            train = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml")).get("train") or {}
+            if train.get("alpha") is not None:
+                return train
+        except Exception:  # a damaged config.yaml: try the manifest
+            pass
+    if (folder / "manifest.json").is_file():
+        try:
+            return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["config"]["train"] or {}
+        except (ValueError, KeyError, TypeError):
+            pass
+    return {}
+
+
+def _adapter_summary(ws, unit: int, meta: dict) -> dict:
+    try:
+        unet = _adapter_configs(ws, unit, meta).get("unet", {})
+    except LoopError:
+        return {"rank": None, "alpha": None}
+    return {"rank": unet.get("r"), "alpha": unet.get("lora_alpha")}
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches the module path or a dotted suffix of it."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _kohya_bytes(ws, unit: int, src: Path) -> tuple[bytes, dict]:
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save
+
+    tensors, meta = _read_safetensors(src)
+    configs = _adapter_configs(ws, unit, meta)
+    if any(k.endswith(".alpha") for k in tensors) or any(k.startswith("lora_") for k in tensors):
+        raise LoopError(f"{src} already looks like a kohya file; copy it as it is")
+
+    # group the file's tensors per module, in PEFT naming (lora_A = down, lora_B = up)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        comp = key.split(".", 1)[0]
+        if comp not in COMPONENTS:
+            raise LoopError(f"{src} has a tensor {key!r} that belongs to no unet/text_encoder; cannot convert it")
+        if "lora_magnitude_vector" in key or key.endswith("dora_scale"):
+            raise LoopError(f"{src} is a DoRA adapter; kohya export supports plain LoRA only")
+        if ".lora_A." in key or ".lora.down." in key or ".lora_linear_layer.down." in key:
+            part = "A"
+        elif ".lora_B." in key or ".lora.up." in key or ".lora_linear_layer.up." in key:
+            part = "B"
+        else:
+            raise LoopError(f"{src} has a tensor {key!r} that is neither a LoRA down nor up weight")
+        modules.setdefault(_module_of(key), {})[part] = value
+
+    kohya: dict[str, torch.Tensor] = {}
+    ranks, alphas = set(), set()
+    two_text_encoders = any(m.startswith("text_encoder_2.") for m in modules)
+    for module, parts in sorted(modules.items()):
+        if set(parts) != {"A", "B"}:
+            raise LoopError(f"{src}: module {module} has no {'up' if 'A' in parts else 'down'} weight; retrain")
+        comp, _, path = module.partition(".")
+        conf = configs.get(comp) or {}
+        if conf.get("lora_alpha") is None:
+            raise LoopError(f"{src} has {comp} weights but no LoRA alpha for them; cannot export faithfully")
+        rank = parts["A"].shape[0]
+        alpha = float(_pattern_value(conf.get("alpha_pattern"), path, conf.get("lora_alpha")))
+        # PEFT scales by alpha/r (alpha/sqrt(r) with rsLoRA); kohya loaders always use alpha/r
+        scale = alpha / math.sqrt(rank) if conf.get("use_rslora") else alpha / rank
+        kohya_alpha = scale * rank
+        peft = {f"{module}.lora_A.weight": parts["A"], f"{module}.lora_B.weight": parts["B"]}
+        converted = convert_state_dict_to_kohya(peft)
+        alpha_keys = [k for k in converted if k.endswith(".alpha")]
+        if len(converted) != 3 or len(alpha_keys) != 1:
+            raise LoopError(f"diffusers converted {module} into unexpected kohya keys {sorted(converted)}")
+        for key, value in converted.items():
+            if key.startswith("lora_te1_") and not two_text_encoders:
+                key = "lora_te_" + key[len("lora_te1_") :]  # SD 1.x: kohya and A1111 say lora_te_
+            if key.endswith(".alpha"):
+                value = torch.tensor(kohya_alpha, dtype=torch.float32)
+            kohya[key] = value.detach().to("cpu").contiguous()
+        ranks.add(rank)
+        alphas.add(kohya_alpha)
+
+    if not kohya:
+        raise LoopError(f"{src} holds no LoRA tensors; retrain the unit")
+    rank = next(iter(ranks)) if len(ranks) == 1 else None
+    alpha = next(iter(alphas)) if len(alphas) == 1 else None
+    has_te = any(k.startswith(("lora_te_", "lora_te1_", "lora_te2_")) for k in kohya)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank if rank is not None else max(ranks)),
+        "ss_network_alpha": _num(alpha if alpha is not None else max(alphas)),
+        "ss_network_args": "{}",
+        "ss_base_model_version": "sdxl_base_v1-0" if two_text_encoders else "sd_v1",
+        "ss_training_comment": f"exported by loop from {unit_name(unit)}",
+        "loop_unit": str(unit),
+    }
+    summary = {
+        "modules": len(modules),
+        "rank": rank,
+        "alpha": alpha,
+        "text_encoder": has_te,
+        "tensors": len(kohya),
+    }
+    return save(kohya, metadata=metadata), summary
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+# -- export a set of rated images ------------------------------------------------------------------------------
+def _tiers_for(which: str) -> tuple[str, ...]:
+    name = (which or "").strip()
+    if name.lower() == "golden":
+        return ("UR",)
+    if name.upper() in TIERS:
+        return TIERS[: TIERS.index(name.upper()) + 1]
+    raise LoopError(f"unknown set {which!r}; use golden or a tier ({', '.join(TIERS)}) meaning that tier and above")
+
+
+def export_set(ws, store, which: str, out: Path, log=print) -> dict:
+    """Write the images rated `which` (golden = UR; a tier = it and above) as a Hugging Face imagefolder."""
+    tiers = _tiers_for(which)
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise LoopError(f"--out {out} is a file; give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise LoopError(f"--out {out} is not empty; give a new or empty folder")
+
+    order = {t: i for i, t in enumerate(TIERS)}
+    rows = sorted((r for r in store.images() if r["tier"] in tiers), key=lambda r: (order[r["tier"]], r["id"]))
+    label = "golden (UR)" if which.strip().lower() == "golden" else f"{'/'.join(tiers)}"
+    if not rows:
+        hint = "rate some images UR first" if tiers == ("UR",) else f"rate some images {tiers[-1]} or better first"
+        raise LoopError(f"no images rated {label} to export; {hint} (`loop rate`, or `loop import DIR --tier UR`)")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
+    written, missing = 0, 0
+    try:
+        lines = []
+        for r in rows:
+            src = ws.root / r["path"]
+            if not src.is_file():
+                log(f"skipped image {r['id']}: {r['path']} is missing from the workspace")
+                missing += 1
+                continue
+            name = f"{r['sha256'][:16]}{Path(r['path']).suffix.lower() or '.png'}"
+            shutil.copyfile(src, tmp / name)
+            lines.append(
+                {
+                    "file_name": name,
+                    "text": r["prompt"] or "",
+                    "tier": r["tier"],
+                    "unit": r["unit"],
+                    "seed": r["seed"],
+                    "sha256": r["sha256"],
+                    "source": r["source"],
+                }
+            )
+            written += 1
+        if not lines:
+            raise LoopError(f"all {len(rows)} images rated {label} are missing from {ws.root}; nothing exported")
+        body = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        (tmp / "metadata.jsonl").write_text(body, encoding="utf-8")
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); a rename over it is not portable
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported {written} image(s) rated {label} to {out} (load with datasets: imagefolder, data_dir={out})")
+    return {"set": which, "tiers": list(tiers), "count": written, "missing": missing, "path": str(out)}
+
+
+# -- import outside images -------------------------------------------------------------------------------------
+def import_images(ws, store, src: Path, tier: str | None, source: str, log=print) -> dict:
+    """Copy the images under `src` (a folder, recursively, or one file) into golden/, with rows and ratings."""
+    if tier is not None:
+        tier = tier.strip().upper()
+        if tier not in TIERS:
+            raise LoopError(f"--tier {tier!r} is not a tier; use one of {', '.join(TIERS)}")
+    label = (source or "").strip() or "import"
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise LoopError(f"{src} does not exist; give a folder of images or an image file")
+    src = src.resolve()
+    if src.is_dir():
+        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() not in CAPTION_EXTS)
+        rel_to = src
+    else:
+        files, rel_to = [src], src.parent
+
+    imported = skipped = duplicates = 0
+    for f in files:
+        name = f.relative_to(rel_to).as_posix()
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            log(f"skipped {name}: cannot read it ({e.strerror or e})")
+            skipped += 1
+            continue
+        checked = _check_image(data)
+        if isinstance(checked, str):
+            log(f"skipped {name}: {checked}")
+            skipped += 1
+            continue
+        data, ext, width, height, fmt, png_caption = checked
+        sha = sha256_bytes(data)
+        if store.image_by_sha(sha):
+            duplicates += 1
+            continue
+        caption, caption_from = _sidecar_caption(f)
+        if caption is None:
+            caption, caption_from = (png_caption, "png parameters") if png_caption else ("", None)
+        dest = ws.inside(f"golden/{sha[:16]}{ext}")  # refuses a golden/ that resolves outside the workspace
+        wrote = not (dest.is_file() and sha256_bytes(dest.read_bytes()) == sha)  # else left by an interrupted import
+        if wrote:
+            atomic_write(dest, data)
+        params = {"original_name": f.name, "original_path": str(f), "format": fmt, "caption_from": caption_from}
+        try:
+            with store.tx():  # row and rating together
+                image_id = store.add_image(
+                    sha256=sha,
+                    path=ws.rel(dest),
+                    prompt=caption,
+                    params=params,
+                    source=label,
+                    width=width,
+                    height=height,
+                )
+                if tier is not None:
+                    store.rate(image_id, tier, rater="import")
+        except BaseException:
+            if wrote:
+                dest.unlink(missing_ok=True)  # no file without its row
+            raise
+        imported += 1
+    rated = f", rated {tier}" if tier else ""
+    log(
+        f"imported {imported} image(s) into {ws.root / 'golden'}{rated}; "
+        f"{duplicates} already there, {skipped} skipped (not readable images)"
+    )
+    return {"imported": imported, "skipped": skipped, "duplicates": duplicates}
+
+
+def _check_image(data: bytes):
+    """(bytes to store, ext, width, height, format, png caption) for a fully decodable image; else the reason."""
+    from PIL import Image, ImageFile
+
+    if not data:
+        return "empty file"
+    truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a cut-off file must fail here, whatever another library set
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            width, height = im.size
+            caption = ""
+            if fmt == "PNG":
+                caption = str(im.info.get("parameters") or "").split("\n", 1)[0].strip()
+            if fmt in KEEP_FORMATS:
+                return data, KEEP_FORMATS[fmt], width, height, fmt, caption
+            # another still format PIL reads (BMP, TIFF, GIF...): stored as PNG, its first frame
+            frame = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
+            buf = io.BytesIO()
+            frame.save(buf, format="PNG")
+            return buf.getvalue(), ".png", width, height, fmt, caption
+    except Image.DecompressionBombError:
+        return "too many pixels to be a safe image"
+    except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ValueError...)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "cannot identify image file" in msg:
+            return "not an image"
+        return f"not a readable image ({msg})"
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+
+
+def _sidecar_caption(f: Path) -> tuple[str | None, str | None]:
+    """The caption in a sibling `name.txt` (or name.caption, name.png.txt), whitespace collapsed to one line."""
+    for cand in (f.with_suffix(".txt"), f.with_suffix(".caption"), f.with_name(f.name + ".txt")):
+        if cand.is_file():
+            try:
+                text = cand.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            return " ".join(text.split()), cand.name
+    return None, None

@@ -1,0 +1,297 @@
+"""loop.interop: kohya/diffusers export of a unit, imagefolder export of rated images, importing outside images."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from loop.errors import LoopError
+from loop.interop import export_lora, export_set, import_images
+
+RANK, ALPHA = 4, 8  # alpha != rank, so an export that loses alpha changes the images
+PROMPTS = ["a circle", "a square"]
+SEEDS = [1, 2]
+
+
+def make_unit(ws, text_encoder: bool = False, unit: int = 1):
+    """A unit with random (non-zero) LoRA weights, saved the way training saves it."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from loop.config import load_config, to_yaml
+    from loop.models import load_base
+    from loop.train import add_lora, save_lora
+
+    cfg = load_config(ws.root, [f"train.rank={RANK}", f"train.alpha={ALPHA}"])
+    pipe = load_base(cfg.model)
+    add_lora(pipe.unet, cfg.train)
+    if text_encoder:
+        pipe.text_encoder.add_adapter(
+            LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+        )
+    torch.manual_seed(0)
+    for model in (pipe.unet, pipe.text_encoder):
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    folder = ws.checkpoint(unit)
+    folder.mkdir(parents=True, exist_ok=True)
+    if text_encoder:
+        StableDiffusionPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+            text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder)),
+            unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict(),
+        )
+    else:
+        save_lora(pipe.unet, folder)
+    (folder / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def render(pipe):
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    return pipe(PROMPTS, num_inference_steps=2, generator=gens, output_type="np").images
+
+
+def render_with(pipe, path: Path):
+    """Images from `pipe` with the LoRA file at `path` loaded, then the pipeline back to its base weights."""
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    try:
+        return render(pipe)
+    finally:
+        pipe.unload_lora_weights()
+
+
+def same(a, b) -> bool:
+    return np.allclose(a, b, atol=1e-4) or np.abs(a * 255 - b * 255).max() <= 1
+
+
+# -- export a unit -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text_encoder", [False, True], ids=["unet", "unet+te"])
+def test_kohya_export_round_trip(ws, base_pipe, text_encoder):
+    weights = make_unit(ws, text_encoder=text_encoder)
+    logs = []
+    with ws.store() as store:
+        res = export_lora(ws, store, 1, "kohya", log=logs.append)
+    kohya = Path(res["path"])
+    assert kohya == ws.checkpoint(1) / "unit_001_kohya.safetensors"
+    assert res["rank"] == RANK and res["alpha"] == ALPHA and res["text_encoder"] is text_encoder
+    assert len(logs) == 1 and str(kohya) in logs[0]
+
+    sd = load_file(kohya)
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in sd), sorted(sd)[:5]
+    assert any(k.startswith("lora_te_") for k in sd) is text_encoder
+    modules = {k.split(".", 1)[0] for k in sd}
+    assert len(sd) == 3 * len(modules)
+    for m in modules:
+        assert sd[f"{m}.alpha"].item() == ALPHA
+        assert sd[f"{m}.lora_down.weight"].shape[0] == RANK
+        assert f"{m}.lora_up.weight" in sd
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight" in sd
+
+    from loop.config import ModelConfig
+    from loop.models import load_base
+
+    pipe = load_base(ModelConfig())  # one pipeline, adapters loaded and unloaded in turn (base_pipe stays clean)
+    base = render(base_pipe)
+    from_diffusers = render_with(pipe, weights)
+    assert same(render(pipe), base), "unloading should give the base model back"
+    from_kohya = render_with(pipe, kohya)
+    assert not same(from_diffusers, base), "the test unit should change the images"
+    assert same(from_kohya, from_diffusers), np.abs(from_kohya - from_diffusers).max()
+
+    # the same file with diffusers' own alpha (= rank) does change the images: alpha is what this test guards
+    stock = ws.root / "stock.safetensors"
+    save_file({k: (torch.tensor(float(RANK)) if k.endswith(".alpha") else v) for k, v in sd.items()}, stock)
+    assert not same(render_with(pipe, stock), from_diffusers)
+    if text_encoder:  # and the lora_te_ modules are loaded too: without them the images differ
+        unet_only = ws.root / "unet_only.safetensors"
+        save_file({k: v for k, v in sd.items() if k.startswith("lora_unet_")}, unet_only)
+        assert not same(render_with(pipe, unet_only), from_diffusers)
+
+
+def test_diffusers_export_and_errors(ws, tmp_path):
+    with ws.store() as store:
+        with pytest.raises(LoopError, match="base model"):
+            export_lora(ws, store, 0, "kohya", log=lambda m: None)
+        with pytest.raises(LoopError, match=r"loop run --round 1"):
+            export_lora(ws, store, 2, "kohya", log=lambda m: None)
+        weights = make_unit(ws)
+        with pytest.raises(LoopError, match="format"):
+            export_lora(ws, store, 1, "ckpt", log=lambda m: None)
+
+        res = export_lora(ws, store, 1, "diffusers", log=lambda m: None)
+        out = ws.checkpoint(1) / "unit_001_diffusers.safetensors"
+        assert res["path"] == str(out) and out.read_bytes() == weights.read_bytes()
+
+        # --out an existing folder puts the default name in it; a file name is used as it is
+        dest = tmp_path / "elsewhere"
+        dest.mkdir()
+        assert export_lora(ws, store, 1, "kohya", dest, log=lambda m: None)["path"] == str(
+            dest / "unit_001_kohya.safetensors"
+        )
+        named = export_lora(ws, store, 1, "kohya", tmp_path / "mine.safetensors", log=lambda m: None)
+        assert Path(named["path"]).is_file()
+        with pytest.raises(LoopError, match="safetensors"):
+            export_lora(ws, store, 1, "kohya", tmp_path / "mine.ckpt", log=lambda m: None)
+    assert sorted(p.name for p in dest.iterdir()) == ["unit_001_kohya.safetensors"]  # no temporary left behind
+
+
+def test_kohya_alpha_from_config_when_metadata_missing(ws):
+    """Weights saved without adapter metadata: alpha comes from the unit's config.yaml, not from the rank."""
+    weights = make_unit(ws)
+    save_file(load_file(weights), weights)  # same tensors, no metadata
+    with safe_open(weights, "pt") as f:
+        assert "lora_adapter_metadata" not in (f.metadata() or {})
+    with ws.store() as store:
+        res = export_lora(ws, store, 1, "kohya", log=lambda m: None)
+        assert {v.item() for k, v in load_file(res["path"]).items() if k.endswith(".alpha")} == {ALPHA}
+        (ws.checkpoint(1) / "config.yaml").unlink()
+        with pytest.raises(LoopError, match="alpha"):
+            export_lora(ws, store, 1, "kohya", log=lambda m: None)
+
+
+# -- export a set ------------------------------------------------------------------------------------------------
+def _png(color, size=(8, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(ws, store, name, color, tier, unit=1, seed=0, prompt="a circle"):
+    from loop.workspace import atomic_write, sha256_bytes
+
+    data = _png(color)
+    folder = ws.generations(unit) if unit is not None else ws.root / "golden"
+    path = atomic_write(folder / name, data)
+    image_id = store.add_image(
+        sha256=sha256_bytes(data), path=ws.rel(path), prompt=prompt, unit=unit, seed=seed, width=8, height=8
+    )
+    if tier:
+        store.rate(image_id, tier, rater="test")
+    return image_id
+
+
+def test_export_golden_set_loads_as_imagefolder(ws, tmp_path):
+    import datasets
+
+    with ws.store() as store:
+        out = tmp_path / "golden_set"
+        with pytest.raises(LoopError, match="rate some images UR first"):
+            export_set(ws, store, "golden", out, log=lambda m: None)
+        assert not out.exists()
+
+        _add(ws, store, "a.png", (255, 0, 0), "UR", unit=1, seed=11)
+        _add(ws, store, "b.png", (0, 255, 0), "UR", unit=2, seed=12, prompt="a square")
+        _add(ws, store, "c.png", (0, 0, 255), "SSR", unit=2, seed=13)
+        _add(ws, store, "d.png", (9, 9, 9), "N", unit=1, seed=14)
+        _add(ws, store, "e.png", (7, 7, 7), None, unit=1, seed=15)
+        _add(ws, store, "outside.png", (200, 200, 0), "UR", unit=None, seed=None, prompt="imported")
+        undone = _add(ws, store, "f.png", (1, 2, 3), "UR", unit=1, seed=16)
+        store.undo("test")  # f is no longer UR
+        assert store.tier_of(undone) is None
+
+        res = export_set(ws, store, "golden", out, log=lambda m: None)
+        assert res["count"] == 3 and Path(res["path"]) == out
+        ds = datasets.load_dataset("imagefolder", data_dir=str(out), cache_dir=str(tmp_path / "hf"))["train"]
+        assert len(ds) == 3
+        assert {"image", "text", "tier", "unit", "seed"} <= set(ds.column_names)
+        assert set(ds["tier"]) == {"UR"}
+        assert sorted(ds["text"]) == ["a circle", "a square", "imported"]
+        assert sorted(ds["seed"], key=str) == sorted([11, 12, None], key=str)
+        assert sorted(ds["unit"], key=str) == sorted([1, 2, None], key=str)
+        assert all(im.size == (8, 8) for im in ds["image"])
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["golden_set", "hf", "ws"]  # no temp dir left
+
+        # a tier means that tier and above
+        ssr = export_set(ws, store, "SSR", tmp_path / "ssr", log=lambda m: None)
+        lines = [json.loads(x) for x in (tmp_path / "ssr" / "metadata.jsonl").read_text().splitlines()]
+        assert ssr["count"] == 4 and [x["tier"] for x in lines] == ["UR", "UR", "UR", "SSR"]
+
+        # an existing empty folder is fine; a non-empty one is refused and left untouched
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        assert export_set(ws, store, "golden", empty, log=lambda m: None)["count"] == 3
+        with pytest.raises(LoopError, match="not empty"):
+            export_set(ws, store, "golden", out, log=lambda m: None)
+        assert len(list(out.iterdir())) == 4
+        with pytest.raises(LoopError, match="unknown set"):
+            export_set(ws, store, "best", tmp_path / "x", log=lambda m: None)
+
+
+# -- import ------------------------------------------------------------------------------------------------------
+def test_import_keeps_good_images_and_skips_bad_ones(ws, tmp_path):
+    src = tmp_path / "incoming"
+    (src / "sub").mkdir(parents=True)
+    good_png = _png((255, 0, 0), (12, 10))
+    (src / "good.png").write_bytes(good_png)
+    (src / "good.txt").write_text("  a red\nbox \n", encoding="utf-8")
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (0, 0, 200)).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    (src / "sub" / "photo.jpg").write_bytes(jpeg)
+    (src / "empty.png").write_bytes(b"")
+    (src / "notes.png").write_text("not an image at all\n", encoding="utf-8")
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(big, "PNG")
+    (src / "trunc.png").write_bytes(big.getvalue()[: len(big.getvalue()) // 2])
+
+    logs = []
+    with ws.store() as store:
+        res = import_images(ws, store, src, "UR", "my photos", log=logs.append)
+        assert res == {"imported": 2, "skipped": 3, "duplicates": 0}
+        skipped = [m for m in logs if m.startswith("skipped ")]
+        assert len(skipped) == 3
+        for name in ("empty.png", "notes.png", "trunc.png"):
+            assert sum(m.startswith(f"skipped {name}:") for m in skipped) == 1, skipped
+
+        rows = store.images()
+        assert len(rows) == 2
+        by_prompt = {r["prompt"]: r for r in rows}
+        assert set(by_prompt) == {"a red box", ""}
+        red, photo = by_prompt["a red box"], by_prompt[""]
+        assert (red["width"], red["height"]) == (12, 10) and red["path"].endswith(".png")
+        assert photo["path"].endswith(".jpg") and (photo["width"], photo["height"]) == (16, 16)
+        for r in rows:
+            assert r["unit"] is None and r["round"] is None and r["source"] == "my photos"
+            assert r["tier"] == "UR" and r["path"].startswith("golden/")
+        assert (ws.root / red["path"]).read_bytes() == good_png  # bytes kept as they are
+        assert (ws.root / photo["path"]).read_bytes() == jpeg
+        events = store.db.execute("SELECT image_id, tier, rater FROM ratings").fetchall()
+        assert sorted(tuple(e) for e in events) == sorted((r["id"], "UR", "import") for r in rows)
+        assert sorted(p.name for p in (ws.root / "golden").iterdir()) == sorted(Path(r["path"]).name for r in rows)
+
+        # again: nothing new, the two counted as duplicates, the bad ones skipped again
+        again = import_images(ws, store, src, "UR", "my photos", log=lambda m: None)
+        assert again == {"imported": 0, "skipped": 3, "duplicates": 2}
+        assert len(store.images()) == 2
+        assert store.db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0] == 2
+        assert len(list((ws.root / "golden").iterdir())) == 2
+
+
+def test_import_single_png_with_a1111_caption_and_no_tier(ws, tmp_path):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a blue ring, soft light\nNegative prompt: blur\nSteps: 20, Seed: 5")
+    f = tmp_path / "from_a1111.png"
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(f, pnginfo=info)
+    with ws.store() as store:
+        with pytest.raises(LoopError, match="tier"):
+            import_images(ws, store, f, "XR", "a1111", log=lambda m: None)
+        with pytest.raises(LoopError, match="does not exist"):
+            import_images(ws, store, tmp_path / "nope", None, "a1111", log=lambda m: None)
+        res = import_images(ws, store, f, None, "a1111", log=lambda m: None)
+        assert res == {"imported": 1, "skipped": 0, "duplicates": 0}
+        (row,) = store.images()
+        assert row["prompt"] == "a blue ring, soft light" and row["tier"] is None and row["source"] == "a1111"
+        assert store.db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0] == 0
+        assert json.loads(row["params"])["original_name"] == "from_a1111.png"

@@ -1,0 +1,299 @@
+"""Issue 5: Custom Diffusion, text-encoder LoRA, from_parent, the encode cache, resume, DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file
+
+from loop.config import ModelConfig, load_config
+from loop.generate import generate_ring
+from loop.models import load_base, load_unit
+from loop.train import (
+    CD_TARGETS,
+    EMBEDS,
+    WEIGHTS,
+    TrainData,
+    add_lora,
+    add_modifier_token,
+    add_text_lora,
+    fit,
+    load_parent_adapter,
+    save_lora,
+    train_unit,
+)
+
+QUIET = dict(log=lambda m: None)
+TRAIN = ["train.steps=6", "train.batch_size=2", "train.lr=1e-2", "train.checkpoint_every=0"]
+
+
+def _images(pipe, prompt="a circle", seeds=(3, 4)):
+    out = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(s)
+        out.append(pipe(prompt, num_inference_steps=4, guidance_scale=4.0, generator=g, output_type="np").images[0])
+    return np.stack(out)
+
+
+def _select(ws, cfg, n=4, unit=1, prompts="a circle\na square\n"):
+    """Make n images with the base model and write them as unit `unit`'s selection."""
+    ws.prompts_path.write_text(prompts, encoding="utf-8")
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        generate_ring(ws, store, cfg, unit=0, count=n, **QUIET)
+        rows = store.db.execute("SELECT * FROM images ORDER BY id").fetchall()
+    items = [
+        {"id": r["id"], "sha256": r["sha256"], "path": r["path"], "caption": r["prompt"], "tier": "UR"} for r in rows
+    ]
+    sel = ws.checkpoint(unit) / "selection.json"
+    sel.parent.mkdir(parents=True, exist_ok=True)
+    sel.write_text(json.dumps({"images": items}))
+    return items
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before, module):
+    after = module.state_dict()
+    return {k for k in before if k in after and not torch.equal(before[k], after[k])}
+
+
+def test_custom_diffusion_changes_only_cross_attention_kv_and_the_new_token_row():
+    pipe = load_base(ModelConfig())
+    tc = load_config(None, ["train.method=custom_diffusion", "train.steps=4", "train.lr=1e-2"]).train
+    for m in (pipe.unet, pipe.text_encoder, pipe.vae):
+        m.requires_grad_(False)
+    row = add_modifier_token(pipe.tokenizer, pipe.text_encoder, "<new1>", "shape")
+    table = pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table[row], table[pipe.tokenizer("shape", add_special_tokens=False).input_ids].mean(0))
+    table.requires_grad_(True)
+    unet = add_lora(pipe.unet, tc, CD_TARGETS)
+    unet_before, te_before = _snapshot(unet), _snapshot(pipe.text_encoder)
+    ids = pipe.tokenizer(["<new1> a circle"] * 4, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    data = TrainData(latents=torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0)), ids=ids)
+    keep = (table.detach().clone(), row)
+    unet, te, _ = fit(unet, data, DDPMScheduler.from_config(pipe.scheduler.config), tc, Accelerator(cpu=True),
+                      text_encoder=pipe.text_encoder, keep_rows=keep)  # fmt: skip
+    changed = _changed(unet_before, unet)
+    assert changed and all("lora_" in k and ("attn2.to_k" in k or "attn2.to_v" in k) for k in changed), changed
+    assert any("attn2.to_v" in k for k in changed) and not any("attn1" in k for k in changed)
+    te_changed = _changed(te_before, te)
+    assert {k.split("text_model.")[-1] for k in te_changed} == {"embeddings.token_embedding.weight"}
+    diff = (te.get_input_embeddings().weight - te_before[te_changed.pop()]).abs()
+    rows_moved = torch.nonzero(diff.sum(dim=1)).flatten().tolist()
+    assert rows_moved == [row], "only the modifier token's row learns"
+
+
+def test_text_encoder_lora_changes_only_adapter_weights():
+    pipe = load_base(ModelConfig())
+    tc = load_config(None, ["train.text_encoder_lora=true", "train.steps=3", "train.lr=1e-2"]).train
+    for m in (pipe.unet, pipe.text_encoder, pipe.vae):
+        m.requires_grad_(False)
+    te = add_text_lora(pipe.text_encoder, tc)
+    unet = add_lora(pipe.unet, tc)
+    te_before = _snapshot(te)
+    ids = pipe.tokenizer(["a circle"] * 4, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    data = TrainData(latents=torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0)), ids=ids)
+    _, te, _ = fit(unet, data, DDPMScheduler.from_config(pipe.scheduler.config), tc, Accelerator(cpu=True),
+                   text_encoder=te)  # fmt: skip
+    changed = _changed(te_before, te)
+    assert changed and all("lora_" in k for k in changed)
+    assert any("lora_B" in k for k in changed)
+
+
+FRESH = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    from pathlib import Path
+    from loop.config import ModelConfig
+    from loop.models import load_unit, unit_trigger
+    folder = Path(sys.argv[1])
+    pipe = load_unit(ModelConfig(), folder, 1)
+    token = unit_trigger(folder)
+    row = pipe.tokenizer.convert_tokens_to_ids(token)
+    emb = pipe.text_encoder.get_input_embeddings().weight[row].detach().numpy()
+    out = []
+    for s in (3, 4):
+        g = torch.Generator().manual_seed(s)
+        out.append(pipe(f"{token} a circle", num_inference_steps=4, guidance_scale=4.0, generator=g,
+                        output_type="np").images[0])
+    np.savez(sys.argv[2], images=np.stack(out), emb=emb, token=np.array(token))
+    """
+)
+
+
+def test_custom_diffusion_unit_reloads_in_a_fresh_process(ws, tmp_path):
+    cfg = load_config(ws.root, ["generate.steps=4", "train.method=custom_diffusion", *TRAIN])
+    _select(ws, cfg)
+    with ws.store() as store:
+        m = train_unit(ws, store, cfg, parent=0, **QUIET)
+    folder = ws.checkpoint(1)
+    assert m["modifier_token"] == "<new1>" and (folder / WEIGHTS).exists() and (folder / EMBEDS).exists()
+    keys = load_file(folder / WEIGHTS).keys()
+    assert keys and all("attn2.to_k" in k or "attn2.to_v" in k for k in keys)
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "fresh.npz")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    fresh = np.load(tmp_path / "fresh.npz")
+    assert str(fresh["token"]) == "<new1>"
+    np.testing.assert_allclose(fresh["emb"], load_file(folder / EMBEDS)["<new1>"][0].numpy(), atol=1e-6)
+    base = _images(load_base(ModelConfig()), "<new1> a circle")
+    assert np.abs(fresh["images"] - base).mean() > 1e-3, "the unit's weights must reach the fresh process"
+    here = _images(load_unit(ModelConfig(), folder, 1), "<new1> a circle")
+    np.testing.assert_allclose(fresh["images"], here, atol=1e-4)
+
+
+def test_from_parent_starts_from_the_parents_adapter(ws, tmp_path):
+    tc = load_config(None, ["train.rank=4"]).train
+    pipe = load_base(ModelConfig())
+    unet = add_lora(pipe.unet, tc)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    save_lora(unet, tmp_path / "parent")
+    want = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
+    child = load_base(ModelConfig())
+    add_lora(child.unet, tc)
+    load_parent_adapter(child, tmp_path / "parent", tc)
+    got = {n: p for n, p in child.unet.named_parameters() if "lora_" in n}
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    other = load_base(ModelConfig())
+    add_lora(other.unet, load_config(None, ["train.rank=2"]).train)
+    from loop.errors import LoopError
+
+    with pytest.raises(LoopError, match="from_parent"):
+        load_parent_adapter(other, tmp_path / "parent", tc)
+
+
+def test_second_round_encodes_only_new_images(ws):
+    cfg = load_config(ws.root, ["generate.steps=4", *TRAIN])
+    items = _select(ws, cfg, n=4)
+    with ws.store() as store:
+        first = train_unit(ws, store, cfg, parent=0, **QUIET)
+    assert (first["cache_hits"], first["cache_misses"]) == (0, 4)
+    # round 1's selection: the same four plus two new ones
+    with ws.store() as store:
+        generate_ring(ws, store, cfg, unit=1, count=2, **QUIET)
+        new = store.db.execute("SELECT * FROM images WHERE unit = 1").fetchall()
+    items += [
+        {"id": r["id"], "sha256": r["sha256"], "path": r["path"], "caption": r["prompt"], "tier": "UR"} for r in new
+    ]
+    ws.checkpoint(2).mkdir(parents=True, exist_ok=True)
+    (ws.checkpoint(2) / "selection.json").write_text(json.dumps({"images": items}))
+    logs = []
+    with ws.store() as store:
+        second = train_unit(ws, store, cfg, parent=1, log=logs.append)
+    assert (second["cache_hits"], second["cache_misses"]) == (4, 2)
+    assert any("4 hit(s), 2 miss(es)" in m for m in logs)
+
+
+def test_prior_preservation_makes_class_images_once(ws):
+    cfg = load_config(ws.root, ["generate.steps=3", "train.prior_preservation=true", "train.class_images=2", *TRAIN])
+    _select(ws, cfg, n=3, prompts="a circle --n 2\na square --n 2\n")
+    logs = []
+    with ws.store() as store:
+        m = train_unit(ws, store, cfg, parent=0, log=logs.append)
+    assert m["class_images"] == 4  # 2 prompts x 2
+    assert any("making 4 class image(s)" in x for x in logs)
+    assert len(list(ws.root.joinpath("cache", "class").rglob("*.png"))) == 4
+    logs.clear()
+    (ws.checkpoint(1) / "manifest.json").unlink()
+    with ws.store() as store:
+        train_unit(ws, store, cfg, parent=0, log=logs.append)
+    assert not any("making" in x for x in logs), "class images are cached"
+
+
+def test_resume_continues_from_the_checkpoint_and_matches_a_straight_run(ws, tmp_path):
+    from loop.workspace import Workspace
+
+    over = ["generate.steps=3", "train.steps=12", "train.batch_size=2", "train.checkpoint_every=4"]
+    cfg = load_config(ws.root, over)
+    _select(ws, cfg, n=3)
+    with ws.store() as store:
+        out = train_unit(ws, store, cfg, parent=0, stop_after=9, **QUIET)  # "killed" after step 9
+    assert out == {"stopped_at": 9}
+    steps = sorted(p.name for p in (ws.checkpoint(1) / ".training").glob("step_*"))
+    assert steps == ["step_000008"]
+    logs = []
+    with ws.store() as store:
+        train_unit(ws, store, cfg, parent=0, log=logs.append)
+    assert any("resuming training from step 8" in m for m in logs)
+    assert not (ws.checkpoint(1) / ".training").exists(), "checkpoints are removed once the unit is saved"
+    resumed = load_file(ws.checkpoint(1) / WEIGHTS)
+    # the same training without the interruption
+    other = Workspace.init(tmp_path / "other")
+    cfg2 = load_config(other.root, over)
+    _select(other, cfg2, n=3)
+    with other.store() as store:
+        train_unit(other, store, cfg2, parent=0, **QUIET)
+    straight = load_file(other.checkpoint(1) / WEIGHTS)
+    assert resumed.keys() == straight.keys()
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], atol=1e-5, rtol=1e-4)
+
+
+def test_kill_9_mid_training_then_run_again_resumes(ws):
+    cfg = load_config(ws.root, ["generate.steps=3"])
+    _select(ws, cfg, n=3)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "loop", "train", "--unit", "0", "-w", str(ws.root),
+           "train.steps=400", "train.batch_size=2", "train.checkpoint_every=10"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not list((ws.checkpoint(1) / ".training").glob("step_*")):
+            time.sleep(0.2)
+        time.sleep(0.5)
+        assert proc.poll() is None, "training ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (ws.checkpoint(1) / "manifest.json").exists()
+    # shorter now, so the test ends soon; the checkpoint's settings must match, so keep steps the same
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resuming training from step" in out.stdout + out.stderr
+    step = int((out.stdout + out.stderr).split("resuming training from step ")[1].split()[0])
+    assert step >= 10
+    assert (ws.checkpoint(1) / "manifest.json").exists()
+
+
+def test_two_process_training_saves_the_same_format(ws):
+    cfg = load_config(ws.root, ["generate.steps=3"])
+    _select(ws, cfg, n=4)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "loop", "train", "--processes", "2", "--unit", "0", "-w", str(ws.root),
+           "train.steps=6", "train.batch_size=2", "train.checkpoint_every=0"]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    m = json.loads((ws.checkpoint(1) / "manifest.json").read_text())
+    assert m["processes"] == 2
+    keys = set(load_file(ws.checkpoint(1) / WEIGHTS).keys())
+    # the single-process file of the same method has the same keys
+    pipe = load_base(ModelConfig())
+    unet = add_lora(pipe.unet, load_config(None, []).train)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        save_lora(unet, d)
+        assert keys == set(load_file(os.path.join(d, WEIGHTS)).keys())
+    unit = _images(load_unit(ModelConfig(), ws.checkpoint(1), 1))
+    assert np.abs(unit - _images(load_base(ModelConfig()))).mean() > 1e-3

@@ -253,7 +253,7 @@ def test_kill_9_mid_training_then_run_again_resumes(ws):
     _select(ws, cfg, n=3)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "loop", "train", "--unit", "0", "-w", str(ws.root),
-           "train.steps=400", "train.batch_size=2", "train.checkpoint_every=10"]  # fmt: skip
+           "train.steps=150", "train.batch_size=2", "train.checkpoint_every=10"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 180

@@ -60,11 +60,24 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")]
 
 
 @app.command()
-def init(directory: Annotated[Path, typer.Argument(help="folder to lay out")] = Path(".")) -> None:
+def init(
+    directory: Annotated[Path, typer.Argument(help="folder to lay out")] = Path("."),
+    seed_images: Annotated[
+        Optional[Path], typer.Option("--seed-images", help="1-5 of your images to start from (select.strategy=grow)")
+    ] = None,
+) -> None:
     """Lay out a workspace: configs/, generations/, checkpoints/, golden/, cache/ and loop.db."""
     from loop.workspace import Workspace
 
     ws = Workspace.init(directory)
+    if seed_images is not None:
+        from loop.interop import import_images
+
+        with ws.store() as store:
+            r = import_images(ws, store, seed_images, "UR", "seed", log=_echo)
+        if not r["imported"] and not r["duplicates"]:
+            raise LoopError(f"no readable image in {seed_images}; give a folder with 1-5 PNG or JPEG images")
+        _echo(f"{r['imported']} seed image(s) in golden/, rated UR; grow from them with select.strategy=grow")
     _echo(f"workspace ready at {ws.root}; edit configs/prompts.txt, then `loop -w {directory} run --round`")
 
 

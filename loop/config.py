@@ -18,7 +18,7 @@ from loop.errors import LoopError
 
 TIERS = ("UR", "SSR", "SR", "R", "N")  # best first
 SCHEDULERS = ("dpm++", "ddim", "euler", "euler_a", "ddpm")
-STRATEGIES = ("golden", "converge")
+STRATEGIES = ("golden", "converge", "grow", "longtail")
 METHODS = ("lora", "custom_diffusion")
 STARTS = ("from_base", "from_parent")
 PREFERENCES = ("warm", "cool", "bright", "dark")
@@ -100,12 +100,28 @@ class RateConfig:
 
 @dataclass
 class SelectConfig:
-    strategy: str = "golden"  # golden: UR only, every round; converge: min_tier and above, every round
-    min_tier: str = "SSR"  # for converge
+    # golden: UR only, from every round and every import; nothing below UR ever enters
+    # converge: min_tier and above, from every round
+    # grow: starts from 1-5 seed images; each round adds img2img variations of the set, keeps the accepted ones
+    # longtail: like converge, plus a share of every round explores; novel hits count double in training
+    strategy: str = "golden"
+    min_tier: str = "SSR"  # converge, grow and longtail take this tier and better
+    accumulate: bool = True  # False = "replace": only the last round's images (an ablation; it collapses)
+    outside_share: float = 0.2  # at least this share of a set comes from outside the loop (imports, unit 0)
+    ancestor_cap: float = 0.5  # grow: at most this share of the set may descend from one ancestor
+    variations: int = 4  # grow: img2img variations per image of the set, each round
+    explore_share: float = 0.2  # longtail: share of each round's images that explore beyond the current taste
+    novel_distance: float = 0.25  # longtail: a UR image this far (cosine, cheap features) from all earlier UR
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, "select.strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
         _check(self.min_tier in TIERS, "select.min_tier", self.min_tier, f"use one of {', '.join(TIERS)}")
+        for key in ("outside_share", "explore_share"):
+            v = getattr(self, key)
+            _check(0 <= v < 1, f"select.{key}", v, "must be in [0, 1)")
+        _check(0 < self.ancestor_cap <= 1, "select.ancestor_cap", self.ancestor_cap, "must be in (0, 1]")
+        _check(self.variations >= 0, "select.variations", self.variations, "must be >= 0")
+        _check(0 < self.novel_distance < 2, "select.novel_distance", self.novel_distance, "must be in (0, 2)")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from loop.generate import generate
 from loop.rate.auto import auto_rate
 from loop.select import select
 from loop.store import PHASES, Store
+from loop.strategies import explore, grow_variations
 from loop.train import train_lora
 from loop.workspace import Workspace, recover
 
@@ -66,6 +67,10 @@ def run_round(
             if phase == "generate":
                 detail = generate(ws, store, cfg, unit=n, round=n, log=log)
                 log(f"generate: {detail['made']} new image(s) in {ws.rel(ws.generations(n))}")
+                if cfg.select.strategy == "grow":
+                    detail["variations"] = grow_variations(ws, store, cfg, n, log)
+                elif cfg.select.strategy == "longtail":
+                    detail["exploration"] = explore(ws, store, cfg, n, log)
             elif phase == "rate":
                 if auto_rate_:
                     detail = auto_rate(ws, store, cfg.rate, n)

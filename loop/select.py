@@ -1,12 +1,23 @@
-"""Selection: which rated images the next unit learns from.
+"""Selection: which rated images the next unit learns from, and how much each one counts.
 
     loop run --round            (the select phase)
 
+Strategies (`select.strategy`):
 - golden: every UR image from every round and every import. Nothing below UR ever enters.
 - converge: every image at or above `select.min_tier`, from every round.
+- grow: starts from the user's 1-5 seed images (`loop init --seed-images DIR`, or `loop import --tier UR`);
+  each round also makes img2img variations of the set, and the accepted ones (min_tier and better) join it.
+  No more than `select.ancestor_cap` of the set may descend from one ancestor.
+- longtail: like converge, and a share of each round explores (mutated prompts, unusual seeds and CFG,
+  samples of the base model). A novel hit, a UR image far from every earlier UR image, counts double.
 
-Both accumulate across rounds rather than replace, which keeps a self-trained model from collapsing.
-The selection is written to checkpoints/unit_NNN/selection.json (ids, sha256, path, caption = prompt).
+Anti-collapse defaults (Shumailov et al. 2024; Alemohammad et al., "Self-Consuming Generative Models Go MAD",
+ICLR 2024; Gerstgrasser et al. 2024): sets accumulate across rounds and never replace (`select.accumulate=false`
+exists only as an ablation), and images the loop didn't make (imports, seed images, the base model's
+samples) keep at least `select.outside_share` of the training weight.
+
+The selection is written to checkpoints/unit_NNN/selection.json: ids, sha256, path, caption = prompt, tier,
+and a sampling weight per image.
 """
 
 from __future__ import annotations
@@ -25,11 +36,126 @@ def eligible_tiers(sc: SelectConfig) -> tuple[str, ...]:
     return TIERS[: TIERS.index(sc.min_tier) + 1]
 
 
+def is_outside(row) -> bool:
+    """Not made by a trained unit: imported or seed images (no unit), or the base model's own samples."""
+    return row["unit"] is None or row["unit"] == 0
+
+
+def lineage(store: Store) -> dict[int, tuple[int, int]]:
+    """image id -> (ancestor id, depth): an image without a parent is its own ancestor at depth 0."""
+    parent = {r[0]: r[1] for r in store.db.execute("SELECT id, parent_id FROM images")}
+    out: dict[int, tuple[int, int]] = {}
+
+    def walk(i: int) -> tuple[int, int]:
+        chain = []
+        while i not in out and parent.get(i) is not None and len(chain) < 10_000:
+            chain.append(i)
+            i = parent[i]
+        root, depth = out.get(i, (i, 0))
+        for k, j in enumerate(reversed(chain), 1):
+            out[j] = (root, depth + k)
+        out.setdefault(i, (root, depth))
+        return out[chain[0]] if chain else out[i]
+
+    for i in parent:
+        walk(i)
+    return out
+
+
+def cap_ancestors(rows: list, roots: dict[int, tuple[int, int]], cap: float) -> list:
+    """Keep rows (already in order of preference) so that no ancestor's descendants exceed `cap` of the set.
+
+    A lineage over the cap is trimmed to the most it may hold next to the others, floor(cap/(1-cap) * others),
+    keeping its preferred rows, and this repeats until every lineage fits. With a single ancestor there is
+    nothing to balance: all rows stay."""
+    groups: dict[int, list] = {}
+    for r in rows:
+        groups.setdefault(roots[r["id"]][0], []).append(r)
+    if len(groups) <= 1 or cap >= 1:
+        return rows
+    size = {g: len(v) for g, v in groups.items()}
+    for _ in range(len(groups) + 1):
+        total = sum(size.values())
+        over = [g for g, n in size.items() if n > cap * total]
+        if not over:
+            break
+        for g in over:
+            size[g] = max(1, int(cap / (1 - cap) * (total - size[g])))
+    keep = {r["id"] for g, v in groups.items() for r in v[: size[g]]}
+    return [r for r in rows if r["id"] in keep]
+
+
+def novel_hit_ids(ws: Workspace, rows: list, distance: float) -> set[int]:
+    """UR images (in the order they were made) farther than `distance` from every earlier UR image."""
+    from loop.images import load_rgb
+    from loop.metrics import features, novel_hits
+
+    ur = sorted((r for r in rows if r["tier"] == "UR"), key=lambda r: r["id"])
+    feats, ids = [], []
+    for r in ur:
+        try:
+            feats.append(features(load_rgb(ws.root / r["path"])))
+            ids.append(r["id"])
+        except OSError:
+            continue
+    return {i for i, hit in zip(ids, novel_hits(feats, distance)) if hit}
+
+
+def choose(ws: Workspace, store: Store, sc: SelectConfig, round: int) -> list[dict]:
+    """The selection for unit round+1 as items with a sampling weight; [] when nothing qualifies."""
+    tiers = eligible_tiers(sc)
+    rows = [r for r in store.images() if r["tier"] in tiers]
+    if not sc.accumulate:  # the ablation: this round's images (and what came from outside) only
+        rows = [r for r in rows if r["round"] == round or r["unit"] is None]
+    roots = lineage(store)
+    if sc.strategy == "grow":
+        best_first = sorted(rows, key=lambda r: (TIERS.index(r["tier"]), r["id"]))
+        rows = sorted(cap_ancestors(best_first, roots, sc.ancestor_cap), key=lambda r: r["id"])
+    weights = {r["id"]: 1.0 for r in rows}
+    novel: set[int] = set()
+    if sc.strategy == "longtail" and rows:
+        novel = novel_hit_ids(ws, rows, sc.novel_distance)
+        for i in novel:
+            weights[i] = 2.0
+    # images from outside the loop keep at least outside_share of the weight
+    out_w = sum(w for r in rows for w in [weights[r["id"]]] if is_outside(r))
+    in_w = sum(weights.values()) - out_w
+    if out_w and in_w and out_w / (out_w + in_w) < sc.outside_share:
+        f = sc.outside_share * in_w / ((1 - sc.outside_share) * out_w)
+        for r in rows:
+            if is_outside(r):
+                weights[r["id"]] *= f
+    params = {}
+    for r in rows:
+        try:
+            params[r["id"]] = json.loads(r["params"] or "{}")
+        except ValueError:
+            params[r["id"]] = {}
+    return [
+        {
+            "id": r["id"],
+            "sha256": r["sha256"],
+            "path": r["path"],
+            "caption": r["prompt"],
+            "tier": r["tier"],
+            "unit": r["unit"],
+            "round": r["round"],
+            "source": r["source"],
+            "weight": _rounded(weights[r["id"]], 4),
+            "ancestor": roots.get(r["id"], (r["id"], 0))[0],
+            "depth": roots.get(r["id"], (r["id"], 0))[1],
+            "exploration": bool(params[r["id"]].get("exploration")),
+            "novel_hit": r["id"] in novel,
+        }
+        for r in rows
+    ]
+
+
 def select(ws: Workspace, store: Store, sc: SelectConfig, round: int) -> list[dict]:
     """The training set for unit round+1, written to its selection.json; LoopError if it is empty."""
     tiers = eligible_tiers(sc)
-    rows = [r for r in store.images() if r["tier"] in tiers]
-    if not rows:
+    items = choose(ws, store, sc, round)
+    if not items:
         counts = store.tier_counts(round=round)
         rated = sum(v for k, v in counts.items() if k)
         spread = ", ".join(f"{t} {counts.get(t, 0)}" for t in TIERS)
@@ -40,26 +166,23 @@ def select(ws: Workspace, store: Store, sc: SelectConfig, round: int) -> list[di
             f"Rate some images {tiers[-1]} or better (`loop rate`), or choose another strategy "
             f"(select.strategy=converge select.min_tier=SR), then run `loop run --round` again."
         )
-    items = [
-        {
-            "id": r["id"],
-            "sha256": r["sha256"],
-            "path": r["path"],
-            "caption": r["prompt"],
-            "tier": r["tier"],
-            "unit": r["unit"],
-            "round": r["round"],
-            "source": r["source"],
-        }
-        for r in rows
-    ]
     out = ws.checkpoint(round + 1) / "selection.json"
+    summary = {
+        "outside_weight": _rounded(sum(i["weight"] for i in items if i["unit"] in (None, 0)), 3),
+        "total_weight": _rounded(sum(i["weight"] for i in items), 3),
+        "novel_hits": sum(i["novel_hit"] for i in items),
+        "exploration": sum(i["exploration"] for i in items),
+    }
     atomic_write(
         out,
         json.dumps(
-            {"strategy": sc.strategy, "tiers": list(tiers), "round": round, "images": items},
+            {"strategy": sc.strategy, "tiers": list(tiers), "round": round, **summary, "images": items},
             indent=2,
             ensure_ascii=False,
         ),
     )
     return items
+
+
+def _rounded(x: float, digits: int) -> float:
+    return float(f"{x:.{digits}f}")  # (the `round` parameter of the functions above shadows the builtin)

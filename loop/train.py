@@ -162,6 +162,7 @@ class TrainData:
     embeds: torch.Tensor | None = None
     ids: torch.Tensor | None = None
     prior: torch.Tensor | None = None  # bool per item
+    weights: torch.Tensor | None = None  # sampling weight per item (selection.json's "weight"); None: uniform
 
 
 # -- class images (prior preservation) ---------------------------------------------------------------------
@@ -418,8 +419,14 @@ def fit(
     bar = tqdm(
         range(start, tc.steps), desc=desc, disable=not accelerator.is_main_process, initial=start, total=tc.steps
     )
+    w = None if data.weights is None else data.weights[inst].double()
+    if w is not None and bool((w == w[0]).all()):
+        w = None  # uniform: the plain sampler (same batches as before weights existed)
     for step in bar:
-        idx = inst[torch.randint(0, len(inst), (bs,), generator=gen)]
+        if w is None:
+            idx = inst[torch.randint(0, len(inst), (bs,), generator=gen)]
+        else:
+            idx = inst[torch.multinomial(w, bs, replacement=True, generator=gen)]
         if prior is not None and len(prior):
             idx = torch.cat([idx, prior[torch.randint(0, len(prior), (bs,), generator=gen)]])
         x0 = data.latents[idx].to(dev)
@@ -503,7 +510,11 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
     if not any(not it["prior"] for it in items):
         raise LoopError("none of the selected images could be read; check the files listed above")
     captions = [f"{token} {it['caption']}".strip() if token and not it["prior"] else it["caption"] for it in items]
-    data = TrainData(latents=torch.stack(lat), prior=torch.tensor([it["prior"] for it in items]))
+    data = TrainData(
+        latents=torch.stack(lat),
+        prior=torch.tensor([it["prior"] for it in items]),
+        weights=torch.tensor([float(it.get("weight", 1.0)) for it in items]),
+    )
 
     # 3. adapters: what learns depends on the method; their random init is seeded, so a unit is reproducible
     with torch.random.fork_rng():

@@ -1,0 +1,116 @@
+"""What the generate phase of a round adds for the `grow` and `longtail` strategies.
+
+- grow: img2img variations (`select.variations` each) of every image in the current set, made by unit N.
+- longtail: exploration images, `select.explore_share` of the round: prompts mutated or recombined from the
+  prompt file, unusual seeds, unusual CFG, and samples of the base model (unit 0). Each is marked
+  `exploration: true` (and its kind) in its row's params and in its PNG.
+
+Both are resumable: the jobs are a deterministic function of the round, so a rerun makes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+
+from loop.config import LoopConfig
+from loop.generate import Job, Renderer, vary
+from loop.prompts import read_prompts
+from loop.store import Store
+from loop.workspace import Workspace
+
+EXPLORE_KINDS = ("mutate", "recombine", "seed", "cfg", "base")
+# words the embedded model knows beyond the shapes, used to mutate prompts
+EXTRA_WORDS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "big", "small"]
+
+
+def grow_variations(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=print) -> int:
+    """Variations of each image of the current set by unit n, up to `select.variations` per image."""
+    from loop.select import choose
+
+    if cfg.select.variations <= 0:
+        return 0
+    made = 0
+    for item in choose(ws, store, cfg.select, n):
+        have = sum(1 for c in store.children(item["id"]) if c["unit"] == n)
+        want = cfg.select.variations - have
+        if want > 0:
+            made += len(vary(ws, store, cfg, [store.image(item["id"])], want, unit=n, log=log))
+    log(f"grow: {made} variation(s) of the set")
+    return made
+
+
+def exploration_jobs(lines, cfg: LoopConfig, count: int, round: int, native: int) -> list[tuple[str, Job]]:
+    """`count` exploration jobs, the same for the same round (so a rerun resumes)."""
+    rng = random.Random(7919 * (round + 1))
+    g = cfg.generate
+    words = sorted({w for ln in lines for w in ln.text.split()} | set(EXTRA_WORDS))
+    jobs = []
+    for k in range(count):
+        kind = EXPLORE_KINDS[k % len(EXPLORE_KINDS)]
+        line = rng.choice(lines)
+        prompt, seed, cfg_scale = line.text, rng.randrange(10**6, 10**9), g.cfg
+        if kind == "mutate":
+            parts = prompt.split()
+            parts.insert(rng.randrange(len(parts) + 1), rng.choice(words))
+            prompt = " ".join(parts)
+        elif kind == "recombine":
+            other = rng.choice(lines).text.split()
+            half = prompt.split()
+            prompt = " ".join(half[: max(1, len(half) // 2)] + other[len(other) // 2 :])
+        elif kind == "cfg":
+            cfg_scale = rng.choice([max(0.0, g.cfg * 0.25), g.cfg * 2.5])
+        jobs.append(
+            (
+                kind,
+                Job(
+                    prompt=prompt,
+                    negative=g.negative_prompt,
+                    seed=seed,
+                    steps=g.steps,
+                    cfg=cfg_scale,
+                    width=g.width or native,
+                    height=g.height or native,
+                    lineno=line.lineno,
+                ),
+            )  # fmt: skip
+        )
+    return jobs
+
+
+def explore(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=print) -> int:
+    """Exploration images for round n: explore_share of the round's images (the pass makes the rest)."""
+    share = cfg.select.explore_share
+    if share <= 0:
+        return 0
+    lines, _ = read_prompts(ws.prompts_path)
+    passed = store.db.execute(
+        "SELECT COUNT(*) FROM images WHERE round = ? AND parent_id IS NULL AND "
+        "COALESCE(json_extract(params, '$.exploration'), 0) = 0",
+        (n,),
+    ).fetchone()[0]
+    count = max(1, round(share / (1 - share) * passed))
+    renderers: dict[int, Renderer] = {}
+    made = 0
+    for kind, job in exploration_jobs(lines, cfg, count, n, 32):
+        unit = 0 if kind == "base" else n
+        if unit not in renderers:
+            renderers[unit] = Renderer(ws, store, cfg, unit, round=n)
+        r = renderers[unit]
+        if r.native != 32:  # jobs were planned at the embedded size; use this model's native size
+            job = replace(job, width=cfg.generate.width or r.native, height=cfg.generate.height or r.native)
+        if store.made_seeds(unit, job.prompt, [job.seed]):
+            continue
+        image = r.render([job])[0]
+        r.write(job, image, exploration=True, explore=kind)
+        made += 1
+    log(f"longtail: {made} exploration image(s) ({', '.join(EXPLORE_KINDS)})")
+    return made
+
+
+def is_exploration(row) -> bool:
+    try:
+        return bool(json.loads(row["params"] or "{}").get("exploration"))
+    except ValueError:
+        return False

@@ -1,0 +1,137 @@
+"""Issue 6: the selection rules of each strategy, lineage, exploration marking."""
+
+import json
+
+import pytest
+
+from loop.config import load_config
+from loop.errors import LoopError
+from loop.images import read_meta
+from loop.select import choose, lineage, select
+
+QUIET = dict(log=lambda m: None)
+
+
+def _img(store, name, unit, round, tier=None, parent=None, prompt="a circle"):
+    i = store.add_image(sha256=f"{name:0>64}", path=f"generations/{name}.png", prompt=prompt, unit=unit,
+                        round=round, parent_id=parent, seed=0)  # fmt: skip
+    if tier:
+        store.rate(i, tier, rater="t")
+    return i
+
+
+def _sc(*over):
+    return load_config(None, list(over)).select
+
+
+def test_golden_never_takes_below_ur_and_includes_imports(ws):
+    with ws.store() as store:
+        ids = {t: _img(store, f"a{t}", 0, 0, t) for t in ("UR", "SSR", "SR", "R", "N")}
+        imported = _img(store, "imp", None, None, "UR")
+        later = _img(store, "b", 1, 1, "UR")
+        demoted = _img(store, "c", 1, 1, "UR")
+        store.rate(demoted, "SSR", rater="t")  # the newest decision wins
+        items = choose(ws, store, _sc("select.strategy=golden"), 1)
+    assert {i["id"] for i in items} == {ids["UR"], imported, later}
+    assert {i["tier"] for i in items} == {"UR"}
+
+
+def test_converge_accumulates_and_replace_keeps_only_the_round(ws):
+    with ws.store() as store:
+        r0 = [_img(store, "a", 0, 0, "UR"), _img(store, "b", 0, 0, "SSR"), _img(store, "c", 0, 0, "SR")]
+        r1 = [_img(store, "d", 1, 1, "SSR"), _img(store, "e", 1, 1, "R")]
+        acc = choose(ws, store, _sc("select.strategy=converge"), 1)
+        rep = choose(ws, store, _sc("select.strategy=converge", "select.accumulate=false"), 1)
+        sr = choose(ws, store, _sc("select.strategy=converge", "select.min_tier=SR"), 1)
+    assert {i["id"] for i in acc} == {r0[0], r0[1], r1[0]}
+    assert {i["id"] for i in rep} == {r1[0]}
+    assert {i["id"] for i in sr} == {*r0, r1[0]}
+
+
+def test_outside_images_keep_their_share_of_the_weight(ws):
+    with ws.store() as store:
+        base = _img(store, "base", 0, 0, "UR")
+        mine = [_img(store, f"u{k}", 1, 1, "UR") for k in range(9)]
+        items = choose(ws, store, _sc("select.strategy=golden", "select.outside_share=0.3"), 1)
+    w = {i["id"]: i["weight"] for i in items}
+    share = w[base] / sum(w.values())
+    assert share == pytest.approx(0.3, abs=1e-3)
+    assert all(w[m] == 1.0 for m in mine)
+
+
+def test_lineage_gives_ancestor_and_depth(ws):
+    with ws.store() as store:
+        a = _img(store, "a", None, None, "UR")
+        b = _img(store, "b", 1, 1, parent=a)
+        c = _img(store, "c", 2, 2, parent=b)
+        d = _img(store, "d", 1, 1)
+        lin = lineage(store)
+    assert lin[a] == (a, 0) and lin[b] == (a, 1) and lin[c] == (a, 2) and lin[d] == (d, 0)
+
+
+def test_grow_caps_the_share_of_one_ancestor(ws):
+    with ws.store() as store:
+        a = _img(store, "a", None, None, "UR")
+        b = _img(store, "b", None, None, "UR")
+        kids_a = [_img(store, f"a{k}", 1, 1, "UR", parent=a) for k in range(8)]
+        kid_b = _img(store, "b1", 1, 1, "SSR", parent=b)
+        items = choose(ws, store, _sc("select.strategy=grow", "select.ancestor_cap=0.5"), 1)
+        uncapped = choose(ws, store, _sc("select.strategy=grow", "select.ancestor_cap=1.0"), 1)
+    by_root = {}
+    for i in items:
+        by_root.setdefault(i["ancestor"], []).append(i)
+    assert len(by_root[a]) <= 0.5 * len(items) + 1e-9
+    assert {i["id"] for i in by_root[b]} == {b, kid_b}, "the smaller lineage is kept whole"
+    assert len(uncapped) == 11 and len(items) < len(uncapped)
+    assert all(i["depth"] == 1 for i in items if i["id"] in kids_a)
+
+
+def test_empty_selection_is_one_clear_message(ws):
+    with ws.store() as store:
+        _img(store, "a", 0, 0, "R")
+        with pytest.raises(LoopError, match="empty selection"):
+            select(ws, store, _sc("select.strategy=golden"), 0)
+
+
+def test_exploration_images_are_marked_and_resumable(ws, cfg):
+    from loop.generate import generate
+    from loop.strategies import explore, is_exploration
+
+    cfg = load_config(ws.root, ["generate.images_per_prompt=4", "generate.steps=3", "select.strategy=longtail",
+                                "select.explore_share=0.5"])  # fmt: skip
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        generate(ws, store, cfg, unit=0, round=0, **QUIET)
+        made = explore(ws, store, cfg, 0, **QUIET)
+        again = explore(ws, store, cfg, 0, **QUIET)
+        rows = store.db.execute("SELECT * FROM images ORDER BY id").fetchall()
+    assert made == 8 and again == 0, "explore_share 0.5 of 8 pass images; a rerun makes nothing new"
+    ex = [r for r in rows if is_exploration(r)]
+    assert len(ex) == 8 and len(rows) == 16
+    kinds = {json.loads(r["params"])["explore"] for r in ex}
+    assert kinds == {"mutate", "recombine", "seed", "cfg", "base"}
+    assert all(read_meta(ws.root / r["path"])["exploration"] is True for r in ex)
+    plain = {r["prompt"] for r in rows if not is_exploration(r)}
+    assert any(r["prompt"] not in plain for r in ex), "some exploration prompts are new"
+
+
+def test_grow_makes_variations_of_the_set_once(ws, cfg, tmp_path):
+    from PIL import Image
+
+    from loop.interop import import_images
+    from loop.strategies import grow_variations
+
+    seed_dir = tmp_path / "seeds"
+    seed_dir.mkdir()
+    Image.new("RGB", (32, 32), (200, 40, 30)).save(seed_dir / "mine.png")
+    (seed_dir / "mine.txt").write_text("a circle")
+    cfg = load_config(ws.root, ["generate.steps=3", "select.strategy=grow", "select.variations=2"])
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        import_images(ws, store, seed_dir, "UR", "seed", **QUIET)
+        made = grow_variations(ws, store, cfg, 0, **QUIET)
+        again = grow_variations(ws, store, cfg, 0, **QUIET)
+        seed = store.db.execute("SELECT * FROM images WHERE source = 'seed'").fetchone()
+        kids = store.children(seed["id"])
+    assert (made, again) == (2, 0)
+    assert len(kids) == 2 and all(k["prompt"] == "a circle" for k in kids)

@@ -1,0 +1,322 @@
+"""Compare units side by side: the same probes rendered by each unit, and statistics of what each unit made.
+
+    loop compare 0 1 2        -> cache/compare/compare_grid.png, compare_plot.png, compare.json
+
+The probe set is fixed prompts x fixed seeds (by default the first four prompts of configs/prompts.txt at seeds
+1000 and 1001, seeds the generator does not reach soon), so a row of the grid differs from another only by the
+unit's weights. The statistics come from the store and the image files: how many images each unit made and how
+they were rated, the share of UR among the rated ones, their diversity (Vendi score on cheap colour/layout
+features), their near-duplicate rate (64-bit pHash within 4 bits), and their novel hits (UR images unlike every
+UR image any unit made before them). See loop/metrics.py for the formulas.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from loop.config import TIERS
+from loop.errors import LoopError
+from loop.images import load_rgb
+from loop.metrics import (
+    NEAR_DUPLICATE_BITS,
+    NOVEL_HIT_THRESHOLD,
+    features,
+    near_duplicate_rate,
+    novel_hits,
+    phash,
+    vendi_score,
+)
+from loop.workspace import atomic_write, unit_name
+
+DEFAULT_PROMPTS = ("a circle", "a square", "a triangle", "a ring")  # when configs/prompts.txt can't be read
+DEFAULT_SEEDS = (1000, 1001)
+PROBE_PROMPTS = 4  # the first N usable lines of configs/prompts.txt
+
+# grid layout: a label column on the left, a label row on top, then one cell per (unit, probe), no gaps
+GRID_LABEL_W = 64  # "unit N"
+GRID_LABEL_H = 30  # prompt, then "seed S", one line each
+GRID_CELL_MIN = 96  # images are upscaled (NEAREST, by a whole factor) until both sides are at least this
+GRID_BG = (255, 255, 255)
+GRID_INK = (0, 0, 0)
+
+STATS_CAP = 512  # images per unit for the Vendi score and the near-duplicate rate (evenly spaced in time)
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+# -- probes and units --------------------------------------------------------------------------------------
+def probe_set(ws, probes: list[str] | None = None, seeds: list[int] | None = None) -> list[tuple[str, int]]:
+    """(prompt, seed) pairs, prompt-major: every prompt at every seed."""
+    if probes is None:
+        from loop.prompts import read_prompts
+
+        try:
+            lines, _ = read_prompts(ws.prompts_path)
+            probes = [ln.text for ln in lines[:PROBE_PROMPTS]]
+        except LoopError:
+            probes = list(DEFAULT_PROMPTS)
+    seeds = list(DEFAULT_SEEDS) if seeds is None else list(seeds)
+    if not probes or not seeds:
+        raise LoopError("compare needs at least one probe prompt and one seed")
+    return [(p, int(s)) for p in probes for s in seeds]
+
+
+def units_with_weights(ws) -> list[int]:
+    """Unit 0 (the base model) and every unit whose checkpoint folder has LoRA weights."""
+    found = {0}
+    for folder in (ws.root / "checkpoints").glob("unit_*"):
+        tail = folder.name[len("unit_") :]
+        if tail.isdigit() and (folder / WEIGHTS).exists():
+            found.add(int(tail))
+    return sorted(found)
+
+
+def check_units(ws, units: list[int]) -> list[int]:
+    """The units in the order given, without repeats; LoopError naming the first one that can't be loaded."""
+    if not units:
+        raise LoopError("compare needs at least one unit, for example `loop compare 0 1`")
+    out: list[int] = []
+    for u in units:
+        u = int(u)
+        if u < 0 or (u > 0 and not (ws.checkpoint(u) / WEIGHTS).exists()):
+            why = "is not a unit number" if u < 0 else f"has no weights at checkpoints/{unit_name(u)}/{WEIGHTS}"
+            have = ", ".join(map(str, units_with_weights(ws)))
+            raise LoopError(f"unit {u} {why}; units that can be compared here: {have}")
+        if u not in out:
+            out.append(u)
+    return out
+
+
+# -- rendering ---------------------------------------------------------------------------------------------
+def render_unit(ws, cfg, unit: int, probes: list[tuple[str, int]]) -> list[Image.Image]:
+    """Every probe with one unit, in one batched pipe() call: generate.steps, generate.cfg, generate.scheduler,
+    the configured size and negative prompt, and a generator seeded with the probe's seed."""
+    import torch
+
+    from loop.models import load_unit, set_scheduler, unit_trigger
+
+    g = cfg.generate
+    pipe = load_unit(cfg.model, ws.checkpoint(unit), unit)
+    try:
+        set_scheduler(pipe, g.scheduler)
+        trigger = unit_trigger(ws.checkpoint(unit)) if unit > 0 else ""  # Custom Diffusion's modifier token
+        with torch.inference_mode():
+            return pipe(
+                prompt=[f"{trigger} {p}" if trigger else p for p, _ in probes],
+                negative_prompt=[g.negative_prompt] * len(probes) if g.negative_prompt else None,
+                num_inference_steps=g.steps,
+                guidance_scale=g.cfg,
+                width=g.width or None,
+                height=g.height or None,
+                generator=[torch.Generator(pipe.device).manual_seed(s) for _, s in probes],
+            ).images
+    finally:
+        device = pipe.device
+        del pipe
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def cell_size(width: int, height: int, minimum: int = GRID_CELL_MIN) -> tuple[int, int]:
+    """The cell an image of this size fills: scaled by the smallest whole factor that makes both sides >= minimum
+    (never shrunk), so NEAREST upscaling keeps every pixel square."""
+    factor = max(1, math.ceil(minimum / max(1, min(width, height))))
+    return width * factor, height * factor
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text`, cut with an ellipsis so that it fits in `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def grid_image(rows: list[tuple[int, list[Image.Image]]], probes: list[tuple[str, int]]) -> Image.Image:
+    """Units as rows, probes as columns. Size: (GRID_LABEL_W + columns * cell_w, GRID_LABEL_H + rows * cell_h),
+    the cell size given by the first image (cell_size)."""
+    first = rows[0][1][0]
+    cw, ch = cell_size(first.width, first.height)
+    out = Image.new("RGB", (GRID_LABEL_W + len(probes) * cw, GRID_LABEL_H + len(rows) * ch), GRID_BG)
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    for c, (prompt, seed) in enumerate(probes):
+        x = GRID_LABEL_W + c * cw + 2
+        draw.text((x, 2), _fit(draw, prompt, font, cw - 4), fill=GRID_INK, font=font)
+        draw.text((x, GRID_LABEL_H // 2), _fit(draw, f"seed {seed}", font, cw - 4), fill=GRID_INK, font=font)
+    for r, (unit, images) in enumerate(rows):
+        y = GRID_LABEL_H + r * ch
+        draw.text((4, y + ch // 2 - 6), _fit(draw, f"unit {unit}", font, GRID_LABEL_W - 6), fill=GRID_INK, font=font)
+        for c, im in enumerate(images):
+            out.paste(im.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST), (GRID_LABEL_W + c * cw, y))
+    return out
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- statistics --------------------------------------------------------------------------------------------
+def _spread(rows: list, cap: int) -> list:
+    """At most `cap` rows, evenly spaced over the list (deterministic: the same rows give the same choice)."""
+    if len(rows) <= cap:
+        return list(rows)
+    return [rows[i] for i in np.linspace(0, len(rows) - 1, cap).round().astype(int)]
+
+
+def unit_stats(
+    ws, store, units: list[int], log=print, cap: int = STATS_CAP, threshold: float = NOVEL_HIT_THRESHOLD
+) -> list[dict]:
+    """One dict per unit: images, rated, tiers (count per tier), ur_rate (UR / rated; None with no ratings),
+    vendi and near_dup_rate (over at most `cap` of its images; None with no readable image), novel_hits.
+
+    Novel hits are judged over the UR images of ALL units (imported images, which no unit made, are left out)
+    in the order they were stored (row id): a unit is credited with each of its UR images that is farther than
+    `threshold` from every earlier UR image, whichever unit made that one.
+    """
+    cache: dict[int, tuple[np.ndarray, int] | None] = {}
+    missing: list[str] = []
+
+    def load(row) -> tuple[np.ndarray, int] | None:
+        if row["id"] not in cache:
+            try:
+                rgb = load_rgb(ws.root / row["path"])
+                cache[row["id"]] = (features(rgb), phash(rgb))
+            except (OSError, ValueError):
+                cache[row["id"]] = None
+                missing.append(row["path"])
+        return cache[row["id"]]
+
+    ur = [(r, load(r)) for r in store.images() if r["tier"] == "UR" and r["unit"] is not None]
+    ur = [(r, x) for r, x in ur if x is not None]
+    hits = novel_hits([x[0] for _, x in ur], threshold)
+    hits_by_unit = Counter(r["unit"] for (r, _), hit in zip(ur, hits) if hit)
+
+    out = []
+    for u in units:
+        rows = store.images(unit=u)
+        tiers = {t: 0 for t in TIERS}
+        for r in rows:
+            if r["tier"] in tiers:
+                tiers[r["tier"]] += 1
+        rated = sum(tiers.values())
+        got = [x for x in (load(r) for r in _spread(rows, cap)) if x is not None]
+        out.append(
+            dict(
+                unit=u,
+                images=len(rows),
+                rated=rated,
+                tiers=tiers,
+                ur_rate=tiers["UR"] / rated if rated else None,
+                vendi=vendi_score(np.stack([x[0] for x in got])) if got else None,
+                near_dup_rate=near_duplicate_rate([x[1] for x in got], NEAR_DUPLICATE_BITS) if got else None,
+                novel_hits=int(hits_by_unit.get(u, 0)),
+            )
+        )
+    if missing:
+        log(f"warning: {len(missing)} image file(s) could not be read and were left out (first: {missing[0]})")
+    return out
+
+
+# -- plot --------------------------------------------------------------------------------------------------
+def plot_png(stats: list[dict]) -> bytes:
+    """Two bar charts side by side: UR rate per unit and Vendi diversity per unit ("n/a" where undefined)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = [f"unit {s['unit']}" for s in stats]
+    fig = Figure(figsize=(max(7.0, 1.2 * len(stats) + 3.0), 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    panels = (("ur_rate", "UR rate (UR / rated)", "UR rate"), ("vendi", "Vendi diversity", "effective images"))
+    for k, (key, title, ylabel) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, k + 1)
+        values = [s[key] for s in stats]
+        bars = ax.bar(names, [0.0 if v is None else v for v in values], color="#4c72b0")
+        for bar, v in zip(bars, values):
+            label = "n/a" if v is None else (f"{v:.0%}" if key == "ur_rate" else f"{v:.2f}")
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        if key == "ur_rate":
+            ax.set_ylim(0, 1.1)
+        else:
+            ax.set_ylim(0, max([1.0] + [v for v in values if v is not None]) * 1.15)
+        ax.tick_params(axis="x", labelrotation=30 if len(stats) > 6 else 0)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# -- the command -------------------------------------------------------------------------------------------
+def compare(
+    ws,
+    store,
+    cfg,
+    units: list[int],
+    out_dir: Path | None = None,
+    probes: list[str] | None = None,
+    seeds: list[int] | None = None,
+    log=print,
+) -> dict:
+    """Render the probe grid for `units`, compute their statistics, and write compare_grid.png, compare_plot.png
+    and compare.json under `out_dir` (default <workspace>/cache/compare). Returns
+    {"grid": Path, "plot": Path, "units": [per-unit stats, see unit_stats], "probes": [...], ...}."""
+    units = check_units(ws, units)  # before any rendering: a typo fails at once
+    pairs = probe_set(ws, probes, seeds)
+    out_dir = Path(out_dir) if out_dir is not None else ws.root / "cache" / "compare"
+    rows = []
+    for u in units:
+        log(f"compare: rendering {len(pairs)} probe(s) with unit {u}")
+        rows.append((u, render_unit(ws, cfg, u, pairs)))
+    grid = atomic_write(out_dir / "compare_grid.png", _png(grid_image(rows, pairs)))
+    log("compare: statistics from the store")
+    stats = unit_stats(ws, store, units, log=log)
+    plot = atomic_write(out_dir / "compare_plot.png", plot_png(stats))
+    result = {
+        "grid": grid,
+        "plot": plot,
+        "units": stats,
+        "probes": [{"prompt": p, "seed": s} for p, s in pairs],
+        "novel_hit_threshold": NOVEL_HIT_THRESHOLD,
+        "near_duplicate_bits": NEAR_DUPLICATE_BITS,
+        "stats_cap": STATS_CAP,
+    }
+    data = {**result, "grid": str(grid), "plot": str(plot)}
+    result["json"] = atomic_write(out_dir / "compare.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The per-unit statistics as a plain-text table, one row per unit, then where the files are."""
+    head = ["unit", "images", "rated", *TIERS, "UR rate", "vendi", "near-dup", "novel"]
+    body = []
+    for s in result["units"]:
+        body.append(
+            [
+                str(s["unit"]),
+                str(s["images"]),
+                str(s["rated"]),
+                *(str(s["tiers"].get(t, 0)) for t in TIERS),
+                "-" if s["ur_rate"] is None else f"{s['ur_rate']:.1%}",
+                "-" if s["vendi"] is None else f"{s['vendi']:.2f}",
+                "-" if s["near_dup_rate"] is None else f"{s['near_dup_rate']:.1%}",
+                str(s["novel_hits"]),
+            ]
+        )
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for key in ("grid", "plot"):
+        if result.get(key):
+            lines.append(f"{key}: {result[key]}")
+    return "\n".join(lines)

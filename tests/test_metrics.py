@@ -1,0 +1,161 @@
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loop.metrics import (
+    FEATURE_DIM,
+    NOVEL_HIT_THRESHOLD,
+    _dct_matrix,
+    bradley_terry,
+    bt_bootstrap,
+    features,
+    hamming,
+    near_duplicate_rate,
+    novel_hit_threshold,
+    novel_hits,
+    phash,
+    vendi_score,
+)
+
+
+def blobs(seed: int, size: int = 64) -> np.ndarray:
+    """A smooth random picture: a 6x6 random colour grid upscaled bicubically."""
+    small = np.random.default_rng(seed).integers(0, 256, (6, 6, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC))
+
+
+# -- features and Vendi ------------------------------------------------------------------------------------
+def test_features_unit_length_and_shape():
+    for rgb in (blobs(1), np.zeros((32, 32, 3), np.uint8), np.full((16, 24, 3), 255, np.uint8)):
+        f = features(rgb)
+        assert f.shape == (FEATURE_DIM,) == (256,)
+        assert f.dtype == np.float32 and np.all(f >= 0)
+        assert math.isclose(float(np.linalg.norm(f)), 1.0, rel_tol=1e-5)
+    assert float(features(blobs(1)) @ features(blobs(1))) == pytest.approx(1.0)
+    assert float(features(blobs(1)) @ features(blobs(2))) < 0.99
+
+
+def test_vendi_identical_orthogonal_and_edge_cases():
+    assert vendi_score(np.tile([0.3, 0.4, 0.5], (7, 1))) == pytest.approx(1.0)
+    for k in (2, 3, 5):
+        assert vendi_score(np.eye(k)) == pytest.approx(k)
+        assert vendi_score(np.eye(50)[:k] * 3.0) == pytest.approx(k)  # rows need not be unit length; d > n
+    assert vendi_score(np.eye(3)[[0, 1, 2, 0, 1, 2]]) == pytest.approx(3.0)  # n > d: the d x d Gram path
+    assert vendi_score(np.zeros((0, 4))) == 0.0
+    assert vendi_score(np.array([[1.0, 2.0]])) == 1.0
+
+
+@pytest.mark.parametrize("c", [0.0, 0.3, 0.8, -0.5])
+def test_vendi_two_vectors_hand_computed(c):
+    x = np.array([[1.0, 0.0], [c, math.sqrt(1 - c * c)]])
+    lam = [(1 + c) / 2, (1 - c) / 2]  # eigenvalues of [[1, c], [c, 1]] / 2
+    expected = math.exp(-sum(v * math.log(v) for v in lam if v > 0))
+    assert vendi_score(x) == pytest.approx(expected)
+
+
+# -- perceptual hash ---------------------------------------------------------------------------------------
+def test_dct_matrix_is_orthonormal_dct_ii():
+    c = _dct_matrix(8)
+    assert np.allclose(c @ c.T, np.eye(8))
+    x = np.random.default_rng(0).normal(size=8)
+    n = np.arange(8)
+    direct = [sum(x * np.cos(np.pi * (2 * n + 1) * k / 16)) for k in range(8)]  # unscaled DCT-II
+    scale = np.array([math.sqrt(1 / 8)] + [math.sqrt(2 / 8)] * 7)
+    assert np.allclose(c @ x, scale * direct)
+
+
+def test_phash_distances():
+    img = blobs(1)
+    h = phash(img)
+    assert 0 <= h < 2**64
+    assert hamming(h, phash(img.copy())) == 0
+    noisy = np.clip(img + np.random.default_rng(0).normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+    assert hamming(h, phash(noisy)) <= 4
+    assert hamming(h, phash(img[::-1, ::-1])) > 16  # turned upside down
+    assert hamming(h, phash(blobs(3))) > 16  # another picture
+
+
+def test_hamming_counts_bits():
+    assert hamming(0, 0) == 0
+    assert hamming(0b1011, 0b0001) == 2
+    assert hamming(0, 2**64 - 1) == 64
+
+
+def test_near_duplicate_rate():
+    assert near_duplicate_rate([]) == 0.0
+    assert near_duplicate_rate([123]) == 0.0
+    assert near_duplicate_rate([0, 0]) == 1.0  # both have a copy
+    far = [0, 2**64 - 1, 0xFFFFFFFF, 0xFFFFFFFF << 32]  # pairwise >= 32 bits apart
+    assert near_duplicate_rate(far) == 0.0
+    assert near_duplicate_rate([0, 0b1111, 2**64 - 1, 0xFFFFFFFF]) == 0.5  # 0 and 0b1111: 4 bits, inclusive
+    assert near_duplicate_rate([0, 0b11111, 2**64 - 1]) == 0.0  # 5 bits > 4
+    assert near_duplicate_rate([0, 0b11111, 2**64 - 1], threshold=5) == pytest.approx(2 / 3)
+
+
+# -- novelty -----------------------------------------------------------------------------------------------
+def test_novel_hits_hand_made():
+    assert novel_hit_threshold == NOVEL_HIT_THRESHOLD and 0 < NOVEL_HIT_THRESHOLD < 1
+    e = np.eye(3)
+    near_first = np.array([1.0, 0.0, 0.1])  # cos 0.995 to e0: distance 0.005
+    both = np.array([1.0, 1.0, 0.0])  # distance 0.29 to e0 and e1, 0.296 to near_first
+    feats = [e[0], e[1], near_first, both, e[2]]
+    assert novel_hits(feats, threshold=0.25) == [False, True, False, True, True]
+    assert novel_hits(feats, threshold=0.3) == [False, True, False, False, True]
+    assert novel_hits([], 0.25) == []
+    assert novel_hits([e[0]], 0.25) == [False]  # the first has nothing to be new against
+    assert novel_hits([e[0] * 5, e[0]], 0.25) == [False, False]  # scale does not matter
+
+
+# -- Bradley-Terry -----------------------------------------------------------------------------------------
+STRENGTHS = {"A": 1.5, "B": 0.5, "C": -0.5, "D": -1.5}  # log-strengths
+
+
+def synthetic_votes(n: int = 400, seed: int = 1) -> list[tuple[str, str, str]]:
+    rng = np.random.default_rng(seed)
+    names = list(STRENGTHS)
+    votes = []
+    for _ in range(n):
+        a, b = rng.choice(len(names), 2, replace=False)
+        left, right = names[a], names[b]
+        p_left = 1 / (1 + math.exp(STRENGTHS[right] - STRENGTHS[left]))
+        votes.append((left, right, left if rng.random() < p_left else right))
+    return votes
+
+
+def test_bradley_terry_recovers_order():
+    votes = synthetic_votes()
+    est = bradley_terry(votes)
+    assert sorted(est, key=est.get, reverse=True) == ["A", "B", "C", "D"]
+    assert sum(est.values()) == pytest.approx(0.0, abs=1e-9)
+    # the prior shrinks a little, but the spread is close to the true 3.0
+    assert 2.0 < est["A"] - est["D"] < 3.6
+
+
+def test_bt_bootstrap_intervals():
+    votes = synthetic_votes()
+    ci = bt_bootstrap(votes, n_boot=200, seed=0)
+    assert set(ci) == set(STRENGTHS)
+    full = bradley_terry(votes)
+    for name, (est, low, high) in ci.items():
+        assert est == pytest.approx(full[name])
+        assert low < est < high
+    assert ci["A"][1] > ci["D"][2]  # A's interval lies entirely above D's
+    assert bt_bootstrap(votes, n_boot=200, seed=0) == ci  # seeded
+
+
+def test_bradley_terry_ties_undefeated_and_errors():
+    tied = bradley_terry([("a", "b", "tie")] * 10)
+    assert tied["a"] == pytest.approx(0.0) and tied["b"] == pytest.approx(0.0)
+    # a tie is half a win each: 1 win + 2 ties for x over y equals 2 wins of 3 (x: 2, y: 1)
+    mixed = bradley_terry([("x", "y", "x"), ("x", "y", "tie"), ("y", "x", "tie")])
+    plain = bradley_terry([("x", "y", "x"), ("x", "y", "x"), ("x", "y", "y")])
+    assert mixed["x"] == pytest.approx(plain["x"]) and mixed["x"] > 0
+    undefeated = bradley_terry([("w", "l", "w")] * 20)
+    assert all(math.isfinite(v) for v in undefeated.values()) and undefeated["w"] > 1
+    assert bradley_terry([]) == {} and bt_bootstrap([]) == {}
+    with pytest.raises(ValueError):
+        bradley_terry([("a", "b", "c")])
+    with pytest.raises(ValueError):
+        bradley_terry([("a", "a", "a")])

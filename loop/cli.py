@@ -363,6 +363,44 @@ def import_cmd(
 
 
 @app.command()
+def compare(
+    units: Annotated[Optional[str], typer.Option("--units", help="e.g. 0..3 or 0,2,3 (default: all units)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="folder for the grid, plot and compare.json")] = None,
+    workspace: WorkspaceOpt = Path("."),
+    overrides: OverridesArg = None,
+) -> None:
+    """A fixed-seed probe grid across units (units as rows), per-unit statistics and plots."""
+    from loop.compare import compare as run_compare
+    from loop.compare import format_table
+
+    ws, cfg = _open(workspace, overrides)
+    with ws.store() as store:
+        store.ensure_base_unit(cfg.model.base)
+        have = [r["unit"] for r in store.units()]
+        chosen = parse_units(units, have)
+        r = run_compare(ws, store, cfg, chosen, out, log=_echo)
+    _echo(format_table(r))
+    _echo(f"grid: {r['grid']}\nplot: {r['plot']}")
+
+
+def parse_units(spec: str | None, have: list[int]) -> list[int]:
+    """ "0..3", "0,2,3" or None (every unit) -> unit numbers."""
+    if not spec:
+        return sorted(have)
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            if ".." in part:
+                a, b = part.split("..", 1)
+                out += list(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise LoopError(f"--units {spec!r}: give a range like 0..3 or a list like 0,2,3") from None
+    return out
+
+
+@app.command()
 def status(workspace: WorkspaceOpt = Path(".")) -> None:
     """Units and lineage, images and tiers per unit, UR rate, and what the current round waits for."""
     from loop.status import format_status

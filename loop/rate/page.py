@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from loop.config import TIERS, LoopConfig  # noqa: E402
 from loop.errors import LoopError  # noqa: E402
+from loop.rate.ab import ABVotes, ranking_html  # noqa: E402
 from loop.rate.handlers import BadRequest, Forbidden, NotFound, RateHandlers  # noqa: E402
 from loop.store import PHASES  # noqa: E402
 from loop.workspace import Workspace  # noqa: E402
@@ -232,6 +233,21 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
         await _json_body(request)
         return ok(await run_in_threadpool(h.finish))
 
+    ab = app.state.ab = ABVotes(h.store, h.lock)
+
+    @app.get("/loop/api/ab/pair")
+    def ab_pair():
+        return ok(ab.pair())
+
+    @app.post("/loop/api/ab/vote")
+    async def ab_vote(request: Request):
+        return ok(ab.vote(await _json_body(request)))
+
+    @app.get("/loop/api/ab/ranking")
+    def ab_ranking():
+        r = ab.ranking()
+        return ok({**r, "html": ranking_html(r)})
+
     @app.get("/loop/thumb/{image_id}")
     async def thumb(image_id: str):
         i = _image_id(image_id)
@@ -295,7 +311,7 @@ def progress_markdown(h: RateHandlers) -> str:
     return "\n".join(lines)
 
 
-def build_blocks(h: RateHandlers) -> gr.Blocks:
+def build_blocks(h: RateHandlers, cfg: LoopConfig | None = None) -> gr.Blocks:
     """Tabs: Rate (the grid, drawn by static/rate.js) and Progress (counters, every round, what comes next)."""
     script = (STATIC / "rate.js").read_text(encoding="utf-8")
     with gr.Blocks(title="loop · rate", fill_width=True, analytics_enabled=False) as blocks:
@@ -310,13 +326,52 @@ def build_blocks(h: RateHandlers) -> gr.Blocks:
             with gr.Tab("Progress", id="progress") as progress_tab:
                 progress = gr.Markdown("")
                 refresh = gr.Button("Refresh", size="sm")
+            with gr.Tab("Compare", id="compare"):
+                gr.Markdown(
+                    "**Units side by side.** Every unit draws the same probe prompts at the same seeds (rows: "
+                    "units; columns: probes), with each unit's tiers, UR rate, diversity (Vendi score), "
+                    "near-duplicates and novel hits."
+                )
+                run_compare = gr.Button("Render the probe grid", size="sm", elem_id="loop-compare-run")
+                compare_view = gr.HTML("", elem_id="loop-compare-view")
+                compare_table = gr.Markdown("", elem_id="loop-compare-table")
+                gr.Markdown("**Blind A/B.** Two units' images of the same prompt and seed; which is better?")
+                gr.HTML(
+                    "",
+                    js_on_load=(STATIC / "ab.js").read_text(encoding="utf-8") + "\nLoopAB.mount(element);\n",
+                    apply_default_css=False,
+                    elem_id="loop-ab",
+                )
         # Filled when the tab opens, not on a timer: the Rate tab's own counters are live, and a Gradio event
         # every few seconds would compete with the ratings for the server. (No listener on the Rate tab: its
         # select fires on every page load and would delay the first grid.)
         show = lambda: progress_markdown(h)  # noqa: E731
         progress_tab.select(show, None, progress, show_progress="hidden", queue=False)
         refresh.click(show, None, progress, show_progress="hidden", queue=False)
+        run_compare.click(lambda: compare_html(h, cfg), None, [compare_view, compare_table], show_progress="minimal")
     return blocks
+
+
+def compare_html(h: RateHandlers, cfg: LoopConfig | None) -> tuple[str, str]:
+    """Render the probe grid of every unit (loop.compare) and show it with its plot and per-unit table."""
+    from loop.compare import compare, format_table
+    from loop.config import load_config
+
+    cfg = cfg or load_config(h.ws.root)
+    units = [r["unit"] for r in h.store.units()] or [0]
+    try:
+        with h.ws.store() as store:  # its own connection: rendering takes a while and must not hold the page's
+            r = compare(h.ws, store, cfg, units, log=lambda m: None)
+    except LoopError as e:
+        return f"<p class='loop-error'>{e}</p>", ""
+    stamp = int(time.time())
+    grid, plot = h.ws.rel(Path(r["grid"])), h.ws.rel(Path(r["plot"]))
+    html = (
+        f"<div class='loop-compare'><img alt='probe grid' src='/loop/files/{grid}?t={stamp}' "
+        f"style='image-rendering:pixelated;max-width:100%'>"
+        f"<img alt='UR rate and diversity per unit' src='/loop/files/{plot}?t={stamp}' style='max-width:100%'></div>"
+    )
+    return html, "```\n" + format_table(r) + "\n```"
 
 
 def build_app(
@@ -334,7 +389,7 @@ def build_app(
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.handlers = h
     add_routes(app, h)  # before the mount, so /loop/* is ours and the rest goes to Gradio
-    blocks = build_blocks(h)
+    blocks = build_blocks(h, cfg)
     gr.mount_gradio_app(
         app,
         blocks,

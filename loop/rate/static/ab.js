@@ -1,0 +1,67 @@
+// Blind A/B between units: two images of the same prompt and seed, sides randomised, units hidden.
+// Keys (only while the Compare tab is showing): ArrowLeft or 1 = left, ArrowRight or 2 = right, ArrowDown or 0 = tie.
+// Votes go to /loop/api/ab/vote; the Bradley-Terry ranking below refreshes after each vote.
+window.LoopAB = (function () {
+  function mount(root) {
+    root.innerHTML = `
+      <div class="ab">
+        <div class="ab-help">Which is better? <kbd>←</kbd>/<kbd>1</kbd> left · <kbd>→</kbd>/<kbd>2</kbd> right ·
+          <kbd>↓</kbd>/<kbd>0</kbd> tie. The units are hidden and the sides are random.</div>
+        <div class="ab-pair">
+          <figure><img class="ab-img" data-side="left" alt="left"><figcaption><button data-w="left">Left</button></figcaption></figure>
+          <figure><img class="ab-img" data-side="right" alt="right"><figcaption><button data-w="right">Right</button></figcaption></figure>
+        </div>
+        <div class="ab-tie"><button data-w="tie">Tie</button> <span class="ab-status"></span></div>
+        <div class="ab-ranking"></div>
+      </div>`;
+    const imgs = { left: root.querySelector('[data-side="left"]'), right: root.querySelector('[data-side="right"]') };
+    const status = root.querySelector(".ab-status");
+    const ranking = root.querySelector(".ab-ranking");
+    let pair = null, busy = false;
+
+    async function next() {
+      const r = await fetch("/loop/api/ab/pair");
+      const data = await r.json();
+      if (!r.ok) { pair = null; status.textContent = data.error || "no pairs"; imgs.left.removeAttribute("src"); imgs.right.removeAttribute("src"); return; }
+      pair = data;
+      imgs.left.src = data.left.url; imgs.right.src = data.right.url;
+      status.textContent = "";
+    }
+    async function showRanking() {
+      const r = await fetch("/loop/api/ab/ranking");
+      if (r.ok) ranking.innerHTML = (await r.json()).html;
+    }
+    async function vote(winner) {
+      if (!pair || busy) return;
+      busy = true; // one vote at a time; the next pair is showing before the next key counts
+      let votes = null;
+      try {
+        const r = await fetch("/loop/api/ab/vote", {
+          method: "POST", headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ left: pair.left.id, right: pair.right.id, winner: winner,
+                                 rater: localStorage.getItem("loop.rater") || "anonymous" }),
+        });
+        const data = await r.json();
+        if (r.ok) votes = data.votes;
+        await next();
+        status.textContent = r.ok ? `saved (${data.votes} votes)` : (data.error || "not saved");
+      } finally {
+        busy = false;
+        if (votes !== null) root.dataset.votes = String(votes);
+      }
+      showRanking();
+    }
+    root.addEventListener("click", (e) => { const w = e.target.dataset && e.target.dataset.w; if (w) vote(w); });
+    function onKey(e) {
+      if (!root.isConnected) { document.removeEventListener("keydown", onKey); return; }
+      if (root.offsetParent === null) return; // the Compare tab is not showing
+      const t = e.target;
+      if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA")) return;
+      const w = { ArrowLeft: "left", "1": "left", ArrowRight: "right", "2": "right", ArrowDown: "tie", "0": "tie" }[e.key];
+      if (w) { e.preventDefault(); vote(w); }
+    }
+    document.addEventListener("keydown", onKey);
+    next(); showRanking();
+  }
+  return { mount: mount };
+})();

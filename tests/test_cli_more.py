@@ -1,0 +1,52 @@
+"""The command line for import, export, export-lora, compare and init --seed-images (in-process)."""
+
+from PIL import Image
+
+from loop.cli import entry, parse_units
+
+
+def test_import_then_export_golden_through_the_cli(ws, tmp_path, capsys):
+    src = tmp_path / "mine"
+    src.mkdir()
+    Image.new("RGB", (40, 30), (200, 50, 40)).save(src / "a.png")
+    (src / "a.txt").write_text("a red thing")
+    (src / "broken.png").write_bytes(b"not a png")
+    assert entry(["import", str(src), "--tier", "UR", "--source", "mine", "-w", str(ws.root)]) == 0
+    out = capsys.readouterr()
+    assert "imported 1, skipped 1" in out.out and "broken.png" in out.out + out.err
+    assert entry(["export", "--set", "golden", "--out", str(tmp_path / "ds"), "-w", str(ws.root)]) == 0
+    lines = (tmp_path / "ds" / "metadata.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and '"a red thing"' in lines[0]
+    assert entry(["import", str(src), "--tier", "XR", "-w", str(ws.root)]) == 2
+    assert "--tier 'XR'" in capsys.readouterr().err
+
+
+def test_export_lora_of_the_base_unit_is_one_clear_error(ws, capsys):
+    assert entry(["export-lora", "--unit", "0", "-w", str(ws.root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_init_with_seed_images(tmp_path, capsys):
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    Image.new("RGB", (32, 32), (220, 120, 40)).save(seeds / "one.png")
+    assert entry(["init", str(tmp_path / "w"), "--seed-images", str(seeds)]) == 0
+    assert "1 seed image(s)" in capsys.readouterr().out
+    from loop.workspace import Workspace
+
+    with Workspace.open(tmp_path / "w").store() as store:
+        rows = store.images()
+    assert len(rows) == 1 and rows[0]["source"] == "seed" and rows[0]["tier"] == "UR"
+
+
+def test_parse_units():
+    assert parse_units("0..3", [0, 1]) == [0, 1, 2, 3]
+    assert parse_units("0,2", [0, 1, 2]) == [0, 2]
+    assert parse_units(None, [2, 0, 1]) == [0, 1, 2]
+    import pytest
+
+    from loop.errors import LoopError
+
+    with pytest.raises(LoopError, match="--units"):
+        parse_units("a..b", [0])

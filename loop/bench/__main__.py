@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--steps", type=int, default=150, help="LoRA steps per unit")
     r.add_argument("--noise", type=float, default=10.0, help="the scripted rater's noise")
     r.add_argument("--out", default="docs")
+    r = sub.add_parser("shots", help="the Compare tab's screenshot for the README (docs/img/compare.png)")
+    r.add_argument("--out", default="docs")
     r = sub.add_parser("sd15-check", help="build the SD1.5-shaped random pipeline and run it once (any device)")
     r.add_argument("--size", type=int, default=64)
     args = ap.parse_args(argv)
@@ -60,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
-    if args.name == "converge":
+    if args.name == "shots":
+        from loop.bench.shots import compare_screenshot
+
+        compare_screenshot(args.out)
+    elif args.name == "converge":
         from loop.bench.converge import bench_converge
 
         bench_converge(rounds=args.rounds, images=args.images, steps=args.steps, noise=args.noise, out=args.out)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 from loop.config import TIERS
 from loop.store import PHASES, Store
 from loop.workspace import Workspace
@@ -69,4 +72,19 @@ def format_status(ws: Workspace) -> str:
         if not rows:
             lines.append("  (no units yet: `loop run --round` starts with the base model as unit 0)")
         lines += ["", next_step(store) if rows else "next: `loop run --round`"]
+        lines += ring_lines(store)
         return "\n".join(lines)
+
+
+def ring_lines(store) -> list[str]:
+    """Where each `loop generate --forever/--count` process stopped (its position in the prompt ring)."""
+    out = []
+    for key, value, updated in store.db.execute("SELECT key, value, updated_at FROM state WHERE key LIKE 'ring/%'"):
+        pos = json.loads(value)
+        ago = time.time() - updated
+        when = f"{ago / 60:.0f} min ago" if ago < 5400 else time.strftime("%Y-%m-%d %H:%M", time.localtime(updated))
+        who = key.split("/", 1)[1].replace("of", " of ")
+        out.append(
+            f"prompt ring (process {who}): at {pos.get('text', '')!r}, cycle {pos.get('cycle', 0)} (moved {when})"
+        )
+    return [""] + out if out else []

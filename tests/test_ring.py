@@ -101,6 +101,9 @@ def test_restart_continues_where_it_stopped(ws, cfg):
         generate_ring(ws, store, cfg, unit=0, count=3, **QUIET)
         assert made(store) == [("a circle", 0), ("a circle", 1), ("a circle", 2), ("a square", 0), ("a square", 1)]
         files_match_rows(ws, store)
+    from loop.status import format_status
+
+    assert "prompt ring (process 0 of 1): at 'a square', cycle 0" in format_status(ws)
 
 
 def test_per_line_overrides_reach_the_image_and_its_row(ws, cfg):

@@ -296,9 +296,7 @@ def train(
     if processes < 1:
         raise LoopError(f"--processes must be 1 or more, got {processes}")
     if processes > 1:
-        argv = STATE.get("argv", sys.argv[1:])
-        args = argv[argv.index("train") + 1 :] if "train" in argv else []
-        raise typer.Exit(_launch(processes, ["train"] + _without_processes(["train", *args], "train")))
+        raise typer.Exit(_launch(processes, ["train"] + _without_processes(STATE.get("argv", sys.argv[1:]), "train")))
     ws, cfg = _open(workspace, overrides)
     with ws.store() as store:
         n = store.current_unit() if unit is None else unit

@@ -95,30 +95,22 @@ def check_units(ws, units: list[int]) -> list[int]:
 
 # -- rendering ---------------------------------------------------------------------------------------------
 def render_unit(ws, cfg, unit: int, probes: list[tuple[str, int]]) -> list[Image.Image]:
-    """Every probe with one unit, in one batched pipe() call: generate.steps, generate.cfg, generate.scheduler,
-    the configured size and negative prompt, and a generator seeded with the probe's seed."""
+    """Every probe with one unit, in one batched pipe() call, through the generator's Renderer (the unit's
+    scheduler, modifier token, size, steps, CFG and negative prompt as `loop generate` uses them)."""
     import torch
 
-    from loop.models import load_unit, set_scheduler, unit_trigger
+    from loop.generate import Job, Renderer
 
     g = cfg.generate
-    pipe = load_unit(cfg.model, ws.checkpoint(unit), unit)
+    renderer = Renderer(ws, None, cfg, unit)  # render only: nothing is written, so no store
     try:
-        set_scheduler(pipe, g.scheduler)
-        trigger = unit_trigger(ws.checkpoint(unit)) if unit > 0 else ""  # Custom Diffusion's modifier token
-        with torch.inference_mode():
-            return pipe(
-                prompt=[f"{trigger} {p}" if trigger else p for p, _ in probes],
-                negative_prompt=[g.negative_prompt] * len(probes) if g.negative_prompt else None,
-                num_inference_steps=g.steps,
-                guidance_scale=g.cfg,
-                width=g.width or None,
-                height=g.height or None,
-                generator=[torch.Generator(pipe.device).manual_seed(s) for _, s in probes],
-            ).images
+        w, h = g.width or renderer.native, g.height or renderer.native
+        jobs = [Job(prompt=p, negative=g.negative_prompt, seed=s, steps=g.steps, cfg=g.cfg, width=w, height=h)
+                for p, s in probes]  # fmt: skip
+        return renderer.render(jobs)
     finally:
-        device = pipe.device
-        del pipe
+        device = renderer.pipe.device
+        del renderer
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -153,6 +153,15 @@ def _batches(jobs: list[Job], size: int):
         yield batch
 
 
+def unmade(store: Store, unit: int, jobs: list[Job]) -> list[Job]:
+    """The jobs whose (prompt, seed) this unit hasn't made yet: one store query per distinct prompt."""
+    seeds: dict[str, list[int]] = {}
+    for j in jobs:
+        seeds.setdefault(j.prompt, []).append(j.seed)
+    done = {p: store.made_seeds(unit, p, s) for p, s in seeds.items()}
+    return [j for j in jobs if j.seed not in done[j.prompt]]
+
+
 def _settings(j: Job):
     return (j.negative, j.steps, j.cfg, j.width, j.height, j.strength)
 
@@ -172,7 +181,9 @@ def tune_for_speed(pipe, g: GenerateConfig) -> None:
 class Renderer:
     """One loaded unit: turns batches of jobs into PNG files and their rows."""
 
-    def __init__(self, ws: Workspace, store: Store, cfg: LoopConfig, unit: int, round: int | None = None, stop=None):
+    def __init__(
+        self, ws: Workspace, store: Store | None, cfg: LoopConfig, unit: int, round: int | None = None, stop=None
+    ):  # store=None: render only (loop compare)
         self.ws, self.store, self.cfg, self.unit = ws, store, cfg, unit
         self.round = unit if round is None else round
         self.stop = stop if stop is not None else StopFlag()
@@ -256,7 +267,7 @@ class Renderer:
         made = 0
         for batch in _batches(jobs, self.cfg.generate.batch_size):
             # leave out what was made meanwhile (another process, an earlier run)
-            batch = [j for j in batch if not self.store.made_seeds(self.unit, j.prompt, [j.seed])]
+            batch = unmade(self.store, self.unit, batch)
             if not batch:
                 continue
             try:
@@ -300,7 +311,7 @@ def generate(
     t0 = time.time()
     renderer = Renderer(ws, store, cfg, unit, round, stop)
     jobs = plan_jobs(lines, cfg.generate, renderer.native, rank, world)
-    todo = [j for j in jobs if j.seed not in store.made_seeds(unit, j.prompt, [j.seed])]
+    todo = unmade(store, unit, jobs)
     bar = _bar(len(todo), f"generate unit {unit}" + (f" [{rank + 1}/{world}]" if world > 1 else ""))
     made, stopped = renderer.run(todo, bar, log)
     bar.close()
@@ -354,7 +365,7 @@ def generate_ring(
             waiting = False
             ring.save()  # the slot being made; a restart resumes it and skips the seeds already made
             jobs = line_jobs(line, cfg.generate, renderer.native, ring.pos.cycle, rank, world)
-            jobs = [j for j in jobs if j.seed not in store.made_seeds(renderer.unit, j.prompt, [j.seed])]
+            jobs = unmade(store, renderer.unit, jobs)
             take = jobs if count is None else jobs[: count - made]
             n, stopped = renderer.run(take, bar, log)
             made += n

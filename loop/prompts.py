@@ -122,6 +122,7 @@ class Ring:
         self.pos = RingPosition(**{k: saved[k] for k in ("index", "text", "cycle", "after") if k in saved})
         self._reported: set[str] = set()
         self.line: PromptLine | None = None  # the line current() last returned
+        self._lines: list[PromptLine] = []  # the usable lines as current() last read them
 
     def current(self) -> PromptLine | None:
         """The line the ring is on, after re-reading the file; None while the file has no usable prompt."""
@@ -151,7 +152,7 @@ class Ring:
 
     def advance(self) -> None:
         """Move to the next line (wrapping into the next cycle) and persist the position."""
-        lines = getattr(self, "_lines", None) or [None]
+        lines = self._lines or [None]
         self.pos.after = self.pos.text
         self.pos.index += 1
         if self.pos.index >= len(lines):

@@ -41,6 +41,14 @@ def is_outside(row) -> bool:
     return row["unit"] is None or row["unit"] == 0
 
 
+def is_exploration(row) -> bool:
+    """An image longtail made to explore (its params say `exploration: true`)."""
+    try:
+        return bool(json.loads(row["params"] or "{}").get("exploration"))
+    except ValueError:
+        return False
+
+
 def lineage(store: Store) -> dict[int, tuple[int, int]]:
     """image id -> (ancestor id, depth): an image without a parent is its own ancestor at depth 0."""
     parent = {r[0]: r[1] for r in store.db.execute("SELECT id, parent_id FROM images")}
@@ -125,12 +133,6 @@ def choose(ws: Workspace, store: Store, sc: SelectConfig, round: int) -> list[di
         for r in rows:
             if is_outside(r):
                 weights[r["id"]] *= f
-    params = {}
-    for r in rows:
-        try:
-            params[r["id"]] = json.loads(r["params"] or "{}")
-        except ValueError:
-            params[r["id"]] = {}
     return [
         {
             "id": r["id"],
@@ -144,7 +146,7 @@ def choose(ws: Workspace, store: Store, sc: SelectConfig, round: int) -> list[di
             "weight": _rounded(weights[r["id"]], 4),
             "ancestor": roots.get(r["id"], (r["id"], 0))[0],
             "depth": roots.get(r["id"], (r["id"], 0))[1],
-            "exploration": bool(params[r["id"]].get("exploration")),
+            "exploration": is_exploration(r),
             "novel_hit": r["id"] in novel,
         }
         for r in rows
@@ -168,7 +170,7 @@ def select(ws: Workspace, store: Store, sc: SelectConfig, round: int) -> list[di
         )
     out = ws.checkpoint(round + 1) / "selection.json"
     summary = {
-        "outside_weight": _rounded(sum(i["weight"] for i in items if i["unit"] in (None, 0)), 3),
+        "outside_weight": _rounded(sum(i["weight"] for i in items if is_outside(i)), 3),
         "total_weight": _rounded(sum(i["weight"] for i in items), 3),
         "novel_hits": sum(i["novel_hit"] for i in items),
         "exploration": sum(i["exploration"] for i in items),

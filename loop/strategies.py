@@ -10,13 +10,12 @@ Both are resumable: the jobs are a deterministic function of the round, so a rer
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import replace
 
 from loop.config import LoopConfig
 from loop.generate import Job, Renderer, vary
 from loop.prompts import read_prompts
+from loop.select import choose, is_exploration  # noqa: F401 (is_exploration re-exported)
 from loop.store import Store
 from loop.workspace import Workspace
 
@@ -27,8 +26,6 @@ EXTRA_WORDS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "b
 
 def grow_variations(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=print) -> int:
     """Variations of each image of the current set by unit n, up to `select.variations` per image."""
-    from loop.select import choose
-
     if cfg.select.variations <= 0:
         return 0
     made = 0
@@ -91,15 +88,13 @@ def explore(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=print) -> 
         (n,),
     ).fetchone()[0]
     count = max(1, round(share / (1 - share) * passed))
-    renderers: dict[int, Renderer] = {}
+    renderers = {n: Renderer(ws, store, cfg, n, round=n)}  # unit 0 (the "base" kind) is loaded when first needed
     made = 0
-    for kind, job in exploration_jobs(lines, cfg, count, n, 32):
+    for kind, job in exploration_jobs(lines, cfg, count, n, renderers[n].native):
         unit = 0 if kind == "base" else n
         if unit not in renderers:
             renderers[unit] = Renderer(ws, store, cfg, unit, round=n)
         r = renderers[unit]
-        if r.native != 32:  # jobs were planned at the embedded size; use this model's native size
-            job = replace(job, width=cfg.generate.width or r.native, height=cfg.generate.height or r.native)
         if store.made_seeds(unit, job.prompt, [job.seed]):
             continue
         image = r.render([job])[0]
@@ -107,10 +102,3 @@ def explore(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=print) -> 
         made += 1
     log(f"longtail: {made} exploration image(s) ({', '.join(EXPLORE_KINDS)})")
     return made
-
-
-def is_exploration(row) -> bool:
-    try:
-        return bool(json.loads(row["params"] or "{}").get("exploration"))
-    except ValueError:
-        return False

@@ -32,6 +32,7 @@ from the last one. Weights are written before manifest.json, which marks the uni
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -51,7 +52,7 @@ from loop.config import LoopConfig, to_yaml
 from loop.errors import LoopError
 from loop.models import load_base, pick_device
 from loop.store import Store
-from loop.workspace import TMP_MARK, Workspace, atomic_write, unit_name
+from loop.workspace import TMP_MARK, Workspace, atomic_write, sha256_file, unit_name
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 EMBEDS = "learned_embeds.safetensors"
@@ -138,15 +139,6 @@ def encode_texts(ws: Workspace, pipe, captions: list[str], base: str) -> torch.T
     return torch.stack(out)
 
 
-def encode_cached(ws: Workspace, pipe, items: list[dict], size: int, base: str, log=print):
-    """Latents and text embeddings for every item (cached); kept for the benchmarks and older callers."""
-    latents, kept, stats = encode_latents(ws, pipe, items, size, base, log)
-    log(f"encode cache: {stats['cache_hits']} hit(s), {stats['cache_misses']} miss(es)")
-    if not latents:
-        raise LoopError("none of the selected images could be read; check the files listed above")
-    return torch.stack(latents), encode_texts(ws, pipe, [it["caption"] for it in kept], base), stats
-
-
 def _st_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
     from safetensors.torch import save
 
@@ -185,14 +177,12 @@ def class_images(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfi
             guidance_scale=cfg.generate.cfg,
             generator=torch.Generator(pipe.device).manual_seed(seed),
         ).images[0]
-        import io
-
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         atomic_write(path, buf.getvalue())
     out = []
     for prompt, _seed, path in sorted(items + todo, key=lambda x: (x[0], x[1])):
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        sha = sha256_file(path)
         out.append({"id": None, "sha256": sha, "path": ws.rel(path), "caption": prompt, "prior": True})
     return out
 
@@ -268,9 +258,10 @@ def load_parent_adapter(pipe, folder: Path, tc) -> None:
         set_peft_model_state_dict(pipe.text_encoder, convert_unet_state_dict_to_peft(te_sd), adapter_name="default")
 
 
-def _trainable(*modules) -> dict[str, torch.Tensor]:
+def _trainable(*modules) -> dict[str, torch.nn.Parameter]:
+    """The parameters that learn, by "<module index>.<name>" (the key of a checkpoint's trainable.pt)."""
     return {
-        f"{i}.{n}": p.detach().cpu().clone()
+        f"{i}.{n}": p
         for i, m in enumerate(modules)
         if m is not None
         for n, p in m.named_parameters()
@@ -311,19 +302,14 @@ class Checkpoints:
         def save_hook(models, weights, output_dir):
             while weights:
                 weights.pop()
-            torch.save(_trainable(*self.modules), Path(output_dir) / "trainable.pt")
+            saved = {k: p.detach().cpu().clone() for k, p in _trainable(*self.modules).items()}
+            torch.save(saved, Path(output_dir) / "trainable.pt")
 
         def load_hook(models, input_dir):
             while models:
                 models.pop()
             saved = torch.load(Path(input_dir) / "trainable.pt", weights_only=True)
-            params = {
-                f"{i}.{n}": p
-                for i, m in enumerate(self.modules)
-                if m is not None
-                for n, p in m.named_parameters()
-                if p.requires_grad
-            }
+            params = _trainable(*self.modules)
             with torch.no_grad():
                 for k, v in saved.items():
                     params[k].copy_(v)

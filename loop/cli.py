@@ -44,18 +44,25 @@ def _echo(msg: str) -> None:
     typer.echo(msg)
 
 
-def _open(workspace: Path, overrides: list[str] | None):
+def _open(workspace: Path, overrides: list[str] | None, model: bool = True):
     from loop.config import load_config
+    from loop.models import check_base
     from loop.workspace import Workspace
 
     ws = Workspace.open(workspace)
-    return ws, load_config(ws.root, overrides)
+    cfg = load_config(ws.root, overrides)
+    if model:  # before a command records anything about a model that isn't there
+        check_base(cfg.model.base)
+    return ws, cfg
+
+
+MODEL_FREE = ("init", "import", "export", "status", "config")  # these never import diffusers: start in a blink
 
 
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+def main(ctx: typer.Context, debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
     STATE["debug"] = debug
-    if not debug:
+    if not debug and ctx.invoked_subcommand not in MODEL_FREE:
         _quiet_libraries()
 
 
@@ -78,7 +85,7 @@ def init(
         if not r["imported"] and not r["duplicates"]:
             raise LoopError(f"no readable image in {seed_images}; give a folder with 1-5 PNG or JPEG images")
         _echo(f"{r['imported']} seed image(s) in golden/, rated UR; grow from them with select.strategy=grow")
-    _echo(f"workspace ready at {ws.root}; edit configs/prompts.txt, then `loop -w {directory} run --round`")
+    _echo(f"workspace ready at {ws.root}; edit configs/prompts.txt, then `loop run --round -w {directory}`")
 
 
 @app.command()
@@ -255,7 +262,7 @@ def rate(
         from loop.rate.auto import auto_rate
         from loop.round import finish_rating, rating_summary
 
-        ws, cfg = _open(workspace, overrides)
+        ws, cfg = _open(workspace, overrides, model=False)
         with ws.store() as store:
             n = store.current_unit()
             if auto:
@@ -279,7 +286,7 @@ def rate(
         raise LoopError(f"--port must be between 1 and 65535, got {port}")
     from loop.rate.page import serve
 
-    ws, cfg = _open(workspace, overrides)
+    ws, cfg = _open(workspace, overrides, model=False)
     serve(ws, cfg, host=host, port=port, auth=users or None, log=_echo)
 
 
@@ -421,7 +428,7 @@ def entry(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     STATE["argv"] = argv
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False, prog_name="loop")
     except LoopError as e:
         if "--debug" in argv:
             raise
@@ -432,15 +439,25 @@ def entry(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted; run the same command again to continue", err=True)
         return 130
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except typer.Abort:
+        return 1
+    except Exception as e:  # click's usage errors (typer >= 0.24 vendors click: duck-typed, not click's classes)
+        try:  # typer < 0.24 raises click's own Abort
+            from click.exceptions import Abort
+        except ImportError:
+            Abort = typer.Abort
+        if isinstance(e, Abort):
+            return 1
+        if not (callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int)):
+            raise
+        msg = e.format_message().strip()
+        if not msg or "\n" in msg:  # `loop` alone: the help text (rich prints it itself)
             e.show()
             return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            return 1
-        raise
+        ctx = getattr(e, "ctx", None)
+        hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        typer.echo(f"error: {msg.rstrip('.')}{hint}", err=True)
+        return e.exit_code
     return rc if isinstance(rc, int) else 0
 
 

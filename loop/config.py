@@ -8,7 +8,8 @@ An unknown key or a bad value raises LoopError naming the key and the value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -149,6 +150,12 @@ class TrainConfig:
     prior_weight: float = 1.0  # prior preservation: weight of the class images' loss
     start: str = "from_base"  # from_base: retrain on the accumulated set; from_parent: continue unit N's adapter
     checkpoint_every: int = 100  # accelerate checkpoint every N steps, so a killed training resumes (0: never)
+    # Timestep bias (as in diffusers' SDXL training script): sample the last (later) or first (earlier)
+    # timestep_bias_portion of the schedule timestep_bias_multiplier times as often. "later" is where a model
+    # decides overall colour and layout, which is what a taste usually is about.
+    timestep_bias: str = "none"  # none | later | earlier
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
 
     def __post_init__(self):
         _check(self.method in METHODS, "train.method", self.method, f"use one of {', '.join(METHODS)}")
@@ -169,6 +176,16 @@ class TrainConfig:
             self.mixed_precision,
             "use no, fp16 or bf16",
         )
+        _check(
+            self.timestep_bias in ("none", "later", "earlier"),
+            "train.timestep_bias",
+            self.timestep_bias,
+            "use none, later or earlier",
+        )
+        _check(self.timestep_bias_multiplier > 0, "train.timestep_bias_multiplier", self.timestep_bias_multiplier,
+               "must be > 0")  # fmt: skip
+        _check(0 < self.timestep_bias_portion < 1, "train.timestep_bias_portion", self.timestep_bias_portion,
+               "must be between 0 and 1")  # fmt: skip
         _check(self.start in STARTS, "train.start", self.start, f"use one of {', '.join(STARTS)}")
         _check(
             not self.modifier_token
@@ -188,13 +205,32 @@ class LoopConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+KINDS = {"Integer": "a whole number", "Float": "a number", "Boolean": "true or false", "String": "a text"}
+
+
 def _explain(err: OmegaConfBaseException, source: str, values: dict[str, str]) -> str:
     key = getattr(err, "full_key", None) or "?"
     msg = str(getattr(err, "msg", err)).splitlines()[0]
     shown = f"={values[key]!r}" if key in values else ""
+    defaults = _flat(OmegaConf.to_container(OmegaConf.structured(LoopConfig)))
     if "not in" in msg:
-        return f"unknown config key {key}{shown} (from {source}); see `loop config` for the valid keys"
-    return f"bad config value {key}{shown} (from {source}): {msg}"
+        close = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return f"unknown config key {key}{shown} (from {source}); {hint}see `loop config` for the valid keys"
+    like = f" like the default {_yaml_value(defaults[key])}" if key in defaults else ""
+    kind = msg.rsplit(" ", 1)[-1]
+    if "is not a valid bool" in msg:
+        kind = "Boolean"
+    if "is not a ListConfig" in msg:
+        return f"bad config value {key}{shown} (from {source}): not a list; give a list{like}"
+    if kind in KINDS and ("could not be converted to" in msg or kind == "Boolean"):
+        return f"bad config value {key}{shown} (from {source}): not {KINDS[kind]}; give {KINDS[kind]}{like}"
+    hint = f"give a value{like}" if like else "see `loop config` for the defaults"
+    return f"bad config value {key}{shown} (from {source}): {msg.rstrip('.')}; {hint}"
+
+
+def _yaml_value(value) -> str:
+    return OmegaConf.to_yaml({"x": value})[3:].strip() if not isinstance(value, list) else str(value)
 
 
 def _flat(node, prefix: str = "") -> dict[str, object]:
@@ -226,7 +262,14 @@ def load_config(workspace: Path | None = None, overrides: list[str] | None = Non
             if "=" not in item:
                 raise LoopError(f"override {item!r} is not key=value (for example train.rank=8)")
         sources.append(("the command line", OmegaConf.from_dotlist(list(overrides))))
+    sections = {f.name for f in fields(LoopConfig)}
     for source, conf in sources:
+        for name, section in OmegaConf.to_container(conf).items():
+            if name in sections and not isinstance(section, dict):
+                raise LoopError(
+                    f"config section {name}={section!r} (from {source}) must hold keys, like `{name}.KEY=VALUE` "
+                    f"or `{name}:` followed by indented `KEY: VALUE` lines; see `loop config`"
+                )
         values = {k: v for k, v in _flat(OmegaConf.to_container(conf)).items()}
         try:
             cfg = OmegaConf.merge(cfg, conf)

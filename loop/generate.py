@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from loop.config import GenerateConfig, LoopConfig
 from loop.errors import LoopError
-from loop.images import png_bytes
+from loop.images import png_bytes, to_rgb
 from loop.models import load_unit, set_scheduler, unit_trigger
 from loop.prompts import LINE_OPTIONS, PromptLine, Ring, parse_line, read_prompts  # noqa: F401 (re-exported)
 from loop.store import IMAGE_COLUMNS, Store
@@ -436,7 +436,7 @@ def vary(
         for parent in parents:
             try:
                 with Image.open(ws.inside(parent["path"])) as im:
-                    source = im.convert("RGB")
+                    source = to_rgb(im)  # as people see it: EXIF orientation, first frame, 16-bit scaled
             except (OSError, LoopError) as e:
                 log(f"warning: image {parent['id']} ({parent['path']}) could not be read ({e}); skipped")
                 continue

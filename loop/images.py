@@ -58,9 +58,45 @@ def read_meta(path: Path) -> dict | None:
         return None
 
 
+PLAIN_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1")  # 8-bit modes every reader converts to RGB correctly
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def oddities(im: Image.Image) -> list[str]:
+    """What a plain `im.convert("RGB")` would get wrong about an opened image: [] when nothing."""
+    out = []
+    if getattr(im, "n_frames", 1) > 1:
+        out.append(f"first of {im.n_frames} frames")
+    if im.getexif().get(ORIENTATION, 1) not in (1, None):
+        out.append("EXIF orientation applied")
+    if im.mode not in PLAIN_MODES:
+        out.append(f"{im.mode} to 8-bit RGB")
+    return out
+
+
+def to_rgb(im: Image.Image, alpha: bool = False) -> Image.Image:
+    """An opened image as people see it: its first frame, EXIF orientation applied, 8 bits per channel, RGB
+    (RGBA with `alpha` if it has transparency). 16-bit pixels are scaled down, not clipped to white."""
+    from PIL import ImageOps
+
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I") or im.mode == "F":  # I;16*, I (32-bit int), F (float): one channel, deep
+        x = np.asarray(im, dtype=np.float64)
+        peak = float(x.max()) if x.size else 0.0
+        if im.mode == "F" and peak <= 1.0:
+            x = x * 255.0  # float images are usually 0..1
+        elif im.mode.startswith("I;16") or peak > 255:
+            x = x / 257.0  # 16-bit range: 65535 -> 255
+        im = Image.fromarray(np.clip(x + 0.5, 0, 255).astype(np.uint8), "L")
+    has_alpha = "A" in im.getbands() or "transparency" in im.info
+    return im.convert("RGBA" if alpha and has_alpha else "RGB")
+
+
 def load_rgb(path: Path) -> np.ndarray:
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(to_rgb(im))
 
 
 def preference_score(rgb: np.ndarray, preference: str) -> float:

@@ -341,7 +341,7 @@ def import_images(ws, store, src: Path, tier: str | None, source: str, log=print
             log(f"skipped {name}: {checked}")
             skipped += 1
             continue
-        data, ext, width, height, fmt, png_caption = checked
+        data, ext, width, height, fmt, png_caption, converted = checked
         sha = sha256_bytes(data)
         if store.image_by_sha(sha):
             duplicates += 1
@@ -349,11 +349,16 @@ def import_images(ws, store, src: Path, tier: str | None, source: str, log=print
         caption, caption_from = _sidecar_caption(f)
         if caption is None:
             caption, caption_from = (png_caption, "png parameters") if png_caption else ("", None)
-        dest = ws.inside(f"golden/{sha[:16]}{ext}")  # refuses a golden/ that resolves outside the workspace
+        # resolve golden/ only, never the file name: a link planted at golden/<sha16>.png must not be written through
+        dest = ws.inside("golden") / f"{sha[:16]}{ext}"  # refuses a golden/ that resolves outside the workspace
+        if dest.is_symlink():
+            dest.unlink()  # atomic_write then puts a real file in its place
         wrote = not (dest.is_file() and sha256_bytes(dest.read_bytes()) == sha)  # else left by an interrupted import
         if wrote:
             atomic_write(dest, data)
         params = {"original_name": f.name, "original_path": str(f), "format": fmt, "caption_from": caption_from}
+        if converted:
+            params["converted"] = converted  # stored as the PNG people see: what was changed
         try:
             with store.tx():  # row and rating together
                 image_id = store.add_image(
@@ -381,39 +386,51 @@ def import_images(ws, store, src: Path, tier: str | None, source: str, log=print
 
 
 def _check_image(data: bytes):
-    """(bytes to store, ext, width, height, format, png caption) for a fully decodable image; else the reason."""
+    """(bytes to store, ext, width, height, format, png caption, conversions) for a fully decodable image; else
+    the reason it was skipped, saying what to do. PNG, JPEG and WebP in plain 8-bit modes are stored byte for
+    byte; anything a plain RGB conversion would get wrong (EXIF rotation, 16-bit, CMYK, several frames) and
+    every other format PIL reads is stored as a PNG of what people see (loop.images.to_rgb)."""
+    import re
+    import warnings
+
     from PIL import Image, ImageFile
 
+    from loop.images import oddities, to_rgb
+
     if not data:
-        return "empty file"
-    truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
+        return "empty file (0 bytes); copy it again from where it came from"
+    truncated_ok, max_pixels = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a cut-off file must fail here, whatever another library set
+    Image.MAX_IMAGE_PIXELS = max_pixels or 1024 * 1024 * 1024 // 4 // 3  # and the bomb guard stays on (PIL's default)
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format
-            im.verify()
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            width, height = im.size
-            caption = ""
-            if fmt == "PNG":
-                caption = str(im.info.get("parameters") or "").split("\n", 1)[0].strip()
-            if fmt in KEEP_FORMATS:
-                return data, KEEP_FORMATS[fmt], width, height, fmt, caption
-            # another still format PIL reads (BMP, TIFF, GIF...): stored as PNG, its first frame
-            frame = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
-            buf = io.BytesIO()
-            frame.save(buf, format="PNG")
-            return buf.getvalue(), ".png", width, height, fmt, caption
-    except Image.DecompressionBombError:
-        return "too many pixels to be a safe image"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # large but allowed: just load it
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format
+                im.verify()
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                caption = ""
+                if fmt == "PNG":
+                    caption = str(im.info.get("parameters") or "").split("\n", 1)[0].strip()
+                odd = oddities(im)
+                if fmt in KEEP_FORMATS and not odd:
+                    return data, KEEP_FORMATS[fmt], im.width, im.height, fmt, caption, []
+                frame = to_rgb(im, alpha=True)
+                buf = io.BytesIO()
+                frame.save(buf, format="PNG")
+                return buf.getvalue(), ".png", frame.width, frame.height, fmt, caption, odd
+    except Image.DecompressionBombError as e:
+        sizes = re.findall(r"\d+", str(e))
+        what = f"{sizes[0]} pixels, over PIL's limit of {sizes[1]}" if len(sizes) >= 2 else "over PIL's limit"
+        return f"too many pixels to be a safe image ({what}); scale it down first"
     except Exception as e:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ValueError...)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "cannot identify image file" in msg:
-            return "not an image"
-        return f"not a readable image ({msg})"
+            return "not an image PIL can read; give PNG, JPEG, WebP, GIF, BMP or TIFF files"
+        return f"not a readable image ({msg}); it may be cut off or damaged: copy or export it again"
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = truncated_ok, max_pixels
 
 
 def _sidecar_caption(f: Path) -> tuple[str | None, str | None]:

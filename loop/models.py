@@ -6,6 +6,7 @@ id; all three go through `StableDiffusionPipeline.from_pretrained`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +25,31 @@ def resolve_base(base: str) -> str:
             )
         return str(EMBEDDED)
     return base
+
+
+def check_base(base: str) -> None:
+    """Fail at once, before anything is recorded, on a model.base that cannot be found (loading finds the rest)."""
+    if base == "embedded":
+        resolve_base(base)
+        return
+    what = "give a diffusers folder (with model_index.json), a Hugging Face hub id, or `embedded`"
+    p = Path(base).expanduser()
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise LoopError(f"model.base={base!r} is a folder without model_index.json; {what}")
+        return
+    if p.exists():
+        raise LoopError(f"model.base={base!r} is a file, not a diffusers folder; {what}")
+    parts = base.split("/")
+    if p.is_absolute() or base.startswith((".", "~")) or "\\" in base or len(parts) > 2 or not all(parts):
+        raise LoopError(f"model.base={base!r}: no such folder; {what}")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(base, "model_index.json"), str):
+        raise LoopError(
+            f"model.base={base!r} is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE=1; "
+            "download it once with network access, or give a local diffusers folder or `embedded`"
+        )
 
 
 def pick_device(cfg: ModelConfig) -> torch.device:
@@ -70,8 +96,11 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None, dtype: torch
             base, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as e:
-        where = "local folder" if Path(base).exists() else "local folder nor a hub id available offline"
-        raise LoopError(f"model.base={cfg.base!r} could not be loaded ({where}): {str(e).splitlines()[0]}") from e
+        where = "the folder" if Path(base).exists() else "neither a local folder nor a hub id available here"
+        raise LoopError(
+            f"model.base={cfg.base!r} could not be loaded ({where}: {str(e).splitlines()[0]}); "
+            "give a diffusers folder (with model_index.json), a Hugging Face hub id, or `embedded`"
+        ) from e
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -83,17 +112,33 @@ def load_unit(cfg: ModelConfig, checkpoints: Path | None, unit: int):
         folder = Path(checkpoints)
         if not (folder / "pytorch_lora_weights.safetensors").exists():
             raise LoopError(f"unit {unit} has no weights at {folder}; train it with `loop run --round {unit - 1}`")
+        from diffusers.utils import logging as dlog
+
+        level = dlog.get_verbosity()
+        dlog.set_verbosity(dlog.CRITICAL)  # diffusers logs the whole error before raising it; we say it in one line
         try:
             pipe.load_lora_weights(str(folder))
         except (ValueError, RuntimeError, KeyError) as e:
             raise LoopError(
-                f"unit {unit}'s adapter at {folder} does not fit model.base={cfg.base!r} "
-                f"({str(e).splitlines()[0][:160]}); was it trained on another base model?"
+                f"unit {unit}'s adapter at {folder} does not fit model.base={cfg.base!r} ({_first_problem(e)}); "
+                f"it was trained on another base model: set model.base to that model, or retrain unit {unit}"
             ) from e
+        finally:
+            dlog.set_verbosity(level)
         token = unit_trigger(folder)
         if token:  # Custom Diffusion's modifier token: its learned embedding row
             pipe.load_textual_inversion(str(folder), weight_name="learned_embeds.safetensors", token=token)
     return pipe
+
+
+def _first_problem(e: Exception) -> str:
+    """The first useful line of a load error: torch's list of size mismatches starts with a header line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        shapes = re.findall(r"\[[^\]]*\]", ln)
+        if ln.startswith("size mismatch for ") and len(shapes) == 2:
+            return f"{ln.split()[3].rstrip(':')} is {shapes[0]} in the file, {shapes[1]} in the model"
+    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def unit_trigger(folder: Path | None) -> str:

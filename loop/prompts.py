@@ -5,7 +5,8 @@
     夕焼けの丸 🌅 --n 8 --seed 100 --cfg 5 --neg "blue" --steps 30 --w 64 --h 64
 
 The per-line options follow AUTOMATIC1111's "prompts from file" script. A line that can't be used (a bad
-option, bytes that are not UTF-8) is reported with its line number and skipped; the other lines still run.
+option, bytes that are not UTF-8, over 10,000 characters) is reported with its line number and skipped; the
+other lines still run.
 
 The ring re-reads the file before every prompt, so edits are picked up without a restart, and keeps its
 position in the store: (index of the current line, that line's text, cycle, the line done before it). After
@@ -23,6 +24,8 @@ from loop.errors import LoopError
 
 # per-line overrides, as in A1111's "prompts from file": `a red circle --n 4 --seed 7 --cfg 5`
 LINE_OPTIONS = {"--n": int, "--seed": int, "--steps": int, "--cfg": float, "--neg": str, "--w": int, "--h": int}
+# a longer line is a paste gone wrong, not a prompt (CLIP reads 77 tokens; every image would carry it in its PNG)
+MAX_LINE_CHARS = 10_000
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,12 @@ def read_prompts(path: Path, *, allow_empty: bool = False) -> tuple[list[PromptL
             problems.append(f"{path.name}:{lineno}: not UTF-8 (byte {e.start}); save the file as UTF-8; line skipped")
             continue
         if not raw or raw.startswith("#"):
+            continue
+        if len(raw) > MAX_LINE_CHARS:
+            problems.append(
+                f"{path.name}:{lineno}: {len(raw):,} characters, over the {MAX_LINE_CHARS:,} a prompt line may have; "
+                "shorten it or break it into lines; line skipped"
+            )
             continue
         try:
             line = parse_line(raw, lineno)

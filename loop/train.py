@@ -270,6 +270,19 @@ def _trainable(*modules) -> dict[str, torch.nn.Parameter]:
 
 
 # -- the loop ----------------------------------------------------------------------------------------------
+def timestep_weights(num: int, tc) -> torch.Tensor | None:
+    """Sampling weights over the `num` training timesteps for train.timestep_bias; None for uniform."""
+    if tc.timestep_bias == "none" or tc.timestep_bias_multiplier == 1.0:
+        return None
+    w = torch.ones(num, dtype=torch.float64)
+    k = max(1, int(num * tc.timestep_bias_portion))
+    if tc.timestep_bias == "later":
+        w[num - k :] *= tc.timestep_bias_multiplier
+    else:
+        w[:k] *= tc.timestep_bias_multiplier
+    return w
+
+
 def snr_weights(noise_sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """min-SNR-gamma weights for the epsilon loss: min(SNR, gamma) / SNR; all ones when gamma is 0.
 
@@ -405,6 +418,7 @@ def fit(
     bar = tqdm(
         range(start, tc.steps), desc=desc, disable=not accelerator.is_main_process, initial=start, total=tc.steps
     )
+    t_weights = timestep_weights(noise_sched.config.num_train_timesteps, tc)
     w = None if data.weights is None else data.weights[inst].double()
     if w is not None and bool((w == w[0]).all()):
         w = None  # uniform: the plain sampler (same batches as before weights existed)
@@ -420,7 +434,10 @@ def fit(
         if tc.noise_offset:
             noise = noise + tc.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
         noise = noise.to(dev)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(dev)
+        if t_weights is None:
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(dev)
+        else:
+            t = torch.multinomial(t_weights, len(idx), replacement=True, generator=gen).to(dev)
         with accelerator.autocast():
             cond = text_encoder(data.ids[idx].to(dev))[0] if te_learns else data.embeds[idx].to(dev)
             pred = unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample

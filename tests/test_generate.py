@@ -120,7 +120,7 @@ def test_recover_adopts_orphan_png_and_removes_temp_files(ws, cfg):
         tmp = ws.generations(0) / f".x.png{TMP_MARK}123"
         tmp.write_bytes(b"half")
         out = recover(ws, store, log=lambda m: None)
-        assert out == {"removed": 1, "adopted": 1}
+        assert out == {"removed": 1, "adopted": 1, "golden": 0}
         assert not tmp.exists()
         rows = {r["sha256"]: r for r in store.images()}
         assert victim["sha256"] in rows

@@ -64,3 +64,28 @@ def test_min_snr_weights():
     assert torch.allclose(w[snr > 5], 5.0 / snr[snr > 5])  # low noise: shrunk
     assert torch.allclose(w[snr <= 5], torch.ones(int((snr <= 5).sum())))  # high noise: kept
     assert w[0] < w[1] < w[3] + 1e-6
+
+
+def test_timestep_bias_samples_the_chosen_end_more_often():
+    from loop.train import timestep_weights
+
+    assert timestep_weights(1000, load_config(None, []).train) is None  # the default: uniform
+    tc = load_config(None, ["train.timestep_bias=later", "train.timestep_bias_multiplier=8"]).train
+    w = timestep_weights(1000, tc)
+    assert w[:750].eq(1).all() and w[750:].eq(8).all()
+    t = torch.multinomial(w, 20000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert abs((t >= 750).float().mean().item() - 8 * 250 / (750 + 8 * 250)) < 0.02  # 73% from the last quarter
+    early = load_config(None, ["train.timestep_bias=earlier", "train.timestep_bias_multiplier=3",
+                               "train.timestep_bias_portion=0.1"]).train  # fmt: skip
+    w = timestep_weights(1000, early)
+    assert w[:100].eq(3).all() and w[100:].eq(1).all()
+
+
+def test_timestep_bias_bad_values_name_the_key():
+    import pytest
+
+    for bad, key in [("train.timestep_bias=sideways", "train.timestep_bias"),
+                     ("train.timestep_bias_portion=1.5", "train.timestep_bias_portion"),
+                     ("train.timestep_bias_multiplier=0", "train.timestep_bias_multiplier")]:  # fmt: skip
+        with pytest.raises(Exception, match=key):
+            load_config(None, [bad])

@@ -65,17 +65,23 @@ def safe_file(ws: Workspace, rel: str) -> Path:
     temporary, first folder exactly one of SERVED so `generations2/` fails), then resolves symlinks and checks
     again, so a link that points out of its folder is refused too.
     """
+    shown = repr(rel[:200])  # the message never carries a whole hostile path
     if not rel or "\\" in rel or "\x00" in rel:
-        raise Forbidden(f"path not served: {rel!r}")
+        raise Forbidden(f"path not served: {shown}")
     parts = rel.split("/")
     if len(parts) < 2 or parts[0] not in SERVED or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-        raise Forbidden(f"path not served: {rel!r}")
-    base = (ws.root / parts[0]).resolve()
-    path = (ws.root / rel).resolve()
-    if not path.is_relative_to(base):
-        raise Forbidden(f"path not served: {rel!r}")
-    if not path.is_file():
-        raise NotFound(f"no such file: {rel!r}")
+        raise Forbidden(f"path not served: {shown}")
+    try:
+        base = (ws.root / parts[0]).resolve()
+        path = (ws.root / rel).resolve()
+        inside = path.is_relative_to(base)
+        found = inside and path.is_file()
+    except (OSError, RuntimeError, ValueError):  # a link loop, a name too long: nothing to serve, and no 500
+        raise NotFound(f"no such file: {shown}") from None
+    if not inside:
+        raise Forbidden(f"path not served: {shown}")
+    if not found:
+        raise NotFound(f"no such file: {shown}")
     return path
 
 
@@ -398,7 +404,11 @@ class RateHandlers:
         if row is None:
             raise NotFound(f"no image with id {image_id}")
         safe_file(self.ws, row["path"])  # the image itself must be a served file
-        return make_thumb(self.ws, row["sha256"], row["path"])
+        try:
+            out = make_thumb(self.ws, row["sha256"], row["path"])
+        except (OSError, ValueError) as e:  # gone or not an image since it was listed: a 404, not a 500
+            raise NotFound(f"no thumbnail for image {image_id}: {e.__class__.__name__}") from None
+        return safe_file(self.ws, out.relative_to(self.ws.root).as_posix())  # and so must the thumbnail: no link out
 
     def cached_thumb(self, image_id: int) -> bytes | None:
         return self._thumbs.get(image_id)

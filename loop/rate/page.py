@@ -126,13 +126,17 @@ def _opt_int(request: Request, name: str, current=None) -> int | None:
     if raw == "current" and current is not None:
         return current()
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
-        raise BadRequest(f"{name} must be an integer, got {raw!r}") from None
+        raise BadRequest(f"{name} must be an integer, got {raw[:40]!r}") from None
+    if abs(value) >= 2**63:  # SQLite's integers are 64-bit: a bigger one is a 400, not a 500
+        raise BadRequest(f"{name} is out of range, got {raw[:40]!r}")
+    return value
 
 
 def _image_id(raw: str) -> int:
-    if not raw.isdigit():
+    # ASCII digits only ('²' and '١' are isdigit() too), and small enough for SQLite's 64-bit integers
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
         raise NotFound(f"no image with id {raw[:40]!r}")
     return int(raw)
 
@@ -171,7 +175,8 @@ def _ratings(body: dict) -> list[tuple[int, str]]:
         raise BadRequest("give ratings: [{image_id, tier}, ...]")
     out = []
     for it in items:
-        if not isinstance(it, dict) or not isinstance(it.get("image_id"), int):
+        i = it.get("image_id") if isinstance(it, dict) else None
+        if not isinstance(i, int) or isinstance(i, bool) or abs(i) >= 2**63:  # true is an int to Python
             raise BadRequest(f"each rating needs an integer image_id and a tier, got {it!r}"[:200])
         out.append((it["image_id"], it.get("tier")))
     return out

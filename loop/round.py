@@ -9,6 +9,8 @@ from its selection). Without --auto-rate the round stops at the rate phase and s
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -54,7 +56,10 @@ def run_round(
     with ws.store() as store:
         recover(ws, store, log)
         store.ensure_base_unit(cfg.model.base)
-        n = store.current_unit() if n is None else n
+        if n is None:
+            n = store.current_unit()
+            if n > 0 and _saved_not_recorded(store, n - 1):
+                n -= 1  # killed after unit n was saved, before round n-1 recorded it: close that round first
         if store.unit(n) is None:
             raise_missing_unit(store, n)
         store.start_round(n)
@@ -88,6 +93,13 @@ def run_round(
                 items = select(ws, store, cfg.select, n)
                 detail = {"images": len(items), "strategy": cfg.select.strategy}
                 log(f"select ({cfg.select.strategy}): {len(items)} image(s) for unit {n + 1}")
+            elif _saved_not_recorded(store, n):
+                # the unit's weights, manifest and row are written last thing in training, so it is complete;
+                # only clearing its resume checkpoints and recording the phase were cut short
+                shutil.rmtree(ws.checkpoint(n + 1) / ".training", ignore_errors=True)
+                manifest = json.loads(store.unit(n + 1)["manifest"] or "{}")
+                detail = {"unit": n + 1, "final_loss": manifest.get("final_loss"), "steps": manifest.get("steps")}
+                log(f"train: unit {n + 1} was saved before the interruption; the round is recorded as done")
             else:
                 manifest = train_lora(ws, store, cfg, parent=n, log=log)
                 detail = {"unit": n + 1, "final_loss": manifest.get("final_loss"), "steps": manifest.get("steps")}
@@ -98,6 +110,12 @@ def run_round(
             if stop_after == phase:
                 break
         return result
+
+
+def _saved_not_recorded(store: Store, n: int) -> bool:
+    """Round n's training saved unit n+1 (its row is written after its files) but the phase is not done."""
+    row = store.phase(n, "train")
+    return row is not None and row["status"] != "done" and store.unit(n + 1) is not None
 
 
 def raise_missing_unit(store: Store, n: int):

@@ -53,8 +53,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once: os.umask can only be read by setting it
+
+
 def atomic_write(path: Path, data: bytes | str) -> Path:
-    """Write to a temporary sibling, fsync, then rename over `path`."""
+    """Write to a temporary sibling, fsync, then rename over `path`.
+
+    mkstemp creates the file 0600; it is given the mode a plain open() would (0666 less the umask), so a
+    workspace shared by a group stays readable by it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str):
@@ -65,6 +77,7 @@ def atomic_write(path: Path, data: bytes | str) -> Path:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~UMASK)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -143,7 +156,8 @@ class Workspace:
 
 
 def recover(ws: Workspace, store, log=print) -> dict:
-    """Undo what a crash can leave: delete temporary files, adopt finished PNGs that have no row.
+    """Undo what a crash can leave: delete temporary files, adopt finished PNGs that have no row, and bring
+    golden/ back in line with the current UR set.
 
     A PNG is renamed into place before its row is inserted, so a crash in between leaves a complete,
     self-describing file; its `loop` metadata chunk is enough to write the row it lacks.
@@ -177,9 +191,31 @@ def recover(ws: Workspace, store, log=print) -> dict:
             cols["parent_id"] = found[0]["id"] if found else None
         store.add_image(sha256=sha256_file(png), path=rel, params=meta, source=meta.get("source", "generated"), **cols)
         adopted += 1
-    if removed or adopted:
-        log(f"recovered: removed {removed} temporary file(s), adopted {adopted} image(s) without a row")
-    return {"removed": removed, "adopted": adopted}
+    golden = resync_golden(ws, store)
+    if removed or adopted or golden:
+        log(
+            f"recovered: removed {removed} temporary file(s), adopted {adopted} image(s) without a row"
+            + (f", brought {golden} image(s) of golden/ in line with their tier" if golden else "")
+        )
+    return {"removed": removed, "adopted": adopted, "golden": golden}
+
+
+def resync_golden(ws: Workspace, store) -> int:
+    """Make golden/ mirror the current UR set again; returns how many images needed it.
+
+    A rating is committed before its image is linked into (or removed from) golden/, so a kill in between
+    leaves a UR image outside golden/ (or a demoted one inside), and no later rating of other images fixes it.
+    """
+    from loop.rate.handlers import golden_path, sync_golden
+
+    ur = {r[0] for r in store.db.execute("SELECT image_id FROM current_tiers WHERE tier = 'UR'")}
+    fixed = 0
+    for row in store.db.execute("SELECT id, sha256, path FROM images").fetchall():
+        dst = golden_path(ws, row["sha256"], row["path"])
+        if (row["id"] in ur) != dst.exists() and dst != ws.root / row["path"]:
+            sync_golden(ws, store, row["id"])
+            fixed += 1
+    return fixed
 
 
 def _writer_alive(name: str) -> bool:

@@ -73,3 +73,15 @@ def test_units(store):
     )
     assert store.current_unit() == 1
     assert store.unit(1)["parent"] == 0
+
+
+def test_atomic_write_gives_files_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    from loop.workspace import UMASK, atomic_write
+
+    path = atomic_write(tmp_path / "a" / "b.png", b"data")
+    assert path.read_bytes() == b"data"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~UMASK
+    assert [p.name for p in path.parent.iterdir()] == ["b.png"]  # no temporary file left

@@ -263,7 +263,10 @@ def rate(
         from loop.round import finish_rating, rating_summary
 
         ws, cfg = _open(workspace, overrides, model=False)
+        from loop.workspace import recover
+
         with ws.store() as store:
+            recover(ws, store, _echo)  # a killed rating may have left golden/ behind its ratings
             n = store.current_unit()
             if auto:
                 out = auto_rate(ws, store, cfg.rate, n)
@@ -287,6 +290,10 @@ def rate(
     from loop.rate.page import serve
 
     ws, cfg = _open(workspace, overrides, model=False)
+    from loop.workspace import recover
+
+    with ws.store() as store:  # a page killed mid-rating may have left golden/ behind its ratings
+        recover(ws, store, _echo)
     serve(ws, cfg, host=host, port=port, auth=users or None, log=_echo)
 
 

@@ -293,6 +293,17 @@ def kill9(proc: subprocess.Popen) -> bool:
     return alive
 
 
+def stop_process(proc: subprocess.Popen, sig: int, timeout: float):
+    """Send `sig` and wait up to `timeout` s for a clean exit; then SIGKILL. Returns the exit code or "timeout"."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill9(proc)
+        return "timeout"
+
+
 def run(cmd: list[str], log: Path, timeout: float = 600) -> tuple[int, str]:
     """Run to the end; (exit status, its output)."""
     start_at = log.stat().st_size if log.exists() else 0
@@ -799,11 +810,7 @@ def crash_rate(trials: int, seed: int, base: Path, template: Path, log=print) ->
                     acked.errors.append(f"final rating: HTTP {status}")
             except (OSError, ValueError, IndexError) as e:
                 acked.errors.append(f"final rating: {e}")
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                kill9(proc)
+            stop_process(proc, signal.SIGINT, 60)
             final = check_store(root, acked.events)
             if final:
                 kind.inconsistent += 1
@@ -863,17 +870,8 @@ def concurrency(seconds: float, seed: int, base: Path, template: Path, log=print
     stop.set()
     for r in raters:
         r.join(timeout=120)
-    gen.send_signal(signal.SIGTERM)
-    try:
-        gen_rc = gen.wait(timeout=180)
-    except subprocess.TimeoutExpired:
-        kill9(gen)
-        gen_rc = "timeout"
-    server.send_signal(signal.SIGINT)
-    try:
-        server.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        kill9(server)
+    gen_rc = stop_process(gen, signal.SIGTERM, 180)
+    stop_process(server, signal.SIGINT, 60)
     problems = check_store(root, acked.events)
     db = _connect(root)
     in_db = db.execute("SELECT COUNT(*) FROM ratings WHERE rater IN ('conc-a', 'conc-b')").fetchone()[0]

@@ -284,17 +284,32 @@ def timestep_weights(num: int, tc) -> torch.Tensor | None:
 
 
 def snr_weights(noise_sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min-SNR-gamma weights for the epsilon loss: min(SNR, gamma) / SNR; all ones when gamma is 0.
+    """min-SNR-gamma loss weights; all ones when gamma is 0.
 
-    They shrink the low-noise (detail) timesteps relative to the high-noise ones, where colour and layout
-    are decided, and steady training (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting").
+    min(SNR, gamma) / SNR for an epsilon loss, min(SNR, gamma) / (SNR + 1) for a v loss (the same weighting
+    in x0 terms). They shrink the low-noise (detail) timesteps relative to the high-noise ones, where colour
+    and layout are decided, and steady training (Hang et al., "Efficient Diffusion Training via Min-SNR
+    Weighting"). On a zero-terminal-SNR schedule the last timestep's SNR is 0; the epsilon form is clamped there.
     """
     if gamma <= 0:
         return torch.ones(t.shape, device=t.device)
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_sched, t)
-    return (torch.clamp(snr, max=gamma) / snr).to(t.device)
+    if noise_sched.config.prediction_type == "v_prediction":
+        return (torch.clamp(snr, max=gamma) / (snr + 1)).to(t.device)
+    return (torch.clamp(snr, max=gamma) / snr.clamp(min=1e-8)).clamp(max=1.0).to(t.device)
+
+
+def loss_target(noise_sched, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict: the noise, or the velocity for v-prediction models (SD 2.x,
+    the embedded model)."""
+    kind = noise_sched.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_sched.get_velocity(x0, noise, t)
+    raise LoopError(f"model.base predicts {kind!r}; loop trains epsilon and v_prediction models only")
 
 
 class Checkpoints:
@@ -441,7 +456,8 @@ def fit(
         with accelerator.autocast():
             cond = text_encoder(data.ids[idx].to(dev))[0] if te_learns else data.embeds[idx].to(dev)
             pred = unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        per_item = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        target = loss_target(noise_sched, x0, noise, t)
+        per_item = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         per_item = per_item * snr_weights(noise_sched, t, tc.snr_gamma)
         if prior is not None and len(prior):
             loss = per_item[:bs].mean() + tc.prior_weight * per_item[bs:].mean()

@@ -28,7 +28,7 @@ from loop.bench.report import table, write
 from loop.config import load_config
 from loop.generate import generate_ring
 from loop.models import load_base
-from loop.train import TrainData, _token_ids, add_lora, encode_latents, encode_texts, fit, load_square
+from loop.train import TrainData, _token_ids, add_lora, encode_latents, encode_texts, fit, load_square, loss_target
 from loop.workspace import Workspace
 
 PROMPTS = ["a circle", "a square", "a triangle", "a ring"]
@@ -63,7 +63,7 @@ def _reference(pipe, ws, items, tc, steps: int, size: int) -> float:
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=gen)
         pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, loss_target(sched, x0, noise, t))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -155,6 +155,8 @@ class TrainData:
     ids: torch.Tensor | None = None
     prior: torch.Tensor | None = None  # bool per item
     weights: torch.Tensor | None = None  # sampling weight per item (selection.json's "weight"); None: uniform
+    empty: torch.Tensor | None = None  # the empty caption's embedding (or ids): what a dropped caption becomes
+    empty_embed: torch.Tensor | None = None  # the empty caption through the frozen text encoder (base targets)
 
 
 # -- class images (prior preservation) ---------------------------------------------------------------------
@@ -312,6 +314,20 @@ def loss_target(noise_sched, x0: torch.Tensor, noise: torch.Tensor, t: torch.Ten
     raise LoopError(f"model.base predicts {kind!r}; loop trains epsilon and v_prediction models only")
 
 
+@torch.no_grad()
+def base_prediction(unet, accelerator, xt, t, empty_embed, dev) -> torch.Tensor:
+    """The frozen base model's unconditional prediction (adapters off): the target that keeps a unit's
+    unconditional branch where the base had it (train.uncond_preservation)."""
+    model = accelerator.unwrap_model(unet)
+    model.disable_adapters()
+    try:
+        with accelerator.autocast():
+            cond = empty_embed.to(dev).unsqueeze(0).expand(len(xt), -1, -1)
+            return unet(xt, t, encoder_hidden_states=cond).sample.float()
+    finally:
+        model.enable_adapters()
+
+
 class Checkpoints:
     """accelerate checkpoints in `folder`, tied to a fingerprint of the selection and the settings."""
 
@@ -401,7 +417,8 @@ def fit(
     checkpoints: Checkpoints | None = None,
     stop_after: int | None = None,
 ):
-    """tc.steps optimizer steps of the epsilon-prediction loss; returns (unet, text_encoder, smoothed loss).
+    """tc.steps optimizer steps of the diffusion loss (epsilon or v, as the base predicts); returns (unet,
+    text_encoder, smoothed loss).
 
     `text_encoder` is given when it learns (a LoRA or a modifier token): captions are then encoded every step
     from `data.ids`. `keep_rows` = (original embedding table, new row): every other row is restored after each
@@ -453,10 +470,23 @@ def fit(
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(dev)
         else:
             t = torch.multinomial(t_weights, len(idx), replacement=True, generator=gen).to(dev)
+        cap = (data.ids if te_learns else data.embeds)[idx]
+        drop = keep = None
+        if data.empty is not None and tc.caption_dropout:
+            drop = torch.rand(len(idx), generator=gen) < tc.caption_dropout
+        if data.empty is not None and tc.uncond_preservation:
+            keep = torch.rand(len(idx), generator=gen) < tc.uncond_preservation
+            drop = keep if drop is None else drop | keep
+        if drop is not None:
+            cap = torch.where(drop.view(-1, *[1] * (cap.dim() - 1)), data.empty.to(cap.dtype), cap)
+        xt = noise_sched.add_noise(x0, noise, t)
         with accelerator.autocast():
-            cond = text_encoder(data.ids[idx].to(dev))[0] if te_learns else data.embeds[idx].to(dev)
-            pred = unet(noise_sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+            cond = text_encoder(cap.to(dev))[0] if te_learns else cap.to(dev)
+            pred = unet(xt, t, encoder_hidden_states=cond).sample
         target = loss_target(noise_sched, x0, noise, t)
+        if keep is not None and bool(keep.any()):
+            target = target.clone()
+            target[keep.to(dev)] = base_prediction(unet, accelerator, xt[keep], t[keep], data.empty_embed, dev)
         per_item = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         per_item = per_item * snr_weights(noise_sched, t, tc.snr_gamma)
         if prior is not None and len(prior):
@@ -535,14 +565,18 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
         weights=torch.tensor([float(it.get("weight", 1.0)) for it in items]),
     )
 
+    data.empty_embed = encode_texts(ws, pipe, [""], cfg.model.base)[0]  # before any adapter: the base's view
+
     # 3. adapters: what learns depends on the method; their random init is seeded, so a unit is reproducible
     with torch.random.fork_rng():
         torch.manual_seed(tc.seed)
         unet, text_encoder, keep_rows, new_row = _attach(pipe, tc, cd, token, te_lora)
     if text_encoder is not None:
         data.ids = _token_ids(pipe.tokenizer, captions)
+        data.empty = _token_ids(pipe.tokenizer, [""])[0]
     else:
         data.embeds = encode_texts(ws, pipe, captions, cfg.model.base)
+        data.empty = data.empty_embed
     if tc.start == "from_parent" and parent > 0:
         load_parent_adapter(pipe, ws.checkpoint(parent), tc)
         if token and (ws.checkpoint(parent) / EMBEDS).exists():

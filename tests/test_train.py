@@ -89,3 +89,70 @@ def test_timestep_bias_bad_values_name_the_key():
                      ("train.timestep_bias_multiplier=0", "train.timestep_bias_multiplier")]:  # fmt: skip
         with pytest.raises(Exception, match=key):
             load_config(None, [bad])
+
+
+def test_the_loss_target_follows_the_prediction_type():
+    from diffusers.training_utils import compute_snr
+
+    from loop.errors import LoopError
+    from loop.train import loss_target, snr_weights
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500, 999])
+    eps = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert torch.equal(loss_target(eps, x0, noise, t), noise)
+    v = DDPMScheduler.from_config(eps.config, prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    a = v.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - v.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(loss_target(v, x0, noise, t), a * noise - s * x0, atol=1e-6)
+    # at the zero-SNR end the velocity is -x0: the loss sees the whole image there
+    assert torch.allclose(loss_target(v, x0, noise, t)[2], -x0[2], atol=1e-3)
+    # min-SNR weights in the form for each target, finite at SNR 0
+    snr = compute_snr(v, t)
+    assert torch.allclose(snr_weights(v, t, 5.0), snr.clamp(max=5.0) / (snr + 1))
+    assert torch.isfinite(snr_weights(DDPMScheduler.from_config(v.config, prediction_type="epsilon"), t, 5.0)).all()
+    sample = DDPMScheduler.from_config(eps.config, prediction_type="sample")
+    try:
+        loss_target(sample, x0, noise, t)
+    except LoopError as e:
+        assert "prediction" in str(e) and "sample" in str(e)
+    else:
+        raise AssertionError("an unsupported prediction type must stop with a clear error")
+
+
+def _uncond_drift(pipe, uncond_preservation: float) -> float:
+    """Train a fresh LoRA on captioned images, then measure how far the unconditional prediction moved."""
+    keep = f"train.uncond_preservation={uncond_preservation}"
+    tc = load_config(None, ["train.steps=25", "train.lr=1e-2", "train.batch_size=4", keep]).train
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    latents, embeds = _fake_data(pipe, n=8)
+    latents = latents * 0.3 + 1.5  # a strong shift the adapter can learn: every image "warm"
+    ids = pipe.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        empty = pipe.text_encoder(ids)[0][0]
+    g = torch.Generator().manual_seed(1)
+    xt = torch.randn(4, 4, 16, 16, generator=g)
+    t = torch.tensor([999, 900, 700, 500])
+    cond = empty.unsqueeze(0).expand(4, -1, -1)
+    with torch.no_grad():
+        before = pipe.unet(xt, t, encoder_hidden_states=cond).sample
+    unet = add_lora(pipe.unet, tc)
+    data = TrainData(latents=latents, embeds=embeds, empty=empty, empty_embed=empty)
+    unet, _, _ = fit(unet, data, sched, tc, Accelerator(cpu=True))
+    with torch.no_grad():
+        after = unet(xt, t, encoder_hidden_states=cond).sample
+        unet.disable_adapters()
+        off = unet(xt, t, encoder_hidden_states=cond).sample
+        unet.enable_adapters()
+    assert torch.allclose(off, before, atol=1e-5), "adapters off must give the base model back"
+    return float((after - before).pow(2).mean())
+
+
+def test_uncond_preservation_keeps_the_unconditional_branch_where_the_base_had_it():
+    # guidance = uncond + cfg * (cond - uncond): an adapter that drags the unconditional branch along has its
+    # shift subtracted at sampling time; preservation trains "" toward the frozen base's own prediction
+    free = _uncond_drift(load_base(ModelConfig()), 0.0)
+    kept = _uncond_drift(load_base(ModelConfig()), 0.5)
+    assert free > 0
+    assert kept < 0.5 * free, (kept, free)

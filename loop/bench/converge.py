@@ -74,24 +74,44 @@ def run_strategy(name: str, tmp: Path, rounds: int, per_prompt: int, steps: int,
 
 # What we have measured about why the UR rate moves so little; kept with the figures it explains.
 WHY = """
-## Why the UR rate moves so little on the embedded model
+## Why the embedded model is a v-prediction, zero-terminal-SNR model
 
-- The scripted rater scores mean red minus mean blue, and on the embedded model that score is set almost
-  entirely by the starting noise: a linear fit of the score on the four channel means of the initial 16x16x4
-  latent explains 94% of its variance over 64 seeds of "a circle" (R^2 0.94). With those means removed
-  (zero-mean starting noise) the score's spread falls from 85 to 21. This is the non-zero terminal SNR of the
-  scaled-linear schedule (sqrt(alpha_bar) is about 0.07 at the first sampling step): the model reads the
-  noise's low frequencies as the image's colour, as SD 1.5 does with brightness.
+The first embedded model (epsilon prediction on SD 1.5's scaled-linear schedule) could hardly be moved by
+training on selections: its UR rate went 18.8% -> 18.8% (converge) and 21.9% -> 28.1% (golden) over three
+rounds. What we measured:
+
+- The scripted rater scores mean red minus mean blue, and on that model the score was set almost entirely by
+  the starting noise: a linear fit of the score on the four channel means of the initial 16x16x4 latent
+  explained 94% of its variance over 64 seeds of "a circle" (R^2 0.94); with zero-mean starting noise the
+  score's spread fell from 85 to 21. This is the non-zero terminal SNR of the scaled-linear schedule
+  (sqrt(alpha_bar) is about 0.07 at the first sampling step): the model reads the noise's low frequencies as
+  the image's colour, as SD 1.5 does with brightness (Lin et al., "Common Diffusion Noise Schedules and
+  Sample Steps are Flawed", WACV 2024).
 - A LoRA has to change that mapping at the noisiest timesteps, where a whole-image colour change alters the
-  epsilon loss by only about (0.07 x delta)^2. Measured on one round of "a circle" (64 images, 11 UR, 300
-  steps): plain LoRA UR 17% -> 20%; lr 3e-3 23%; `train.timestep_bias=later` x8 27% (x8 with noise offset
-  0.1: 28%); x30 on the last 10%: 23%; noise offset 0.3 with 600 steps: 8% (worse); LoRA on every conv,
-  feed-forward and attention layer: 20%. So capacity is not the limit; the loss's view of colour is.
-- The same benchmark with `train.timestep_bias=later` x8: converge 18.8% -> 18.8%, golden 21.9% -> 25.0%,
-  grow 23.5% -> 60.7%, longtail 25.6% -> 20.5%; no better than uniform sampling, so uniform stays the
-  default. With 32 images a unit, one image is 3 points of UR rate: differences under ~10 points are noise.
-- Not tried yet: zero-terminal-SNR rescaling with v-prediction in the embedded model's own training, which
-  would let prompts and LoRAs, rather than the seed, decide colour; more images per round.
+  epsilon loss by only about (0.07 x delta)^2. One round of "a circle" (64 images, 11 UR, 300 steps): plain
+  LoRA UR 17% -> 20%; lr 3e-3 23%; `train.timestep_bias=later` x8 27% (with noise offset 0.1: 28%); x30 on
+  the last 10%: 23%; noise offset 0.3 with 600 steps: 8%; LoRA on every conv, feed-forward and attention
+  layer: 20%. Capacity was not the limit; the loss's view of colour was.
+- The fix, in the model rather than the loop: `python -m loop.tiny.train --init loop/tiny/model --v-zero-snr`
+  fine-tuned the UNet and text encoder for 1500 steps to v-prediction on the rescaled zero-terminal-SNR
+  schedule with trailing timesteps. The first sampling step now sees pure noise, so the prompt (and any
+  adapter) decides colour, and the v loss sees the image at every noise level. Prompt adherence: "a red
+  circle on blue" -106 (was -25), "a blue square on yellow" +93 (was +1). One LoRA round on the four shape
+  prompts moved the mean score 7 -> 102 and the UR rate 31% -> 58% (it had moved 17% -> 20% before).
+  `loop train` follows the base model's `prediction_type`, so SD 2.x-style v models train correctly too.
+
+## Why a unit's own guidance cancelled what it learned, and what fixed it
+
+With the v-prediction model, the first benchmark run rose at unit 1 and then fell back: converge UR
+31% -> 56% -> 31% -> 25%, golden 31% -> 61% -> 48% -> 27%, while the replace ablation ended higher (48%).
+Training longer made it worse (unit 2: 300 steps UR 44%, 900 steps 31%). Sampling without guidance showed
+why: unit 2 drew UR 92% at cfg 1, and the empty prompt alone scored 146 (base: -0.5), above "a circle" (115).
+Guidance computes uncond + 4 x (cond - uncond): an adapter that warms the unconditional branch more than the
+conditional one has its shift subtracted, and the more the set grows the more the two drift apart.
+Caption dropout (the empty caption trained on the same images) did not help (UR 31%). What did:
+`train.uncond_preservation=0.25`, a quarter of each batch trained on the empty caption toward the frozen base
+model's own prediction, so the unconditional branch stays the base's and guidance amplifies the unit's shift.
+Unit 2 on the same 57 images: UR 81% (0.5: 100%, at the cost of variety). The table above is with it.
 """
 
 
@@ -100,6 +120,7 @@ def plot(results: dict) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, r in results.items():
@@ -110,6 +131,7 @@ def plot(results: dict) -> bytes:
     b.set_title("diversity per unit (Vendi score)")
     for ax in (a, b):
         ax.set_xlabel("unit")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     a.legend(fontsize=8)
     fig.tight_layout()

@@ -372,6 +372,9 @@ def import_cmd(
     with ws.store() as store:
         r = import_images(ws, store, src, tier, source, log=_echo)
     _echo(f"imported {r['imported']}, skipped {r['skipped']} unreadable, {r['duplicates']} already here")
+    if r["skipped"] and not r["imported"] and not r["duplicates"]:
+        # a script that imports and then trains must not go on as if the set had grown
+        raise LoopError(f"nothing was imported from {src}: all {r['skipped']} file(s) were unreadable (see above)")
 
 
 @app.command()

@@ -21,6 +21,18 @@ def test_import_then_export_golden_through_the_cli(ws, tmp_path, capsys):
     assert "--tier 'XR'" in capsys.readouterr().err
 
 
+def test_an_import_where_every_file_is_unreadable_fails(ws, tmp_path, capsys):
+    src = tmp_path / "junk"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"not a png")
+    (src / "b.jpg").write_bytes(b"")
+    assert entry(["import", str(src), "--tier", "UR", "-w", str(ws.root)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was imported" in err and "all 2 file(s) were unreadable" in err
+    with ws.store() as store:
+        assert store.images() == []
+
+
 def test_export_lora_of_the_base_unit_is_one_clear_error(ws, capsys):
     assert entry(["export-lora", "--unit", "0", "-w", str(ws.root)]) == 2
     err = capsys.readouterr().err

@@ -2,7 +2,7 @@
 python -m loop.bench rate [--images 10000] [--ratings 200]
 python -m loop.bench generate [--images 64] [--steps 20] [--batch 16]
 python -m loop.bench train [--images 32] [--steps 40] [--batch 8]
-python -m loop.bench converge [--rounds 3] [--images 32] [--steps 150] [--noise 10]
+python -m loop.bench converge [--rounds 3] [--images 64] [--steps 300] [--noise 10]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
 short strings) and rewrites its own section of docs/benchmarks.md.
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default="docs")
     r = sub.add_parser("converge", help="4 strategies and a replace ablation over several rounds, scripted rater")
     r.add_argument("--rounds", type=int, default=3, help="trainings per strategy (units 0..rounds are rated)")
-    r.add_argument("--images", type=int, default=32, help="images per round")
-    r.add_argument("--steps", type=int, default=150, help="LoRA steps per unit")
+    r.add_argument("--images", type=int, default=64, help="images per round")
+    r.add_argument("--steps", type=int, default=300, help="LoRA steps per unit")
     r.add_argument("--noise", type=float, default=10.0, help="the scripted rater's noise")
     r.add_argument("--out", default="docs")
     r = sub.add_parser("shots", help="the Compare tab's screenshot for the README (docs/img/compare.png)")

@@ -156,7 +156,7 @@ def plot(results: dict) -> bytes:
     return buf.getvalue()
 
 
-def bench_converge(rounds: int = 3, images: int = 32, steps: int = 150, noise: float = 10.0, out: str = "docs"):
+def bench_converge(rounds: int = 3, images: int = 64, steps: int = 300, noise: float = 10.0, out: str = "docs"):
     per_prompt = max(1, images // len(PROMPTS))
     results = {}
     t0 = time.time()

@@ -258,15 +258,28 @@ def rate(
     overrides: OverridesArg = None,
 ) -> None:
     """Serve the rating page (http://127.0.0.1:7860); --auto and --finish rate or close without it."""
-    if auto or finish:
-        from loop.rate.auto import auto_rate
-        from loop.round import finish_rating, rating_summary
+    users = None
+    if not (auto or finish):
+        from loop.rate.page import is_loopback, parse_auth
 
-        ws, cfg = _open(workspace, overrides, model=False)
-        from loop.workspace import recover
+        users = parse_auth(auth, auth_file)
+        if listen and host == "127.0.0.1":
+            host = "0.0.0.0"
+        if (listen or not is_loopback(host)) and not users:
+            raise LoopError(
+                f"serving on {host} puts the page on the network; add --auth user:password or --auth-file FILE"
+            )
+        if not 0 < port < 65536:
+            raise LoopError(f"--port must be between 1 and 65535, got {port}")
+    from loop.workspace import recover
 
-        with ws.store() as store:
-            recover(ws, store, _echo)  # a killed rating may have left golden/ behind its ratings
+    ws, cfg = _open(workspace, overrides, model=False)
+    with ws.store() as store:
+        recover(ws, store, _echo)  # a rating killed mid-way may have left golden/ behind its ratings
+        if auto or finish:
+            from loop.rate.auto import auto_rate
+            from loop.round import finish_rating, rating_summary
+
             n = store.current_unit()
             if auto:
                 out = auto_rate(ws, store, cfg.rate, n)
@@ -275,25 +288,9 @@ def rate(
                 )
             finish_rating(store, n)
             _echo(f"round {n}: rating closed ({rating_summary(store, n)}); `loop run --round` goes on")
-        return
-    from loop.rate.page import is_loopback, parse_auth
-
-    users = parse_auth(auth, auth_file)
-    if listen and host == "127.0.0.1":
-        host = "0.0.0.0"
-    if (listen or not is_loopback(host)) and not users:
-        raise LoopError(
-            f"serving on {host} puts the page on the network; add --auth user:password or --auth-file FILE"
-        )
-    if not 0 < port < 65536:
-        raise LoopError(f"--port must be between 1 and 65535, got {port}")
+            return
     from loop.rate.page import serve
 
-    ws, cfg = _open(workspace, overrides, model=False)
-    from loop.workspace import recover
-
-    with ws.store() as store:  # a page killed mid-rating may have left golden/ behind its ratings
-        recover(ws, store, _echo)
     serve(ws, cfg, host=host, port=port, auth=users or None, log=_echo)
 
 

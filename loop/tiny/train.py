@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from loop.tiny.build import IMAGE_SIZE, MODEL_DIR, assemble, load_tokenizer, tiny_components, write_tokenizer
 from loop.tiny.shapes import batch as shape_batch
+from loop.train import loss_target
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -79,8 +80,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, steps,
         xt = scheduler.add_noise(x0, noise, t)
         cond = text_encoder(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=cond).sample
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
-        loss = F.mse_loss(pred, target)
+        loss = F.mse_loss(pred, loss_target(scheduler, x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -173,7 +173,8 @@ def unit_stats(
 
     Novel hits are judged over the UR images of ALL units (imported images, which no unit made, are left out)
     in the order they were stored (row id): a unit is credited with each of its UR images that is farther than
-    `threshold` from every earlier UR image, whichever unit made that one.
+    `threshold` from every earlier UR image, whichever unit made that one; features are centred on the mean
+    feature of unit 0's images (the base model's), as the longtail selection's are (loop.select.novelty_centre).
     """
     cache: dict[int, tuple[np.ndarray, int] | None] = {}
     missing: list[str] = []
@@ -190,7 +191,9 @@ def unit_stats(
 
     ur = [(r, load(r)) for r in store.images() if r["tier"] == "UR" and r["unit"] is not None]
     ur = [(r, x) for r, x in ur if x is not None]
-    hits = novel_hits([x[0] for _, x in ur], threshold)
+    from loop.select import novelty_centre  # the same centre the longtail selection measures novelty from
+
+    hits = novel_hits([x[0] for _, x in ur], threshold, novelty_centre(ws, store))
     hits_by_unit = Counter(r["unit"] for (r, _), hit in zip(ur, hits) if hit)
 
     out = []

@@ -112,7 +112,9 @@ class SelectConfig:
     ancestor_cap: float = 0.5  # grow: at most this share of the set may descend from one ancestor
     variations: int = 4  # grow: img2img variations per image of the set, each round
     explore_share: float = 0.2  # longtail: share of each round's images that explore beyond the current taste
-    novel_distance: float = 0.15  # longtail: a UR image this far (cosine, cheap features) from all earlier UR
+    # longtail: a UR image this far from all earlier UR images is a novel hit (cosine distance on cheap features
+    # centred on the base model's mean feature; see loop/metrics.py)
+    novel_distance: float = 0.15
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, "select.strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")

@@ -93,8 +93,29 @@ def cap_ancestors(rows: list, roots: dict[int, tuple[int, int]], cap: float) -> 
     return [r for r in rows if r["id"] in keep]
 
 
-def novel_hit_ids(ws: Workspace, rows: list, distance: float) -> set[int]:
-    """UR images (in the order they were made) farther than `distance` from every earlier UR image."""
+def novelty_centre(ws: Workspace, store: Store, cap: int = 256):
+    """The mean feature of the base model's images (unit 0; at most `cap`, evenly spread), which novelty is
+    measured from (see loop.metrics.novel_hits); None when no unit-0 image can be read."""
+    import numpy as np
+
+    from loop.images import load_rgb
+    from loop.metrics import features
+
+    rows = store.images(unit=0)
+    if len(rows) > cap:
+        rows = [rows[i] for i in np.linspace(0, len(rows) - 1, cap).round().astype(int)]
+    feats = []
+    for r in rows:
+        try:
+            feats.append(features(load_rgb(ws.root / r["path"])))
+        except (OSError, ValueError):
+            continue
+    return np.mean(feats, axis=0) if feats else None
+
+
+def novel_hit_ids(ws: Workspace, rows: list, distance: float, centre=None) -> set[int]:
+    """UR images (in the order they were made) farther than `distance` from every earlier UR image, measured
+    from `centre` (novelty_centre)."""
     from loop.images import load_rgb
     from loop.metrics import features, novel_hits
 
@@ -104,9 +125,9 @@ def novel_hit_ids(ws: Workspace, rows: list, distance: float) -> set[int]:
         try:
             feats.append(features(load_rgb(ws.root / r["path"])))
             ids.append(r["id"])
-        except OSError:
+        except (OSError, ValueError):
             continue
-    return {i for i, hit in zip(ids, novel_hits(feats, distance)) if hit}
+    return {i for i, hit in zip(ids, novel_hits(feats, distance, centre)) if hit}
 
 
 def choose(ws: Workspace, store: Store, sc: SelectConfig, round: int) -> list[dict]:
@@ -122,7 +143,7 @@ def choose(ws: Workspace, store: Store, sc: SelectConfig, round: int) -> list[di
     weights = {r["id"]: 1.0 for r in rows}
     novel: set[int] = set()
     if sc.strategy == "longtail" and rows:
-        novel = novel_hit_ids(ws, rows, sc.novel_distance)
+        novel = novel_hit_ids(ws, rows, sc.novel_distance, novelty_centre(ws, store))
         for i in novel:
             weights[i] = 2.0
     # images from outside the loop keep at least outside_share of the weight

@@ -321,7 +321,7 @@ def base_prediction(unet, accelerator, xt, t, empty_embed, dev) -> torch.Tensor:
     model = accelerator.unwrap_model(unet)
     model.disable_adapters()
     try:
-        with accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast():
             cond = empty_embed.to(dev).unsqueeze(0).expand(len(xt), -1, -1)
             return unet(xt, t, encoder_hidden_states=cond).sample.float()
     finally:

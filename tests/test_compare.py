@@ -67,7 +67,10 @@ def test_compare_grid_stats_and_files(ws, cfg, tmp_path):
 
         result = compare(ws, store, cfg, [0, 1], **QUIET)
         ur_rows = [r for r in store.images() if r["tier"] == "UR"]
-        expected_hits = novel_hits([features(load_rgb(ws.root / r["path"])) for r in ur_rows], NOVEL_HIT_THRESHOLD)
+        centre = np.mean([features(load_rgb(ws.root / r["path"])) for r in store.images(unit=0)], axis=0)
+        expected_hits = novel_hits(
+            [features(load_rgb(ws.root / r["path"])) for r in ur_rows], NOVEL_HIT_THRESHOLD, centre
+        )
 
     out = ws.root / "cache" / "compare"
     assert result["grid"] == out / "compare_grid.png" and result["plot"] == out / "compare_plot.png"

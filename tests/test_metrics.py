@@ -108,6 +108,20 @@ def test_novel_hits_hand_made():
     assert novel_hits([e[0] * 5, e[0]], 0.25) == [False, False]  # scale does not matter
 
 
+def test_novel_hits_measure_from_the_centre():
+    # two images that share most of their features (what every image of a model has in common): close raw, but
+    # they differ from the base model's mean image in orthogonal ways, so centred they are far apart
+    centre = np.array([1.0, 1.0, 0.0, 0.0])
+    a = centre + np.array([0.0, 0.0, 0.2, 0.0])
+    b = centre + np.array([0.0, 0.0, 0.0, 0.2])
+    assert 1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) < 0.05
+    assert novel_hits([a, b], 0.5) == [False, False]
+    assert novel_hits([a, b], 0.5, centre=centre) == [False, True]
+    # and a third that differs the way the first does is not new, centred or not
+    c = centre + np.array([0.0, 0.0, 0.3, 0.01])
+    assert novel_hits([a, b, c], 0.5, centre=centre) == [False, True, False]
+
+
 # -- Bradley-Terry -----------------------------------------------------------------------------------------
 STRENGTHS = {"A": 1.5, "B": 0.5, "C": -0.5, "D": -1.5}  # log-strengths
 

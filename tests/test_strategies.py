@@ -93,6 +93,36 @@ def test_empty_selection_is_one_clear_message(ws):
             select(ws, store, _sc("select.strategy=golden"), 0)
 
 
+def _draw(ws, name, background, shape, box):
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (32, 32), background)
+    ImageDraw.Draw(im).rectangle(box, fill=shape)
+    (ws.root / "generations").mkdir(exist_ok=True)
+    im.save(ws.root / "generations" / f"{name}.png")
+
+
+def test_longtail_counts_novel_hits_double_measured_from_the_base_mean(ws):
+    """Novelty is measured from the base model's mean image. All these images are warm and alike in raw features
+    (cosine distance 0.03); what sets one apart is where it differs from what the base model makes: a bar on the
+    right is new after a bar on the left, the same bar again is not, and a hit weighs twice in training."""
+    warm, orange = (200, 60, 40), (230, 120, 40)
+    with ws.store() as store:
+        for k in range(4):  # unit 0, the base model: a square in the middle; their mean is the centre
+            _draw(ws, f"base{k}", warm, orange, (12 - k, 12 - k, 20 + k, 20 + k))
+            _img(store, f"base{k}", 0, 0, "N")
+        _draw(ws, "first", warm, orange, (0, 0, 12, 31))
+        first = _img(store, "first", 1, 1, "UR")
+        _draw(ws, "again", (205, 60, 40), (230, 125, 40), (0, 0, 12, 31))
+        again = _img(store, "again", 1, 1, "UR")
+        _draw(ws, "other", warm, orange, (19, 0, 31, 31))
+        other = _img(store, "other", 1, 1, "UR")
+        items = {i["id"]: i for i in choose(ws, store, _sc("select.strategy=longtail"), 1)}
+    assert {i for i, x in items.items() if x["novel_hit"]} == {other}
+    assert not items[first]["novel_hit"] and not items[again]["novel_hit"]
+    assert items[other]["weight"] == pytest.approx(2 * items[again]["weight"])
+
+
 def test_exploration_images_are_marked_and_resumable(ws, cfg):
     from loop.generate import generate
     from loop.strategies import explore, is_exploration

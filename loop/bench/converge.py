@@ -31,7 +31,10 @@ STRATEGIES = {
     "grow": ["select.strategy=grow", "select.variations=2"],
     "longtail": ["select.strategy=longtail"],
     "replace": ["select.strategy=converge", "select.accumulate=false"],
+    # the fully self-consuming loop: replace AND continue the parent's adapter on its own latest outputs
+    "replace_parent": ["select.strategy=converge", "select.accumulate=false", "train.start=from_parent"],
 }
+SHEET_IMAGES = 16  # per unit in the contact sheet: the first 4 images of each prompt in the unit's own round
 
 
 def seed_image(folder: Path) -> Path:
@@ -46,6 +49,7 @@ def seed_image(folder: Path) -> Path:
 
 def run_strategy(name: str, tmp: Path, rounds: int, per_prompt: int, steps: int, noise: float, log=print) -> dict:
     from loop.interop import import_images
+    from loop.strategies import is_exploration
 
     ws = Workspace.init(tmp / name)
     ws.prompts_path.write_text("\n".join(PROMPTS) + "\n")
@@ -69,7 +73,36 @@ def run_strategy(name: str, tmp: Path, rounds: int, per_prompt: int, steps: int,
     run_round(ws, cfg, last, auto_rate_=True, log=lambda m: None, stop_after="rate")
     with ws.store() as store:
         stats = unit_stats(ws, store, list(range(last + 1)), log=lambda m: None)
-    return {"stats": stats, "seconds": time.time() - t0}
+        tiles = []
+        for u in range(last + 1):  # the unit's own round, no variations or exploration: the first of each prompt
+            rows = [r for r in store.images(unit=u) if r["round"] == u and r["parent_id"] is None]
+            rows = [r for r in rows if not is_exploration(r)]
+            per = SHEET_IMAGES // len(PROMPTS)
+            picked = [r for p in PROMPTS for r in [r for r in rows if r["prompt"] == p][:per]]
+            tiles.append([_tile(ws.root / r["path"]) for r in picked])
+    return {"stats": stats, "seconds": time.time() - t0, "tiles": tiles}
+
+
+def _tile(path: Path, size: int = 48) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB").resize((size, size), Image.Resampling.NEAREST)
+
+
+def contact_sheet(results: dict, size: int = 48) -> bytes:
+    """One row per unit and strategy: the first 4 images of each prompt that the unit made in its own round (the
+    same seeds in every strategy's row), so that collapse is seen and not only measured."""
+    rows = [(f"{name} unit {u}", tiles) for name, r in results.items() for u, tiles in enumerate(r["tiles"])]
+    label_w, gap = 150, 2
+    sheet = Image.new("RGB", (label_w + SHEET_IMAGES * (size + gap), len(rows) * (size + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (label, tiles) in enumerate(rows):
+        y = k * (size + gap)
+        draw.text((4, y + size // 2 - 6), label, fill="black")
+        for j, tile in enumerate(tiles):
+            sheet.paste(tile, (label_w + j * (size + gap), y))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # What we have measured about why the UR rate moves so little; kept with the figures it explains.
@@ -182,6 +215,7 @@ def bench_converge(rounds: int = 3, images: int = 64, steps: int = 300, noise: f
     verdicts = targets(figures, rounds)
     png = plot(results)
     atomic_write(Path(out) / "img" / "convergence.png", png)
+    atomic_write(Path(out) / "img" / "convergence_units.png", contact_sheet(results))
     tbl = table(rows)
     print(tbl)
     md = (
@@ -189,8 +223,10 @@ def bench_converge(rounds: int = 3, images: int = 64, steps: int = 300, noise: f
         f"({rounds} rounds per strategy, {figures['images_per_round']} images per round, {steps} LoRA steps, "
         f"the scripted warm-colour rater with noise {noise}; {figures['minutes']} minutes on this machine).\n\n"
         "![UR rate and diversity per unit, per strategy](img/convergence.png)\n\n" + tbl + "\n\n"
-        "## The targets, checked by the benchmark itself\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
-        + WHY
+        "What the units made (the first 4 images of each prompt in each unit's round; the same seeds in every "
+        "row):\n\n"
+        "![the first images of every unit, per strategy](img/convergence_units.png)\n\n"
+        "## The targets, checked by the benchmark itself\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n" + WHY
     )
     print("\n".join(verdicts))
     atomic_write(Path(out) / "convergence.md", md)
@@ -213,11 +249,13 @@ def targets(f: dict, rounds: int) -> list[str]:
         )
     lt, cv = f["longtail_novel_hits"], f["converge_novel_hits"]
     out.append(f"longtail novel hits {lt} vs converge {cv} (target: more): {'met' if lt > cv else 'NOT met'}")
-    loss = f["replace_diversity_unit0"] - f[f"replace_diversity_unit{last}"]
-    kept = f[f"converge_diversity_unit{last}"] - f[f"replace_diversity_unit{last}"]
-    out.append(
-        f"replace ablation: diversity {f['replace_diversity_unit0']:.2f} -> {f[f'replace_diversity_unit{last}']:.2f} "
-        f"(accumulating converge ends at {f[f'converge_diversity_unit{last}']:.2f}); the ablation "
-        + ("shows the diversity loss the default avoids: met" if loss > 0 and kept > 0 else "does NOT show a loss")
-    )
+    cd = f[f"converge_diversity_unit{last}"]
+    for name in ("replace", "replace_parent"):
+        d0, d3 = f[f"{name}_diversity_unit0"], f[f"{name}_diversity_unit{last}"]
+        u0, u3 = f[f"{name}_ur_rate_unit0"], f[f"{name}_ur_rate_unit{last}"]
+        out.append(
+            f"{name} ablation: diversity {d0:.2f} -> {d3:.2f} (accumulating converge ends at {cd:.2f}), UR rate "
+            f"{100 * u0:.1f}% -> {100 * u3:.1f}%; the diversity score "
+            + ("shows the loss the default avoids: met" if d3 < d0 and d3 < cd else "does NOT show a loss")
+        )
     return out

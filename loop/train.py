@@ -315,17 +315,81 @@ def loss_target(noise_sched, x0: torch.Tensor, noise: torch.Tensor, t: torch.Ten
 
 
 @torch.no_grad()
-def base_prediction(unet, accelerator, xt, t, empty_embed, dev) -> torch.Tensor:
+def base_prediction(unet, accelerator, xt, t, empty_embed, dev, micro: int = 0) -> torch.Tensor:
     """The frozen base model's unconditional prediction (adapters off): the target that keeps a unit's
-    unconditional branch where the base had it (train.uncond_preservation)."""
+    unconditional branch where the base had it (train.uncond_preservation). `micro` > 0 runs it in
+    micro-batches of that size (the adapters are switched off once for all of them)."""
     model = accelerator.unwrap_model(unet)
     model.disable_adapters()
     try:
-        with torch.no_grad(), accelerator.autocast():
-            cond = empty_embed.to(dev).unsqueeze(0).expand(len(xt), -1, -1)
-            return unet(xt, t, encoder_hidden_states=cond).sample.float()
+        out = []
+        size = micro if micro > 0 else max(1, len(xt))
+        for i in range(0, len(xt), size):
+            x, tt = xt[i : i + size].to(dev), t[i : i + size].to(dev)
+            with accelerator.autocast():
+                cond = empty_embed.to(dev).unsqueeze(0).expand(len(x), -1, -1)
+                out.append(unet(x, tt, encoder_hidden_states=cond).sample.float())
+        return torch.cat(out)
     finally:
         model.enable_adapters()
+
+
+class BaseTargets:
+    """train.uncond_preservation's items, drawn and predicted ahead, CHUNK steps at a time.
+
+    Each step a Bernoulli(share) mask over the batch picks the positions that get the empty caption and the
+    frozen base model's own prediction as target. Their latent (drawn uniformly from the position's pool:
+    instance or prior images), noise and timestep are drawn ahead for CHUNK steps, and the base predictions
+    for all of them are made with the adapters off once per chunk, in micro-batches of the training batch
+    size. Done per step, the same work cost a forward of a couple of items every step, which on a small model
+    costs almost as much as a full batch's (the per-call overhead dominates); in chunks it is about one
+    forward per CHUNK/batch steps' worth of items. The base is frozen, so the targets are exactly what a per-step
+    forward would give. Each chunk has its own generator, seeded by (seed, process, chunk), so a run resumed
+    from a checkpoint draws the same items as a straight one.
+    """
+
+    CHUNK = 32
+
+    def __init__(self, unet, accelerator, data, noise_sched, tc, t_weights, pools: list[torch.Tensor], dev):
+        self.unet, self.acc, self.data, self.sched, self.tc = unet, accelerator, data, noise_sched, tc
+        self.t_weights, self.pools, self.dev = t_weights, pools, dev  # pools[i]: latent rows for position i
+        self.chunk, self.steps = -1, []
+
+    def _fill(self, c: int) -> None:
+        tc = self.tc
+        g = torch.Generator().manual_seed(1_000_003 * (tc.seed + 1) + 7919 * self.acc.process_index + c)
+        first, last = c * self.CHUNK, min((c + 1) * self.CHUNK, tc.steps)
+        masks = [torch.rand(len(self.pools), generator=g) < tc.uncond_preservation for _ in range(first, last)]
+        rows = [int(pool[torch.randint(0, len(pool), (1,), generator=g)]) for m in masks
+                for pool, kept in zip(self.pools, m.tolist()) if kept]  # fmt: skip
+        x0 = self.data.latents[torch.tensor(rows, dtype=torch.long)] if rows else self.data.latents[:0]
+        noise = torch.randn(x0.shape, generator=g)
+        if tc.noise_offset:
+            noise = noise + tc.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=g)
+        num = self.sched.config.num_train_timesteps
+        if self.t_weights is None:
+            t = torch.randint(0, num, (len(rows),), generator=g)
+        else:
+            t = torch.multinomial(self.t_weights, len(rows), replacement=True, generator=g)
+        xt = self.sched.add_noise(x0, noise, t)
+        pred = (
+            base_prediction(self.unet, self.acc, xt, t, self.data.empty_embed, self.dev, micro=tc.batch_size)
+            if rows
+            else xt
+        )
+        self.steps, at = [], 0
+        for m in masks:
+            k = int(m.sum())
+            self.steps.append((m, xt[at : at + k], t[at : at + k], pred[at : at + k]))
+            at += k
+        self.chunk = c
+
+    def at(self, step: int):
+        """(mask over the batch, x_t, t, target) for the kept positions of this step."""
+        c = step // self.CHUNK
+        if c != self.chunk:
+            self._fill(c)
+        return self.steps[step - c * self.CHUNK]
 
 
 class Checkpoints:
@@ -451,6 +515,10 @@ def fit(
         range(start, tc.steps), desc=desc, disable=not accelerator.is_main_process, initial=start, total=tc.steps
     )
     t_weights = timestep_weights(noise_sched.config.num_train_timesteps, tc)
+    bank = None
+    if data.empty is not None and tc.uncond_preservation:
+        pools = [inst] * bs + ([prior] * bs if prior is not None and len(prior) else [])
+        bank = BaseTargets(unet, accelerator, data, noise_sched, tc, t_weights, pools, dev)
     w = None if data.weights is None else data.weights[inst].double()
     if w is not None and bool((w == w[0]).all()):
         w = None  # uniform: the plain sampler (same batches as before weights existed)
@@ -474,19 +542,20 @@ def fit(
         drop = keep = None
         if data.empty is not None and tc.caption_dropout:
             drop = torch.rand(len(idx), generator=gen) < tc.caption_dropout
-        if data.empty is not None and tc.uncond_preservation:
-            keep = torch.rand(len(idx), generator=gen) < tc.uncond_preservation
+        if bank is not None:
+            keep, xk, tk, yk = bank.at(step)
             drop = keep if drop is None else drop | keep
         if drop is not None:
             cap = torch.where(drop.view(-1, *[1] * (cap.dim() - 1)), data.empty.to(cap.dtype), cap)
         xt = noise_sched.add_noise(x0, noise, t)
+        target = loss_target(noise_sched, x0, noise, t)
+        if keep is not None and bool(keep.any()):  # the base's own prediction for these (see BaseTargets)
+            kd = keep.to(dev)
+            xt, t, target = xt.clone(), t.clone(), target.clone()
+            xt[kd], t[kd], target[kd] = xk.to(dev), tk.to(dev), yk.to(dev)
         with accelerator.autocast():
             cond = text_encoder(cap.to(dev))[0] if te_learns else cap.to(dev)
             pred = unet(xt, t, encoder_hidden_states=cond).sample
-        target = loss_target(noise_sched, x0, noise, t)
-        if keep is not None and bool(keep.any()):
-            target = target.clone()
-            target[keep.to(dev)] = base_prediction(unet, accelerator, xt[keep], t[keep], data.empty_embed, dev)
         per_item = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         per_item = per_item * snr_weights(noise_sched, t, tc.snr_gamma)
         if prior is not None and len(prior):

@@ -1,7 +1,7 @@
 """python -m loop.bench round [--images 64] [--rounds 2]
 python -m loop.bench rate [--images 10000] [--ratings 200]
 python -m loop.bench generate [--images 64] [--steps 20] [--batch 16]
-python -m loop.bench train [--images 32] [--steps 40] [--batch 8]
+python -m loop.bench train [--images 32] [--steps 60] [--batch 8] [--reps 3]
 python -m loop.bench converge [--rounds 3] [--images 64] [--steps 300] [--noise 10]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default="docs")
     r = sub.add_parser("train", help="our trainer (cached encodings) against re-encoding every step")
     r.add_argument("--images", type=int, default=32)
-    r.add_argument("--steps", type=int, default=40)
+    r.add_argument("--steps", type=int, default=60)
+    r.add_argument("--reps", type=int, default=3, help="alternating runs of each side; the best is kept")
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--out", default="docs")
     r = sub.add_parser("converge", help="4 strategies and a replace ablation over several rounds, scripted rater")
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.name == "train":
         from loop.bench.train import bench_train
 
-        bench_train(images=args.images, steps=args.steps, batch=args.batch, out=args.out)
+        bench_train(images=args.images, steps=args.steps, batch=args.batch, reps=args.reps, out=args.out)
     elif args.name == "generate":
         from loop.bench.generate import bench_generate
 

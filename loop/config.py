@@ -107,7 +107,7 @@ class SelectConfig:
     # longtail: like converge, plus a share of every round explores; novel hits count double in training
     strategy: str = "golden"
     min_tier: str = "SSR"  # converge, grow and longtail take this tier and better
-    accumulate: bool = True  # False = "replace": only the last round's images (an ablation; it collapses)
+    accumulate: bool = True  # False = "replace": only the last round's images (an ablation: docs/convergence.md)
     outside_share: float = 0.2  # at least this share of a set comes from outside the loop (imports, unit 0)
     ancestor_cap: float = 0.5  # grow: at most this share of the set may descend from one ancestor
     variations: int = 4  # grow: img2img variations per image of the set, each round

@@ -2,7 +2,7 @@
 python -m loop.bench rate [--images 10000] [--ratings 200]
 python -m loop.bench generate [--images 64] [--steps 20] [--batch 16]
 python -m loop.bench train [--images 32] [--steps 60] [--batch 8] [--reps 3]
-python -m loop.bench converge [--rounds 3] [--images 64] [--steps 300] [--noise 10]
+python -m loop.bench converge [--rounds 3] [--images 64] [--steps 300] [--noise 10] [--keep DIR]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
 short strings) and rewrites its own section of docs/benchmarks.md.
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--images", type=int, default=64, help="images per round")
     r.add_argument("--steps", type=int, default=300, help="LoRA steps per unit")
     r.add_argument("--noise", type=float, default=10.0, help="the scripted rater's noise")
+    r.add_argument("--keep", metavar="DIR", help="keep each strategy's workspace in DIR/<strategy> (default: discard)")
     r.add_argument("--out", default="docs")
     r = sub.add_parser("shots", help="the Compare tab's screenshot for the README (docs/img/compare.png)")
     r.add_argument("--out", default="docs")
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.name == "converge":
         from loop.bench.converge import bench_converge
 
-        bench_converge(rounds=args.rounds, images=args.images, steps=args.steps, noise=args.noise, out=args.out)
+        bench_converge(
+            rounds=args.rounds, images=args.images, steps=args.steps, noise=args.noise, out=args.out, keep=args.keep
+        )
     elif args.name == "train":
         from loop.bench.train import bench_train
 

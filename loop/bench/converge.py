@@ -211,14 +211,25 @@ def plot(results: dict) -> bytes:
     return buf.getvalue()
 
 
-def bench_converge(rounds: int = 3, images: int = 64, steps: int = 300, noise: float = 10.0, out: str = "docs"):
+def bench_converge(
+    rounds: int = 3,
+    images: int = 64,
+    steps: int = 300,
+    noise: float = 10.0,
+    out: str = "docs",
+    keep: str | None = None,
+):
     per_prompt = max(1, images // len(PROMPTS))
     results = {}
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="loop-bench-converge-") as tmp:
+        where = Path(keep) if keep else Path(tmp)  # --keep DIR: one workspace per strategy, kept for a look later
+        if keep and any(where.glob("*/loop.db")):
+            raise SystemExit(f"--keep {keep}: it already holds workspaces; give an empty or new folder")
+        where.mkdir(parents=True, exist_ok=True)
         for name in STRATEGIES:
             print(f"converge: {name} ({rounds} rounds, {per_prompt * len(PROMPTS)} images per round, {steps} steps)")
-            results[name] = run_strategy(name, Path(tmp), rounds, per_prompt, steps, noise)
+            results[name] = run_strategy(name, where, rounds, per_prompt, steps, noise)
     figures: dict = {"rounds": rounds, "images_per_round": per_prompt * len(PROMPTS), "train_steps": steps,
                      "rater_noise": noise, "minutes": round((time.time() - t0) / 60, 1)}  # fmt: skip
     rows = []

@@ -157,8 +157,8 @@ the longtail selection alike: the same distances then have median 0.065 and maxi
 image that differs from a typical base image in a direction no earlier UR image did. In the table above,
 longtail's lead comes mostly from units 0 and 1, where its exploration images (mutated prompts, unusual seeds
 and CFG, base-model samples) add UR images unlike the rest; by units 2 and 3 both strategies find one or
-two. Cheap features also count a degraded image as new: the self-consuming ablation's unit 3 scores 8 hits,
-most of them distorted rings.
+two. Cheap features may count a degraded image as new too: the self-consuming ablation's unit 3, whose
+rings are distorted, scores 8 hits.
 
 ## The replace ablations: what they lose is quality, and the diversity score does not see it
 

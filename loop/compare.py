@@ -131,23 +131,30 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     return text + "…"
 
 
-def grid_image(rows: list[tuple[int, list[Image.Image]]], probes: list[tuple[str, int]]) -> Image.Image:
-    """Units as rows, probes as columns. Size: (GRID_LABEL_W + columns * cell_w, GRID_LABEL_H + rows * cell_h),
-    the cell size given by the first image (cell_size)."""
+def grid_image(
+    rows: list[tuple[int | str, list[Image.Image]]],
+    probes: list[tuple[str, int]],
+    label_w: int = GRID_LABEL_W,
+    cell_min: int = GRID_CELL_MIN,
+) -> Image.Image:
+    """Units as rows (a row's label: "unit N" for an int, else the text given), probes as columns. Size:
+    (label_w + columns * cell_w, GRID_LABEL_H + rows * cell_h), the cell size given by the first image
+    (cell_size with `cell_min`)."""
     first = rows[0][1][0]
-    cw, ch = cell_size(first.width, first.height)
-    out = Image.new("RGB", (GRID_LABEL_W + len(probes) * cw, GRID_LABEL_H + len(rows) * ch), GRID_BG)
+    cw, ch = cell_size(first.width, first.height, cell_min)
+    out = Image.new("RGB", (label_w + len(probes) * cw, GRID_LABEL_H + len(rows) * ch), GRID_BG)
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
     for c, (prompt, seed) in enumerate(probes):
-        x = GRID_LABEL_W + c * cw + 2
+        x = label_w + c * cw + 2
         draw.text((x, 2), _fit(draw, prompt, font, cw - 4), fill=GRID_INK, font=font)
         draw.text((x, GRID_LABEL_H // 2), _fit(draw, f"seed {seed}", font, cw - 4), fill=GRID_INK, font=font)
     for r, (unit, images) in enumerate(rows):
         y = GRID_LABEL_H + r * ch
-        draw.text((4, y + ch // 2 - 6), _fit(draw, f"unit {unit}", font, GRID_LABEL_W - 6), fill=GRID_INK, font=font)
+        label = f"unit {unit}" if isinstance(unit, int) else unit
+        draw.text((4, y + ch // 2 - 6), _fit(draw, label, font, label_w - 6), fill=GRID_INK, font=font)
         for c, im in enumerate(images):
-            out.paste(im.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST), (GRID_LABEL_W + c * cw, y))
+            out.paste(im.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST), (label_w + c * cw, y))
     return out
 
 
@@ -158,7 +165,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 # -- statistics --------------------------------------------------------------------------------------------
-def _spread(rows: list, cap: int) -> list:
+def spread(rows: list, cap: int) -> list:
     """At most `cap` rows, evenly spaced over the list (deterministic: the same rows give the same choice)."""
     if len(rows) <= cap:
         return list(rows)
@@ -193,7 +200,8 @@ def unit_stats(
     ur = [(r, x) for r, x in ur if x is not None]
     from loop.select import novelty_centre  # the same centre the longtail selection measures novelty from
 
-    hits = novel_hits([x[0] for _, x in ur], threshold, novelty_centre(ws, store))
+    centre = novelty_centre(ws, store, feature_of=lambda r: (load(r) or (None,))[0])  # reuses what load() read
+    hits = novel_hits([x[0] for _, x in ur], threshold, centre)
     hits_by_unit = Counter(r["unit"] for (r, _), hit in zip(ur, hits) if hit)
 
     out = []
@@ -204,7 +212,7 @@ def unit_stats(
             if r["tier"] in tiers:
                 tiers[r["tier"]] += 1
         rated = sum(tiers.values())
-        got = [x for x in (load(r) for r in _spread(rows, cap)) if x is not None]
+        got = [x for x in (load(r) for r in spread(rows, cap)) if x is not None]
         out.append(
             dict(
                 unit=u,

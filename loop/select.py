@@ -93,40 +93,43 @@ def cap_ancestors(rows: list, roots: dict[int, tuple[int, int]], cap: float) -> 
     return [r for r in rows if r["id"] in keep]
 
 
-def novelty_centre(ws: Workspace, store: Store, cap: int = 256):
-    """The mean feature of the base model's images (unit 0; at most `cap`, evenly spread), which novelty is
-    measured from (see loop.metrics.novel_hits); None when no unit-0 image can be read."""
-    import numpy as np
-
+def _features(ws: Workspace, rows: list) -> tuple[list[int], list]:
+    """(ids, cheap features) of the rows whose image file can be read; the others are left out."""
     from loop.images import load_rgb
     from loop.metrics import features
 
-    rows = store.images(unit=0)
-    if len(rows) > cap:
-        rows = [rows[i] for i in np.linspace(0, len(rows) - 1, cap).round().astype(int)]
-    feats = []
+    ids, feats = [], []
     for r in rows:
         try:
             feats.append(features(load_rgb(ws.root / r["path"])))
+            ids.append(r["id"])
         except (OSError, ValueError):
             continue
+    return ids, feats
+
+
+def novelty_centre(ws: Workspace, store: Store, cap: int = 256, feature_of=None):
+    """The mean feature of the base model's images (unit 0; at most `cap`, evenly spread), which novelty is
+    measured from (see loop.metrics.novel_hits); None when no unit-0 image can be read. `feature_of(row)` gives
+    a row's feature (None: unreadable) where the caller has them already; by default they are read here."""
+    import numpy as np
+
+    from loop.compare import spread
+
+    rows = spread(store.images(unit=0), cap)
+    if feature_of is None:
+        feats = _features(ws, rows)[1]
+    else:
+        feats = [f for f in map(feature_of, rows) if f is not None]
     return np.mean(feats, axis=0) if feats else None
 
 
 def novel_hit_ids(ws: Workspace, rows: list, distance: float, centre=None) -> set[int]:
     """UR images (in the order they were made) farther than `distance` from every earlier UR image, measured
     from `centre` (novelty_centre)."""
-    from loop.images import load_rgb
-    from loop.metrics import features, novel_hits
+    from loop.metrics import novel_hits
 
-    ur = sorted((r for r in rows if r["tier"] == "UR"), key=lambda r: r["id"])
-    feats, ids = [], []
-    for r in ur:
-        try:
-            feats.append(features(load_rgb(ws.root / r["path"])))
-            ids.append(r["id"])
-        except (OSError, ValueError):
-            continue
+    ids, feats = _features(ws, sorted((r for r in rows if r["tier"] == "UR"), key=lambda r: r["id"]))
     return {i for i, hit in zip(ids, novel_hits(feats, distance, centre)) if hit}
 
 

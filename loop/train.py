@@ -315,17 +315,16 @@ def loss_target(noise_sched, x0: torch.Tensor, noise: torch.Tensor, t: torch.Ten
 
 
 @torch.no_grad()
-def base_prediction(unet, accelerator, xt, t, empty_embed, dev, micro: int = 0) -> torch.Tensor:
+def base_prediction(unet, accelerator, xt, t, empty_embed, dev, micro: int) -> torch.Tensor:
     """The frozen base model's unconditional prediction (adapters off): the target that keeps a unit's
-    unconditional branch where the base had it (train.uncond_preservation). `micro` > 0 runs it in
-    micro-batches of that size (the adapters are switched off once for all of them)."""
+    unconditional branch where the base had it (train.uncond_preservation). Run in micro-batches of `micro`
+    items; the adapters are switched off once for all of them."""
     model = accelerator.unwrap_model(unet)
     model.disable_adapters()
     try:
         out = []
-        size = micro if micro > 0 else max(1, len(xt))
-        for i in range(0, len(xt), size):
-            x, tt = xt[i : i + size].to(dev), t[i : i + size].to(dev)
+        for i in range(0, len(xt), micro):
+            x, tt = xt[i : i + micro].to(dev), t[i : i + micro].to(dev)
             with accelerator.autocast():
                 cond = empty_embed.to(dev).unsqueeze(0).expand(len(x), -1, -1)
                 out.append(unet(x, tt, encoder_hidden_states=cond).sample.float())

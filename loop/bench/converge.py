@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from loop.bench.report import table, write
 from loop.compare import unit_stats
 from loop.config import load_config
+from loop.images import load_rgb
 from loop.round import run_round
 from loop.workspace import Workspace, atomic_write
 
@@ -79,29 +80,20 @@ def run_strategy(name: str, tmp: Path, rounds: int, per_prompt: int, steps: int,
             rows = [r for r in rows if not is_exploration(r)]
             per = SHEET_IMAGES // len(PROMPTS)
             picked = [r for p in PROMPTS for r in [r for r in rows if r["prompt"] == p][:per]]
-            tiles.append([_tile(ws.root / r["path"]) for r in picked])
-    return {"stats": stats, "seconds": time.time() - t0, "tiles": tiles}
+            tiles.append([Image.fromarray(load_rgb(ws.root / r["path"])) for r in picked])
+            columns = [(r["prompt"], r["seed"]) for r in picked]
+    return {"stats": stats, "seconds": time.time() - t0, "tiles": tiles, "columns": columns}
 
 
-def _tile(path: Path, size: int = 48) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB").resize((size, size), Image.Resampling.NEAREST)
-
-
-def contact_sheet(results: dict, size: int = 48) -> bytes:
+def contact_sheet(results: dict) -> bytes:
     """One row per unit and strategy: the first 4 images of each prompt that the unit made in its own round (the
     same seeds in every strategy's row), so that collapse is seen and not only measured."""
+    from loop.compare import grid_image
+
     rows = [(f"{name} unit {u}", tiles) for name, r in results.items() for u, tiles in enumerate(r["tiles"])]
-    label_w, gap = 150, 2
-    sheet = Image.new("RGB", (label_w + SHEET_IMAGES * (size + gap), len(rows) * (size + gap)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, (label, tiles) in enumerate(rows):
-        y = k * (size + gap)
-        draw.text((4, y + size // 2 - 6), label, fill="black")
-        for j, tile in enumerate(tiles):
-            sheet.paste(tile, (label_w + j * (size + gap), y))
+    columns = next(iter(results.values()))["columns"]
     buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
+    grid_image(rows, columns, label_w=150, cell_min=48).save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -6,8 +6,9 @@ The probe set is fixed prompts x fixed seeds (by default the first four prompts 
 1000 and 1001, seeds the generator does not reach soon), so a row of the grid differs from another only by the
 unit's weights. The statistics come from the store and the image files: how many images each unit made and how
 they were rated, the share of UR among the rated ones, their diversity (Vendi score on cheap colour/layout
-features), their near-duplicate rate (64-bit pHash within 4 bits), and their novel hits (UR images unlike every
-UR image any unit made before them). See loop/metrics.py for the formulas.
+features), their seed diversity (how much the images of one prompt differ from seed to seed: a loop that feeds
+on itself collapses there first), their near-duplicate rate (64-bit pHash within 4 bits), and their novel hits
+(UR images unlike every UR image any unit made before them). See loop/metrics.py for the formulas.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ from loop.metrics import (
     near_duplicate_rate,
     novel_hits,
     phash,
+    seed_diversity,
+    thumbnail,
     vendi_score,
 )
 from loop.workspace import atomic_write, unit_name
@@ -176,21 +179,22 @@ def unit_stats(
     ws, store, units: list[int], log=print, cap: int = STATS_CAP, threshold: float = NOVEL_HIT_THRESHOLD
 ) -> list[dict]:
     """One dict per unit: images, rated, tiers (count per tier), ur_rate (UR / rated; None with no ratings),
-    vendi and near_dup_rate (over at most `cap` of its images; None with no readable image), novel_hits.
+    vendi and near_dup_rate (over at most `cap` of its images; None with no readable image), seed_diversity
+    (over the same images, txt2img only, grouped by prompt; None without two images of one prompt), novel_hits.
 
     Novel hits are judged over the UR images of ALL units (imported images, which no unit made, are left out)
     in the order they were stored (row id): a unit is credited with each of its UR images that is farther than
     `threshold` from every earlier UR image, whichever unit made that one; features are centred on the mean
     feature of unit 0's images (the base model's), as the longtail selection's are (loop.select.novelty_centre).
     """
-    cache: dict[int, tuple[np.ndarray, int] | None] = {}
+    cache: dict[int, tuple[np.ndarray, int, np.ndarray] | None] = {}
     missing: list[str] = []
 
-    def load(row) -> tuple[np.ndarray, int] | None:
+    def load(row) -> tuple[np.ndarray, int, np.ndarray] | None:
         if row["id"] not in cache:
             try:
                 rgb = load_rgb(ws.root / row["path"])
-                cache[row["id"]] = (features(rgb), phash(rgb))
+                cache[row["id"]] = (features(rgb), phash(rgb), thumbnail(rgb))
             except (OSError, ValueError):
                 cache[row["id"]] = None
                 missing.append(row["path"])
@@ -212,7 +216,12 @@ def unit_stats(
             if r["tier"] in tiers:
                 tiers[r["tier"]] += 1
         rated = sum(tiers.values())
-        got = [x for x in (load(r) for r in spread(rows, cap)) if x is not None]
+        sample = [(r, x) for r in spread(rows, cap) for x in [load(r)] if x is not None]
+        got = [x for _, x in sample]
+        by_prompt = defaultdict(list)  # txt2img images only: seeds of one prompt (img2img copies a parent by design)
+        for r, x in sample:
+            if r["parent_id"] is None:
+                by_prompt[r["prompt"]].append(x[2])
         out.append(
             dict(
                 unit=u,
@@ -222,6 +231,7 @@ def unit_stats(
                 ur_rate=tiers["UR"] / rated if rated else None,
                 vendi=vendi_score(np.stack([x[0] for x in got])) if got else None,
                 near_dup_rate=near_duplicate_rate([x[1] for x in got], NEAR_DUPLICATE_BITS) if got else None,
+                seed_diversity=seed_diversity([np.stack(g) for g in by_prompt.values()]),
                 novel_hits=int(hits_by_unit.get(u, 0)),
             )
         )
@@ -232,27 +242,33 @@ def unit_stats(
 
 # -- plot --------------------------------------------------------------------------------------------------
 def plot_png(stats: list[dict]) -> bytes:
-    """Two bar charts side by side: UR rate per unit and Vendi diversity per unit ("n/a" where undefined)."""
+    """Three bar charts side by side: UR rate, Vendi diversity and seed diversity per unit ("n/a" where
+    undefined)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     names = [f"unit {s['unit']}" for s in stats]
-    fig = Figure(figsize=(max(7.0, 1.2 * len(stats) + 3.0), 3.4), dpi=100)
+    fig = Figure(figsize=(max(10.0, 1.8 * len(stats) + 4.5), 3.4), dpi=100)
     FigureCanvasAgg(fig)
-    panels = (("ur_rate", "UR rate (UR / rated)", "UR rate"), ("vendi", "Vendi diversity", "effective images"))
+    panels = (
+        ("ur_rate", "UR rate (UR / rated)", "UR rate"),
+        ("vendi", "Vendi diversity", "effective images"),
+        ("seed_diversity", "seed diversity (within a prompt)", "RMS difference"),
+    )
     for k, (key, title, ylabel) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, k + 1)
+        ax = fig.add_subplot(1, len(panels), k + 1)
         values = [s[key] for s in stats]
         bars = ax.bar(names, [0.0 if v is None else v for v in values], color="#4c72b0")
         for bar, v in zip(bars, values):
-            label = "n/a" if v is None else (f"{v:.0%}" if key == "ur_rate" else f"{v:.2f}")
+            label = "n/a" if v is None else (f"{v:.0%}" if key == "ur_rate" else f"{v:.3f}" if v < 1 else f"{v:.2f}")
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         if key == "ur_rate":
             ax.set_ylim(0, 1.1)
         else:
-            ax.set_ylim(0, max([1.0] + [v for v in values if v is not None]) * 1.15)
+            floor = 1.0 if key == "vendi" else 0.1
+            ax.set_ylim(0, max([floor] + [v for v in values if v is not None]) * 1.15)
         ax.tick_params(axis="x", labelrotation=30 if len(stats) > 6 else 0)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -301,7 +317,7 @@ def compare(
 
 def format_table(result: dict) -> str:
     """The per-unit statistics as a plain-text table, one row per unit, then where the files are."""
-    head = ["unit", "images", "rated", *TIERS, "UR rate", "vendi", "near-dup", "novel"]
+    head = ["unit", "images", "rated", *TIERS, "UR rate", "vendi", "seed div", "near-dup", "novel"]
     body = []
     for s in result["units"]:
         body.append(
@@ -312,6 +328,7 @@ def format_table(result: dict) -> str:
                 *(str(s["tiers"].get(t, 0)) for t in TIERS),
                 "-" if s["ur_rate"] is None else f"{s['ur_rate']:.1%}",
                 "-" if s["vendi"] is None else f"{s['vendi']:.2f}",
+                "-" if s.get("seed_diversity") is None else f"{s['seed_diversity']:.3f}",
                 "-" if s["near_dup_rate"] is None else f"{s['near_dup_rate']:.1%}",
                 str(s["novel_hits"]),
             ]

@@ -3,6 +3,7 @@ pairwise-preference strengths. Pure numpy and PIL; nothing is downloaded.
 
     features(rgb)             a 256-d unit vector per image: colour histogram + 8x8 thumbnail
     vendi_score(X)            effective number of distinct images (Friedman & Dieng 2023)
+    seed_diversity(groups)    how different the images of one prompt are from seed to seed (collapse shows here)
     phash(rgb), hamming(a, b) 64-bit DCT perceptual hash and its bit distance
     near_duplicate_rate(h)    share of images with a near copy among the others
     novel_hits(feats, t, c)   UR images far (in centred feature space) from every earlier UR image
@@ -63,10 +64,16 @@ def features(rgb: np.ndarray) -> np.ndarray:
     idx = (q[..., 0] * HIST_BINS + q[..., 1]) * HIST_BINS + q[..., 2]
     hist = np.bincount(idx.ravel(), minlength=HIST_BINS**3).astype(np.float64)
     hist /= max(hist.sum(), 1.0)
-    thumb = np.asarray(Image.fromarray(a, "RGB").resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.float64)
-    v = np.concatenate([hist, thumb.ravel() / 255.0])
+    v = np.concatenate([hist, thumbnail(a)])
     norm = np.linalg.norm(v)
     return (v / norm if norm > 0 else v).astype(np.float32)
+
+
+def thumbnail(rgb: np.ndarray) -> np.ndarray:
+    """The layout part of `features`: the image box-filtered down to 8x8 RGB, scaled to [0, 1] (192 values)."""
+    a = _as_rgb(rgb)
+    small = Image.fromarray(a, "RGB").resize((THUMB, THUMB), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float64).ravel() / 255.0
 
 
 def _unit_rows(X) -> np.ndarray:
@@ -102,6 +109,28 @@ def vendi_score(X: np.ndarray) -> float:
     lam = np.linalg.eigvalsh(gram / n)
     lam = lam[lam > 1e-12]
     return float(np.exp(-np.sum(lam * np.log(lam))))
+
+
+def seed_diversity(groups) -> float | None:
+    """How different the images of ONE prompt are from one seed to another: for each group (the thumbnails of
+    one prompt's images, an n x d array, see `thumbnail`) the mean over all pairs of the RMS difference
+    sqrt(mean((a - b)^2)), then the mean over the groups with at least two images. 0 = every seed gives the same
+    picture; two images that differ by 0.25 in every value give 0.25. None when no group has two images.
+
+    Why a second diversity measure: a loop that feeds on its own outputs collapses first WITHIN a prompt (every
+    seed converges on one picture, "Self-Consuming Generative Models Go MAD"), while a whole-unit score such as
+    the Vendi score can stay flat or even rise when the prompts' pictures drift apart from each other, as
+    degraded, high-contrast images do (docs/convergence.md).
+    """
+    per_group = []
+    for g in groups:
+        x = np.asarray(g, dtype=np.float64)
+        if x.ndim != 2 or len(x) < 2:
+            continue
+        sq = (x * x).sum(1)
+        d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0) / x.shape[1]
+        per_group.append(float(np.sqrt(d2[np.triu_indices(len(x), 1)]).mean()))
+    return float(np.mean(per_group)) if per_group else None
 
 
 # -- perceptual hash ---------------------------------------------------------------------------------------

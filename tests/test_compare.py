@@ -19,7 +19,7 @@ from loop.compare import (
 from loop.config import TIERS
 from loop.errors import LoopError
 from loop.images import load_rgb
-from loop.metrics import NOVEL_HIT_THRESHOLD, features, novel_hits
+from loop.metrics import NOVEL_HIT_THRESHOLD, features, novel_hits, thumbnail
 
 QUIET = dict(log=lambda m: None)
 
@@ -103,6 +103,18 @@ def test_compare_grid_stats_and_files(ws, cfg, tmp_path):
         assert list(s["tiers"]) == list(TIERS)
         assert 1.0 <= s["vendi"] <= 4.0 + 1e-9
         assert 0.0 <= s["near_dup_rate"] <= 1.0
+    with ws.store() as store:  # seed diversity: the thumbnails of each prompt's images, compared pairwise
+        for s in (s0, s1):
+            groups = {}
+            for r in store.images(unit=s["unit"]):
+                groups.setdefault(r["prompt"], []).append(thumbnail(load_rgb(ws.root / r["path"])))
+            pairs = [
+                [np.sqrt(np.mean((g[i] - g[j]) ** 2)) for i in range(len(g)) for j in range(i + 1, len(g))]
+                for g in groups.values()
+            ]
+            assert any(pairs)  # some prompt has two seeds
+            expected = np.mean([np.mean(p) for p in pairs if p])
+            assert s["seed_diversity"] == pytest.approx(expected) and s["seed_diversity"] > 0
     hit_units = [r["unit"] for r, hit in zip(ur_rows, expected_hits) if hit]
     assert (s0["novel_hits"], s1["novel_hits"]) == (hit_units.count(0), hit_units.count(1))
 

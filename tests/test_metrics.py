@@ -16,6 +16,8 @@ from loop.metrics import (
     novel_hit_threshold,
     novel_hits,
     phash,
+    seed_diversity,
+    thumbnail,
     vendi_score,
 )
 
@@ -53,6 +55,29 @@ def test_vendi_two_vectors_hand_computed(c):
     lam = [(1 + c) / 2, (1 - c) / 2]  # eigenvalues of [[1, c], [c, 1]] / 2
     expected = math.exp(-sum(v * math.log(v) for v in lam if v > 0))
     assert vendi_score(x) == pytest.approx(expected)
+
+
+def test_seed_diversity_hand_computed():
+    same = np.tile([0.2, 0.4, 0.6, 0.8], (5, 1))
+    assert seed_diversity([same]) == pytest.approx(0.0)  # every seed the same picture
+    a, b, c = np.zeros(4), np.full(4, 0.25), np.array([1.0, 0.0, 0.0, 0.0])
+    # pairs: |a-b| = 0.25 everywhere -> 0.25; |a-c| -> sqrt(1/4) = 0.5; |b-c| -> sqrt((0.75^2 + 3 * 0.25^2) / 4)
+    bc = math.sqrt((0.75**2 + 3 * 0.25**2) / 4)
+    assert seed_diversity([np.stack([a, b, c])]) == pytest.approx((0.25 + 0.5 + bc) / 3)
+    # the mean over prompts; a prompt with one image has no pairs and does not count
+    assert seed_diversity([np.stack([a, b]), same, a[None]]) == pytest.approx(0.25 / 2)
+    assert seed_diversity([a[None]]) is None and seed_diversity([]) is None
+
+
+def test_thumbnail_is_the_layout_part_of_the_features():
+    flat = np.zeros((32, 32, 3), np.uint8)
+    flat[..., 0] = 255
+    flat[16:, :, 2] = 51  # the lower half purple-ish: 51 / 255 = 0.2
+    t = thumbnail(flat).reshape(8, 8, 3)
+    assert np.allclose(t[..., 0], 1.0) and np.allclose(t[:4, :, 2], 0.0) and np.allclose(t[4:, :, 2], 0.2)
+    rgb = blobs(3)
+    t, f = thumbnail(rgb), features(rgb)
+    assert t.shape == (192,) and np.allclose(f[-192:] / t, (f[-192:] / t)[0], rtol=1e-4)  # a scaled copy
 
 
 # -- perceptual hash ---------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """python -m loop.bench round [--images 64] [--rounds 2]
 python -m loop.bench rate [--images 10000] [--ratings 200]
 python -m loop.bench generate [--images 64] [--steps 20] [--batch 16]
-python -m loop.bench train [--images 32] [--steps 60] [--batch 8] [--reps 3]
-python -m loop.bench converge [--rounds 3] [--images 64] [--steps 300] [--noise 10] [--keep DIR]
+python -m loop.bench train [--images 32] [--steps 60] [--batch 8] [--reps 5]
+python -m loop.bench converge [--rounds 3] [--images 64] [--steps 300] [--noise 10] [--keep DIR] [--seed 0]
+                              [--only converge,replace]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
 short strings) and rewrites its own section of docs/benchmarks.md.
@@ -16,6 +17,20 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _strategies(only: str | None) -> list[str] | None:
+    """--only a,b -> ["a", "b"], checked against the benchmark's strategies (one clear line if a name is wrong)."""
+    if not only:
+        return None
+    from loop.bench.converge import STRATEGIES
+
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    wrong = [n for n in names if n not in STRATEGIES]
+    if wrong or not names:
+        bad = ", ".join(wrong) or "(none)"
+        raise SystemExit(f"--only {only}: unknown strategy {bad}; use {', '.join(STRATEGIES)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("train", help="our trainer (cached encodings) against re-encoding every step")
     r.add_argument("--images", type=int, default=32)
     r.add_argument("--steps", type=int, default=60)
-    r.add_argument("--reps", type=int, default=3, help="alternating runs of each side; the best is kept")
+    r.add_argument("--reps", type=int, default=5, help="alternating runs of each side; the median ratio is kept")
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--out", default="docs")
     r = sub.add_parser("converge", help="4 strategies and a replace ablation over several rounds, scripted rater")
@@ -52,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--steps", type=int, default=300, help="LoRA steps per unit")
     r.add_argument("--noise", type=float, default=10.0, help="the scripted rater's noise")
     r.add_argument("--keep", metavar="DIR", help="keep each strategy's workspace in DIR/<strategy> (default: discard)")
+    r.add_argument("--seed", type=int, default=0, help="generate.seed and train.seed: another draw of the study")
+    r.add_argument("--only", metavar="A,B", help="run only these strategies (comma-separated; default: all)")
     r.add_argument("--out", default="docs")
     r = sub.add_parser("shots", help="the Compare tab's screenshot for the README (docs/img/compare.png)")
     r.add_argument("--out", default="docs")
@@ -72,7 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         from loop.bench.converge import bench_converge
 
         bench_converge(
-            rounds=args.rounds, images=args.images, steps=args.steps, noise=args.noise, out=args.out, keep=args.keep
+            rounds=args.rounds,
+            images=args.images,
+            steps=args.steps,
+            noise=args.noise,
+            out=args.out,
+            keep=args.keep,
+            seed=args.seed,
+            only=_strategies(args.only),
         )
     elif args.name == "train":
         from loop.bench.train import bench_train

@@ -334,8 +334,9 @@ def build_blocks(h: RateHandlers, cfg: LoopConfig | None = None) -> gr.Blocks:
             with gr.Tab("Compare", id="compare"):
                 gr.Markdown(
                     "**Units side by side.** Every unit draws the same probe prompts at the same seeds (rows: "
-                    "units; columns: probes), with each unit's tiers, UR rate, diversity (Vendi score), "
-                    "near-duplicates and novel hits."
+                    "units; columns: probes), with each unit's tiers, UR rate, diversity (Vendi score), seed "
+                    "diversity (how much one prompt's images differ from seed to seed), near-duplicates and novel "
+                    "hits."
                 )
                 run_compare = gr.Button("Render the probe grid", size="sm", elem_id="loop-compare-run")
                 compare_view = gr.HTML("", elem_id="loop-compare-view")

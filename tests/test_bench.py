@@ -1,0 +1,55 @@
+"""The convergence benchmark's verdicts (pure functions of its figures) and its command-line checks."""
+
+import pytest
+
+from loop.bench.__main__ import _strategies
+from loop.bench.converge import SEED_MARGIN, STRATEGIES, targets
+
+
+def figures(**over) -> dict:
+    """Figures where every target is met: converge and golden triple their UR rate and keep their Vendi
+    diversity, longtail has more novel hits, and both ablations end with far less seed diversity."""
+    f = {}
+    for name in STRATEGIES:
+        f.update({f"{name}_ur_rate_unit0": 0.3, f"{name}_ur_rate_unit3": 0.9, f"{name}_diversity_unit0": 2.0,
+                  f"{name}_diversity_unit3": 1.8, f"{name}_seed_diversity_unit0": 0.4,
+                  f"{name}_seed_diversity_unit3": 0.2, f"{name}_novel_hits": 5})  # fmt: skip
+    f["longtail_novel_hits"] = 9
+    for name in ("replace", "replace_parent"):
+        f[f"{name}_seed_diversity_unit3"] = 0.1
+    f.update(over)
+    return f
+
+
+def test_all_targets_met():
+    verdicts = targets(figures(), 3)
+    assert len(verdicts) == 5 and all(v.endswith(": met") for v in verdicts)
+
+
+def test_each_target_can_fail():
+    assert "NOT met" in targets(figures(converge_ur_rate_unit3=0.5), 3)[0]  # 1.67x < 2x
+    assert "NOT met" in targets(figures(golden_diversity_unit3=1.3), 3)[1]  # 65% < 70% of unit 0
+    assert "NOT met" in targets(figures(longtail_novel_hits=5), 3)[2]  # a tie is not more
+    # the ablation's seed diversity must end clearly below converge's: at the margin it does not count
+    at_margin = figures(replace_seed_diversity_unit3=SEED_MARGIN * 0.2)
+    assert "does NOT show a diversity loss" in targets(at_margin, 3)[3]
+    assert "shows the diversity loss the default avoids: met" in targets(at_margin, 3)[4]  # replace_parent
+
+
+def test_vendi_is_reported_but_does_not_decide_the_ablation():
+    v = targets(figures(replace_diversity_unit3=2.5), 3)[3]  # Vendi rose, seed diversity fell
+    assert "does NOT show a loss" in v and v.endswith("met")
+
+
+def test_a_subset_checks_only_what_ran():
+    f = {k: v for k, v in figures().items() if k.split("_")[0] in ("converge", "replace")}
+    f = {k: v for k, v in f.items() if not k.startswith("replace_parent")}
+    verdicts = targets(f, 3)
+    assert [v.split(":")[0].split(" ")[0] for v in verdicts] == ["converge", "replace"]
+
+
+def test_only_option():
+    assert _strategies(None) is None
+    assert _strategies("converge, replace") == ["converge", "replace"]
+    with pytest.raises(SystemExit, match="unknown strategy convrge"):
+        _strategies("convrge,replace")

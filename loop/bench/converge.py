@@ -196,7 +196,11 @@ its near-duplicate rate is at least twice converge's). Plain replace, which stil
 round, is at the margin at seeds 1 and 2 (91% misses it, 90% just passes); what it loses reliably is quality
 (UR 61% against 97% at seed 1). Seed 2 is also a weaker draw for the default: converge reached 78% UR at
 unit 1 and fell to 56% at unit 3 (still 2.1x unit 0's 27%), so "units 1 to 3 keep improving" is not something
-every seed shows.
+every seed shows. The loss is in two prompts: the rater's mean score for its squares went 47 -> 22 -> 23 from
+unit 1 to 3 and for its circles 108 -> 68 -> 66 (UR needs 75, SSR 30), while triangles and rings stayed near
+160. Our reading: converge trains toward the average of what it selected, SSR included, and for a prompt whose
+selected images are mostly SSR that average sits below the UR cutoff. `golden` (UR only) at the same seed
+went 25% -> 94% -> 94% -> 97%, which fits it; we have not tested it further.
 
 **What the whole-unit Vendi score does not see.** It rises for both ablations (2.23 and 2.31 at unit 3,
 against converge's 2.01; 2.91 and 3.01 at units 4 and 5 of the longer run). Over a whole unit it counts how

@@ -129,3 +129,30 @@ def test_golden_takes_only_ur_from_every_round(ws, cfg):
         items = select(ws, store, cfg.select, 1)
     assert sorted(it["id"] for it in items) == [ids[0], ids[5]]
     assert {it["caption"] for it in items} == {"p0", "p5"}
+
+
+def test_scripted_rater_noise_follows_the_pixels_not_the_file(tmp_path):
+    """Two files with the same picture and different metadata (another strategy, unit or round) get the same
+    score; another picture gets another noise draw."""
+    from PIL import Image, PngImagePlugin
+
+    from loop.config import load_config
+    from loop.images import load_rgb, preference_score
+    from loop.rate.auto import score
+
+    rc = load_config(None, ["rate.noise=10"]).rate
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    paths = []
+    for strategy in ("converge", "golden"):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("loop", f'{{"strategy": "{strategy}"}}')
+        paths.append(tmp_path / f"{strategy}.png")
+        Image.fromarray(rgb).save(paths[-1], pnginfo=info)
+    assert paths[0].read_bytes() != paths[1].read_bytes()
+    a, b = (score(load_rgb(p), rc) for p in paths)
+    assert a == b and a != preference_score(rgb, "warm")  # the same noise, and there is noise
+    other = rgb.copy()
+    other[0, 0, 1] ^= 1  # green does not enter the warm score: only the noise can change
+    assert preference_score(other, "warm") == preference_score(rgb, "warm")
+    assert score(other, rc) != a
+    assert score(rgb, load_config(None, ["rate.noise=0"]).rate) == preference_score(rgb, "warm")

@@ -4,13 +4,16 @@
     loop run --round --auto-rate
 
 It scores each unrated image (warm: mean red minus mean blue, on 0..255 pixels), adds Gaussian noise seeded
-by the image's hash (the same image always gets the same noise), and maps the score to a tier with fixed
-cut-offs. Fixed cut-offs, not quantiles, so a unit that pleases the rater more really earns more UR.
+by a hash of its pixels (the same picture always gets the same noise, whatever its file's metadata says: two
+strategies that draw the same picture get the same rating), and maps the score to a tier with fixed cut-offs. Fixed cut-offs, not quantiles, so a unit that pleases the rater more really earns more UR.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
+
+import numpy as np
 
 from loop.config import TIERS, RateConfig
 from loop.images import load_rgb, preference_score
@@ -18,10 +21,17 @@ from loop.store import Store
 from loop.workspace import Workspace
 
 
-def score(rgb, rc: RateConfig, sha256: str) -> float:
+def pixel_seed(rgb) -> int:
+    """A seed from the picture alone (its size and RGB bytes), not from the file, whose PNG metadata names the
+    unit, round and strategy."""
+    a = np.ascontiguousarray(rgb, dtype=np.uint8)
+    return int(hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:16], 16)
+
+
+def score(rgb, rc: RateConfig) -> float:
     s = preference_score(rgb, rc.preference)
     if rc.noise > 0:
-        s += random.Random(int(sha256[:16], 16)).gauss(0.0, rc.noise)
+        s += random.Random(pixel_seed(rgb)).gauss(0.0, rc.noise)
     return s
 
 
@@ -37,7 +47,7 @@ def auto_rate(ws: Workspace, store: Store, rc: RateConfig, round: int) -> dict:
     todo = [r for r in store.images(round=round) if r["tier"] is None]
     items = []
     for row in todo:
-        s = score(load_rgb(ws.root / row["path"]), rc, row["sha256"])
+        s = score(load_rgb(ws.root / row["path"]), rc)
         items.append((row["id"], tier_for(s, list(rc.cutoffs))))
     store.rate_many(items, rater=rc.rater)
     # UR images are collected into golden/, as the page does (the original stays in generations/)

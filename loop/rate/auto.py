@@ -5,7 +5,8 @@
 
 It scores each unrated image (warm: mean red minus mean blue, on 0..255 pixels), adds Gaussian noise seeded
 by a hash of its pixels (the same picture always gets the same noise, whatever its file's metadata says: two
-strategies that draw the same picture get the same rating), and maps the score to a tier with fixed cut-offs. Fixed cut-offs, not quantiles, so a unit that pleases the rater more really earns more UR.
+strategies that draw the same picture get the same rating), and maps the score to a tier with fixed cut-offs.
+Fixed cut-offs, not quantiles, so a unit that pleases the rater more really earns more UR.
 """
 
 from __future__ import annotations

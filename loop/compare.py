@@ -250,25 +250,22 @@ def plot_png(stats: list[dict]) -> bytes:
     names = [f"unit {s['unit']}" for s in stats]
     fig = Figure(figsize=(max(10.0, 1.8 * len(stats) + 4.5), 3.4), dpi=100)
     FigureCanvasAgg(fig)
-    panels = (
-        ("ur_rate", "UR rate (UR / rated)", "UR rate"),
-        ("vendi", "Vendi diversity", "effective images"),
-        ("seed_diversity", "seed diversity (within a prompt)", "RMS difference"),
+    panels = (  # key, title, y label, bar label format, lowest top of the y axis
+        ("ur_rate", "UR rate (UR / rated)", "UR rate", "{:.0%}", 1.1 / 1.15),
+        ("vendi", "Vendi diversity", "effective images", "{:.2f}", 1.0),
+        ("seed_diversity", "seed diversity (within a prompt)", "RMS difference", "{:.3f}", 0.1),
     )
-    for k, (key, title, ylabel) in enumerate(panels):
+    for k, (key, title, ylabel, fmt, floor) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         values = [s[key] for s in stats]
         bars = ax.bar(names, [0.0 if v is None else v for v in values], color="#4c72b0")
         for bar, v in zip(bars, values):
-            label = "n/a" if v is None else (f"{v:.0%}" if key == "ur_rate" else f"{v:.3f}" if v < 1 else f"{v:.2f}")
+            label = "n/a" if v is None else fmt.format(v)
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
         ax.set_title(title)
         ax.set_ylabel(ylabel)
-        if key == "ur_rate":
-            ax.set_ylim(0, 1.1)
-        else:
-            floor = 1.0 if key == "vendi" else 0.1
-            ax.set_ylim(0, max([floor] + [v for v in values if v is not None]) * 1.15)
+        top = [floor] + ([] if key == "ur_rate" else [v for v in values if v is not None])  # a rate stops at 1
+        ax.set_ylim(0, max(top) * 1.15)
         ax.tick_params(axis="x", labelrotation=30 if len(stats) > 6 else 0)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -328,7 +325,7 @@ def format_table(result: dict) -> str:
                 *(str(s["tiers"].get(t, 0)) for t in TIERS),
                 "-" if s["ur_rate"] is None else f"{s['ur_rate']:.1%}",
                 "-" if s["vendi"] is None else f"{s['vendi']:.2f}",
-                "-" if s.get("seed_diversity") is None else f"{s['seed_diversity']:.3f}",
+                "-" if s["seed_diversity"] is None else f"{s['seed_diversity']:.3f}",
                 "-" if s["near_dup_rate"] is None else f"{s['near_dup_rate']:.1%}",
                 str(s["novel_hits"]),
             ]

@@ -115,6 +115,9 @@ class SelectConfig:
     # longtail: a UR image this far from all earlier UR images is a novel hit (cosine distance on cheap features
     # centred on the base model's mean feature; see loop/metrics.py)
     novel_distance: float = 0.15
+    # how often an image of each tier (UR, SSR, SR, R, N) is drawn in training, relative to the others; only the
+    # tiers the strategy takes matter. 1s: every selected image counts the same
+    tier_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, "select.strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
@@ -125,6 +128,12 @@ class SelectConfig:
         _check(0 < self.ancestor_cap <= 1, "select.ancestor_cap", self.ancestor_cap, "must be in (0, 1]")
         _check(self.variations >= 0, "select.variations", self.variations, "must be >= 0")
         _check(0 < self.novel_distance < 2, "select.novel_distance", self.novel_distance, "must be in (0, 2)")
+        _check(
+            len(self.tier_weights) == 5 and all(w > 0 for w in self.tier_weights),
+            "select.tier_weights",
+            list(self.tier_weights),
+            "give five positive weights, for UR, SSR, SR, R and N",
+        )
 
 
 @dataclass

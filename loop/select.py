@@ -143,12 +143,12 @@ def choose(ws: Workspace, store: Store, sc: SelectConfig, round: int) -> list[di
     if sc.strategy == "grow":
         best_first = sorted(rows, key=lambda r: (TIERS.index(r["tier"]), r["id"]))
         rows = sorted(cap_ancestors(best_first, roots, sc.ancestor_cap), key=lambda r: r["id"])
-    weights = {r["id"]: 1.0 for r in rows}
+    weights = {r["id"]: float(sc.tier_weights[TIERS.index(r["tier"])]) for r in rows}
     novel: set[int] = set()
     if sc.strategy == "longtail" and rows:
         novel = novel_hit_ids(ws, rows, sc.novel_distance, novelty_centre(ws, store))
         for i in novel:
-            weights[i] = 2.0
+            weights[i] *= 2.0
     # images from outside the loop keep at least outside_share of the weight
     out_w = sum(w for r in rows for w in [weights[r["id"]]] if is_outside(r))
     in_w = sum(weights.values()) - out_w

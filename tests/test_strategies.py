@@ -59,6 +59,19 @@ def test_outside_images_keep_their_share_of_the_weight(ws):
     assert all(w[m] == 1.0 for m in mine)
 
 
+def test_tier_weights_draw_better_tiers_more_often(ws):
+    with ws.store() as store:
+        ur, ssr = _img(store, "ur", 1, 1, "UR"), _img(store, "ssr", 1, 1, "SSR")
+        even = choose(ws, store, _sc("select.strategy=converge"), 1)
+        weighted = choose(ws, store, _sc("select.strategy=converge", "select.tier_weights=[3,1,1,1,1]"), 1)
+    assert {i["id"]: i["weight"] for i in even} == {ur: 1.0, ssr: 1.0}
+    assert {i["id"]: i["weight"] for i in weighted} == {ur: 3.0, ssr: 1.0}
+    with pytest.raises(LoopError, match="select.tier_weights"):
+        _sc("select.tier_weights=[3,1]")
+    with pytest.raises(LoopError, match="select.tier_weights"):
+        _sc("select.tier_weights=[1,1,0,1,1]")
+
+
 def test_lineage_gives_ancestor_and_depth(ws):
     with ws.store() as store:
         a = _img(store, "a", None, None, "UR")

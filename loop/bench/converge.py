@@ -206,6 +206,9 @@ What the five seeds say:
   cyan shape (the embedded model draws a shape in a colour that contrasts with its ground), and each later
   unit draws the shape larger, which the warm rater scores lower. At seed 2 every circle of units 2 and 3 is
   the same picture, while the other prompts still vary, so the averaged seed diversity hides it.
+- **`golden` falls back too**, though less: at seeds 2, 3 and 4 it went 25% -> 95% -> 89% -> 97%, 21.9% -> 92%
+  -> 69% -> 56% and 21.9% -> 89% -> 72% -> 75% (2x or more at each; Vendi at unit 3 90% and 91% of unit 0's at
+  seeds 3 and 4). It takes only UR images, so what it learns from is not the cause.
 
 ## When a seed stalls: what each knob does
 
@@ -218,9 +221,11 @@ Converge at the seeds where it falls back: UR (%) at units 0, 1, 2 and 3, seed d
 | `train.steps=600` | 25, 91, 94, 94 (0.199) | 22, 92, 78, 75 (0.160) | 22, 81, 61, 34 (0.206) |
 | `outside_share=0.5` | 25, 78, 89, 86 (0.231) | | |
 
-- Drawing UR images three times as often as SSR ones helps at all three seeds, most where the default fails
-  (61% against 33% at seed 4), for a little seed diversity. It is an option (`select.tier_weights`), not the
-  default: it changes the ablations too, and we have not rerun the other strategies and seeds with it.
+- Drawing UR images three times as often as SSR ones helps at all three of these seeds, most where the
+  default fails (61% against 33% at seed 4), for a little seed diversity. Not where the default does well: at
+  seed 1 it went 31, 100, 73, 59% (the default ends at 97%), and at seed 0 it reached 100% with less diversity
+  (Vendi 1.75, 77% of unit 0's; seed diversity 0.157 against 0.183). So it is an option
+  (`select.tier_weights`), not the default, and it falls back after unit 1 as well.
 - Training twice as long helps at seed 2 and not at seed 4.
 - Half the weight from outside the loop (the base model's images) helps at seed 2, but at seed 0 it ended with
   less diversity than the default (Vendi 1.78, 78% of unit 0's, against 88%; seed diversity 0.165 against

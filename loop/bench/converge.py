@@ -235,10 +235,13 @@ Converge at the seeds where it falls back: UR (%) at units 0, 1, 2 and 3, seed d
   learns its parent's guided pictures as its conditional prediction, and sampling at cfg 4 then pushes past
   them again. We tried training the guided prediction (uncond + cfg x (cond - uncond), with the base's uncond)
   to match the image instead. On every image, the loop no longer collapsed (seed diversity stayed near 0.33)
-  but hardly learnt either (UR 25% -> 30% at seed 2, 22% -> 27% at seed 4); on the images of trained units
-  only, seed 4 went 22% -> 47% -> 31% -> 25%. Neither is in the code. This earlier reading is not borne out:
-  "converge trains toward the average of its SSR-inclusive selection". Weighting UR lifts the level, but
-  the fall after unit 1 remains, in every prompt, triangles and rings included.
+  but hardly learnt either (UR 25% -> 30% at seed 2, 22% -> 27% at seed 4; with 4x the learning rate, 22% ->
+  30% -> 33% -> 28% at seed 4); on the images of trained units only, seed 4 went 22% -> 47% -> 31% -> 25%.
+  Neither objective is in the code. The amplification that makes the default fast (47% to 100% UR after one
+  round at these five seeds, against about 30% with the guided objective) seems to be the one that compounds.
+  This earlier reading is not borne out: "converge trains toward the average of its SSR-inclusive selection".
+  Weighting UR lifts the level, but the fall after unit 1 remains, in every prompt, triangles and rings
+  included.
 
 **What the whole-unit Vendi score does not see.** It rises for both ablations (2.23 and 2.31 at unit 3,
 against converge's 2.01; 2.91 and 3.01 at units 4 and 5 of the longer run). Over a whole unit it counts how

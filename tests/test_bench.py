@@ -36,6 +36,13 @@ def test_each_target_can_fail():
     assert "shows the diversity loss the default avoids: met" in targets(at_margin, 3)[4]  # replace_parent
 
 
+def test_a_fall_after_the_peak_is_reported_beside_the_target():
+    fell = targets(figures(converge_ur_rate_peak=1.0, converge_ur_rate_peak_unit=1), 3)[0]
+    assert "peaked at 100.0% at unit 1 and fell back" in fell and fell.endswith(": met")  # 3x is still 3x
+    kept = targets(figures(converge_ur_rate_peak=0.95, converge_ur_rate_peak_unit=2), 3)[0]
+    assert "fell back" not in kept  # 5 points below the peak is noise at 64 images
+
+
 def test_vendi_is_reported_but_does_not_decide_the_ablation():
     v = targets(figures(replace_diversity_unit3=2.5), 3)[3]  # Vendi rose, seed diversity fell
     assert "does NOT show a loss" in v and v.endswith("met")

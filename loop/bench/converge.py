@@ -6,7 +6,9 @@ on the embedded model with the scripted rater (the hidden preference: warm colou
 then the last unit's round is generated and rated too. Per unit it reports the UR rate, diversity (Vendi
 score on cheap features), seed diversity (within a prompt) and novel hits, writes docs/convergence.md with a plot
 and the table, and docs/bench/converge.json with flat keys `<strategy>_ur_rate_unit0`, `..._unit3`,
-`<strategy>_diversity_unit0`, `..._unit3`, `<strategy>_seed_diversity_unit0`, `..._unit3`, `<strategy>_novel_hits`.
+`<strategy>_diversity_unit0`, `..._unit3`, `<strategy>_seed_diversity_unit0`, `..._unit3`,
+`<strategy>_novel_hits`, and where the UR rate peaked (`<strategy>_ur_rate_peak`, `..._peak_unit`): a
+strategy that falls back after its peak is said so.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ STRATEGIES = {
 # The ablation "shows the diversity loss the default avoids" when its seed diversity at the last unit is below
 # this share of converge's: a clear gap, not a difference of a few per cent that another run could reverse.
 SEED_MARGIN = 0.9
+# A strategy whose last unit's UR rate is this far (absolute) below its best unit's is reported as falling back.
+FALL_BACK = 0.1
 SHEET_IMAGES = 16  # per unit in the contact sheet: the first 4 images of each prompt in the unit's own round
 
 
@@ -327,6 +331,9 @@ def bench_converge(
         figures[f"{name}_seed_diversity_unit0"] = round(first["seed_diversity"] or 0, 4)
         figures[f"{name}_seed_diversity_unit{last['unit']}"] = round(last["seed_diversity"] or 0, 4)
         figures[f"{name}_novel_hits"] = sum(x["novel_hits"] for x in s)
+        peak = max(s, key=lambda x: x["ur_rate"] or 0)  # the first unit with the highest UR rate
+        figures[f"{name}_ur_rate_peak"] = round(peak["ur_rate"] or 0, 4)
+        figures[f"{name}_ur_rate_peak_unit"] = peak["unit"]
         for x in s:
             rows.append({"strategy": name, "unit": x["unit"], "images": x["images"],
                          "UR rate": round(x["ur_rate"] or 0, 3), "diversity": round(x["vendi"] or 0, 3),
@@ -370,8 +377,11 @@ def targets(f: dict, rounds: int) -> list[str]:
         d0, d3 = f[f"{name}_diversity_unit0"], f[f"{name}_diversity_unit{last}"]
         ratio = u3 / u0 if u0 else float("inf")
         ok = ratio >= 2 and d3 >= 0.7 * d0
+        # not a target, but what a user would want to know: a loop that got there earlier and fell back since
+        peak, at = f.get(f"{name}_ur_rate_peak", u3), f.get(f"{name}_ur_rate_peak_unit", last)
+        fell = f"; it peaked at {100 * peak:.1f}% at unit {at} and fell back" if peak - u3 >= FALL_BACK - 1e-9 else ""
         out.append(
-            f"{name}: UR rate {100 * u0:.1f}% -> {100 * u3:.1f}% ({ratio:.2f}x; target >= 2x), diversity "
+            f"{name}: UR rate {100 * u0:.1f}% -> {100 * u3:.1f}% ({ratio:.2f}x; target >= 2x){fell}, diversity "
             f"{d0:.2f} -> {d3:.2f} ({100 * d3 / d0:.0f}% of unit 0; target >= 70%): {'met' if ok else 'NOT met'}"
         )
     if ran("longtail", "converge"):

@@ -194,7 +194,8 @@ def unit_stats(
         if row["id"] not in cache:
             try:
                 rgb = load_rgb(ws.root / row["path"])
-                cache[row["id"]] = (features(rgb), phash(rgb), thumbnail(rgb))
+                thumb = thumbnail(rgb)
+                cache[row["id"]] = (features(rgb, thumb), phash(rgb), thumb)
             except (OSError, ValueError):
                 cache[row["id"]] = None
                 missing.append(row["path"])

@@ -50,8 +50,9 @@ def _as_rgb(rgb) -> np.ndarray:
 
 
 # -- features ----------------------------------------------------------------------------------------------
-def features(rgb: np.ndarray) -> np.ndarray:
-    """A cheap feature vector for one image, L2-normalised so that cosine similarity is a dot product.
+def features(rgb: np.ndarray, thumb: np.ndarray | None = None) -> np.ndarray:
+    """A cheap feature vector for one image, L2-normalised so that cosine similarity is a dot product. `thumb`:
+    the image's `thumbnail`, where the caller has made it already (loop compare keeps it for seed diversity).
 
     Two parts, concatenated:
       * colour: a 4x4x4 joint RGB histogram (bin = value // 64 per channel), L1-normalised to sum 1 (64 values);
@@ -64,7 +65,7 @@ def features(rgb: np.ndarray) -> np.ndarray:
     idx = (q[..., 0] * HIST_BINS + q[..., 1]) * HIST_BINS + q[..., 2]
     hist = np.bincount(idx.ravel(), minlength=HIST_BINS**3).astype(np.float64)
     hist /= max(hist.sum(), 1.0)
-    v = np.concatenate([hist, thumbnail(a)])
+    v = np.concatenate([hist, thumbnail(a) if thumb is None else thumb])
     norm = np.linalg.norm(v)
     return (v / norm if norm > 0 else v).astype(np.float32)
 

@@ -479,6 +479,7 @@ def fit(
     keep_rows: tuple[torch.Tensor, int] | None = None,
     checkpoints: Checkpoints | None = None,
     stop_after: int | None = None,
+    log=print,
 ):
     """tc.steps optimizer steps of the diffusion loss (epsilon or v, as the base predicts); returns (unet,
     text_encoder, smoothed loss).
@@ -509,6 +510,9 @@ def fit(
             start, ema = meta["step"], meta["ema"]
             checkpoints.log(f"resuming training from step {start} of {tc.steps} ({where.name})")
     unet.train()
+    # train.compile: only the training step's forward (and so its backward) runs compiled; the base-target
+    # forwards (BaseTargets, other batch sizes, adapters off) stay eager rather than compile a second graph
+    step_unet = torch.compile(unet) if tc.compile else unet
     dev = accelerator.device
     inst = torch.arange(len(data.latents)) if data.prior is None else torch.nonzero(~data.prior).flatten()
     prior = None if data.prior is None else torch.nonzero(data.prior).flatten()
@@ -557,7 +561,15 @@ def fit(
             xt[kd], t[kd], target[kd] = xk.to(dev), tk.to(dev), yk.to(dev)
         with accelerator.autocast():
             cond = text_encoder(cap.to(dev))[0] if te_learns else cap.to(dev)
-            pred = unet(xt, t, encoder_hidden_states=cond).sample
+            try:
+                pred = step_unet(xt, t, encoder_hidden_states=cond).sample
+            except Exception as e:  # compiling happens at the first call; a failure there falls back to eager
+                if step_unet is unet:
+                    raise
+                log(f"train.compile: compiling failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                    "training eagerly instead")  # fmt: skip
+                step_unet = unet
+                pred = unet(xt, t, encoder_hidden_states=cond).sample
         per_item = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         per_item = per_item * snr_weights(noise_sched, t, tc.snr_gamma)
         if prior is not None and len(prior):
@@ -677,6 +689,7 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
         keep_rows=keep_rows,
         checkpoints=ckpt,
         stop_after=stop_after,
+        log=log,
     )
     if stop_after is not None and stop_after < tc.steps:
         return {"stopped_at": stop_after}

@@ -1,7 +1,7 @@
 """python -m loop.bench round [--images 64] [--rounds 2]
 python -m loop.bench rate [--images 10000] [--ratings 200]
 python -m loop.bench generate [--images 64] [--steps 20] [--batch 16]
-python -m loop.bench train [--images 32] [--steps 60] [--batch 8] [--reps 5]
+python -m loop.bench train [--images 32] [--steps 30] [--batch 8] [--reps 10]
 python -m loop.bench converge [--rounds 3] [--images 64] [--steps 300] [--noise 10] [--keep DIR] [--seed 0]
                               [--only converge,replace]
 
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default="docs")
     r = sub.add_parser("train", help="our trainer (cached encodings) against re-encoding every step")
     r.add_argument("--images", type=int, default=32)
-    r.add_argument("--steps", type=int, default=60)
-    r.add_argument("--reps", type=int, default=5, help="alternating runs of each side; the median ratio is kept")
+    r.add_argument("--steps", type=int, default=30, help="steps per block")
+    r.add_argument("--reps", type=int, default=10, help="blocks: the sides take turns; median ratio kept")
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--out", default="docs")
     r = sub.add_parser("converge", help="4 strategies and a replace ablation over several rounds, scripted rater")

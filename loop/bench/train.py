@@ -4,10 +4,11 @@ ours       `fit` on latents and text embeddings encoded once and cached (what `l
 reference  what diffusers' train_dreambooth_lora.py does each step: read the batch's images, VAE-encode them
            (sampling the latent distribution), tokenize and text-encode the captions, then the same UNet step
 
-Same tiny model, images, batch, steps, seed and LoRA. Both sides are timed after one warm-up step; the
-reference is run first and ours second, five times over (--reps). Each run's two times, taken back to back,
-give one ratio; the median ratio is reported (and median times), since this machine's speed drifts from run to
-run.
+Same tiny model, images, batch, steps, seed and LoRA. After one warm-up step each, the sides (the reference,
+ours, ours with the default train.uncond_preservation, ours with train.compile) take turns in short blocks
+(--reps blocks of --steps steps) in a rotating order, since this machine's speed drifts for tens of seconds at a
+time; each block's times give one paired ratio, and the median ratio is reported (and median times). The
+compile time is reported too: the first (inductor's cache empty) and a later one (from the cache).
 
 It also times the preprocessing of a second round in which half the images are new: with the cache of the
 first round (only the new half is encoded) and with an empty cache (everything is encoded).
@@ -18,6 +19,7 @@ On a machine with CUDA it reports LoRA training images/s on the SD1.5-shaped ran
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import tempfile
@@ -43,59 +45,69 @@ def _items(ws: Workspace, unit: int | None = None) -> list[dict]:
     return [{"id": r["id"], "sha256": r["sha256"], "path": r["path"], "caption": r["prompt"]} for r in rows]
 
 
-def _reference(pipe, ws, items, tc, steps: int, size: int) -> tuple[float, float]:
-    """diffusers' DreamBooth-LoRA loop: everything re-encoded every step. Seconds per step, and of them the
-    seconds spent reading and encoding the batch (what a cache can save)."""
-    from diffusers import DDPMScheduler
+class _Reference:
+    """diffusers' DreamBooth-LoRA loop: everything re-encoded every step."""
 
-    unet = add_lora(pipe.unet, tc)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=1e-2)
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    gen = torch.Generator().manual_seed(tc.seed)
-    bs = min(tc.batch_size, len(items))
-    unet.train()
-    t0, encoding = None, 0.0
-    for step in range(steps + 1):
-        if step == 1:
-            t0, encoding = time.perf_counter(), 0.0  # after one warm-up step
-        e0 = time.perf_counter()
-        idx = torch.randint(0, len(items), (bs,), generator=gen).tolist()
-        pixels = torch.stack([load_square(ws.root / items[i]["path"], size) for i in idx])
-        with torch.no_grad():
-            x0 = pipe.vae.encode(pixels).latent_dist.sample(gen) * pipe.vae.config.scaling_factor
-            cond = pipe.text_encoder(_token_ids(pipe.tokenizer, [items[i]["caption"] for i in idx]))[0]
-        encoding += time.perf_counter() - e0
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=gen)
-        pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, loss_target(sched, x0, noise, t))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return (time.perf_counter() - t0) / steps, encoding / steps
+    def __init__(self, pipe, ws, items, tc, size: int):
+        from diffusers import DDPMScheduler
+
+        self.pipe, self.ws, self.items, self.size = pipe, ws, items, size
+        self.unet = add_lora(pipe.unet, tc)
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=1e-2)
+        self.sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.gen = torch.Generator().manual_seed(tc.seed)
+        self.bs = min(tc.batch_size, len(items))
+        self.unet.train()
+
+    def run(self, steps: int) -> tuple[float, float]:
+        """Seconds for `steps` steps, and of them the seconds spent reading and encoding the batch (what a cache
+        can save)."""
+        pipe, items, gen, sched = self.pipe, self.items, self.gen, self.sched
+        t0, encoding = time.perf_counter(), 0.0
+        for _ in range(steps):
+            e0 = time.perf_counter()
+            idx = torch.randint(0, len(items), (self.bs,), generator=gen).tolist()
+            pixels = torch.stack([load_square(self.ws.root / items[i]["path"], self.size) for i in idx])
+            with torch.no_grad():
+                x0 = pipe.vae.encode(pixels).latent_dist.sample(gen) * pipe.vae.config.scaling_factor
+                cond = pipe.text_encoder(_token_ids(pipe.tokenizer, [items[i]["caption"] for i in idx]))[0]
+            encoding += time.perf_counter() - e0
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, sched.config.num_train_timesteps, (self.bs,), generator=gen)
+            pred = self.unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred, loss_target(sched, x0, noise, t))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, encoding
 
 
-def _ours(pipe, ws, items, tc, steps: int, size: int, base: str, keep: float = 0.0) -> float:
-    """Our loop on cached latents and embeddings. keep=0: the reference's objective exactly; keep>0: with
-    train.uncond_preservation, whose extra no-grad base forward the reference does not have."""
-    from accelerate import Accelerator
-    from diffusers import DDPMScheduler
+class _Ours:
+    """Our loop (`fit`) on latents and embeddings encoded once and cached. keep=0: the reference's objective
+    exactly; keep>0: with train.uncond_preservation, whose extra no-grad base forward the reference does not
+    have. compiled: with train.compile."""
 
-    lat, kept, _ = encode_latents(ws, pipe, items, size, base, log=lambda m: None)
-    data = TrainData(latents=torch.stack(lat), embeds=encode_texts(ws, pipe, [it["caption"] for it in kept], base))
-    data.empty = data.empty_embed = encode_texts(ws, pipe, [""], base)[0]
-    unet = add_lora(pipe.unet, tc)
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    acc = Accelerator(cpu=True)
-    common = [f"train.batch_size={tc.batch_size}", f"train.uncond_preservation={keep}"]
-    warm = load_config(None, ["train.steps=1", *common]).train
-    fit(unet, data, sched, warm, acc, desc="warm-up")
-    timed = load_config(None, [f"train.steps={steps}", *common]).train
-    t0 = time.perf_counter()
-    fit(unet, data, sched, timed, acc, desc="ours")
-    return (time.perf_counter() - t0) / steps
+    def __init__(self, pipe, ws, items, tc, size: int, base: str, keep: float = 0.0, compiled: bool = False):
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler
+
+        lat, kept, _ = encode_latents(ws, pipe, items, size, base, log=lambda m: None)
+        embeds = encode_texts(ws, pipe, [it["caption"] for it in kept], base)
+        self.data = TrainData(latents=torch.stack(lat), embeds=embeds)
+        self.data.empty = self.data.empty_embed = encode_texts(ws, pipe, [""], base)[0]
+        self.unet = add_lora(pipe.unet, tc)
+        self.sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.acc = Accelerator(cpu=True)
+        self.common = [f"train.batch_size={tc.batch_size}", f"train.uncond_preservation={keep}",
+                       f"train.compile={compiled}"]  # fmt: skip
+
+    def run(self, steps: int) -> tuple[float, float]:
+        tc = load_config(None, [f"train.steps={steps}", *self.common]).train
+        t0 = time.perf_counter()
+        fit(self.unet, self.data, self.sched, tc, self.acc, desc="ours", log=lambda m: None)
+        return time.perf_counter() - t0, 0.0
 
 
 def _prep(ws: Workspace, pipe, items, size, base) -> float:
@@ -105,7 +117,7 @@ def _prep(ws: Workspace, pipe, items, size, base) -> float:
     return time.perf_counter() - t0
 
 
-def bench_train(images: int = 32, steps: int = 60, batch: int = 8, reps: int = 5, out: str = "docs") -> dict:
+def bench_train(images: int = 32, steps: int = 30, batch: int = 8, reps: int = 10, out: str = "docs") -> dict:
     from loop.config import ModelConfig
 
     with tempfile.TemporaryDirectory(prefix="loop-bench-train-") as tmp:
@@ -118,19 +130,35 @@ def bench_train(images: int = 32, steps: int = 60, batch: int = 8, reps: int = 5
             generate_ring(ws, store, cfg, unit=0, count=images, log=lambda m: None)
         items = _items(ws)
         size = 32
-        ours, ref, ours_keep, enc = [], [], [], []
+        # train.compile's first compile in this run is a cold one: inductor's cache starts empty here, as on a
+        # machine that never compiled this model (later runs compile from that cache, as later rounds would)
+        before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
+        shutil.rmtree(ws.root / "cache", ignore_errors=True)
+        keep = cfg.train.uncond_preservation
+        sides = {
+            "reference": _Reference(load_base(ModelConfig()), ws, items, cfg.train, size),
+            "ours": _Ours(load_base(ModelConfig()), ws, items, cfg.train, size, "embedded"),
+            "ours_keep": _Ours(load_base(ModelConfig()), ws, items, cfg.train, size, "embedded", keep=keep),
+            "ours_compiled": _Ours(load_base(ModelConfig()), ws, items, cfg.train, size, "embedded", compiled=True),
+        }
+        warm = {name: side.run(1)[0] for name, side in sides.items()}  # one warm-up step each; compiles
+        compile_cold = warm["ours_compiled"] - warm["ours"]
+        torch._dynamo.reset()  # compile again, now from inductor's disk cache, as a later round would
+        compile_warm = sides["ours_compiled"].run(1)[0] - sides["ours"].run(1)[0]
+        # This machine is noisy (another tenant can slow it by a third for tens of seconds), so the sides take
+        # turns in short blocks, in a rotating order, and each block's times make one paired ratio
+        names = list(sides)
+        per_step = {name: [] for name in names}
+        enc = []
         for rep in range(reps):
-            shutil.rmtree(ws.root / "cache", ignore_errors=True)
-            r, e = _reference(load_base(ModelConfig()), ws, items, cfg.train, steps, size)
-            ref.append(r)
-            enc.append(e)
-            ours.append(_ours(load_base(ModelConfig()), ws, items, cfg.train, steps, size, "embedded"))
-            keep = cfg.train.uncond_preservation
-            ours_keep.append(_ours(load_base(ModelConfig()), ws, items, cfg.train, steps, size, "embedded", keep))
-            print(
-                f"  run {rep + 1}: reference {ref[-1]:.3f} s/step, ours {ours[-1]:.3f} s/step, "
-                f"ours with uncond preservation {ours_keep[-1]:.3f} s/step"
-            )
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                secs, e = sides[name].run(steps)
+                per_step[name].append(secs / steps)
+                if name == "reference":
+                    enc.append(e / secs)
+            print("  block " + f"{rep + 1}: " + ", ".join(f"{n} {per_step[n][-1]:.3f}" for n in names) + " s/step")
+        ref, ours, ours_keep, ours_c = (per_step[n] for n in names)
 
         # a second round where half the images are new: with round 1's cache, and with an empty one
         pipe = load_base(ModelConfig())
@@ -140,11 +168,15 @@ def bench_train(images: int = 32, steps: int = 60, batch: int = 8, reps: int = 5
         prep_cached = _prep(ws, pipe, items, size, "embedded")
         shutil.rmtree(ws.root / "cache", ignore_errors=True)
         prep_uncached = _prep(ws, pipe, items, size, "embedded")
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
-    # This machine is noisy (another tenant can slow a whole run by a third), so each run's reference and ours,
-    # measured back to back, make one paired ratio, and the median over the runs is reported; times are medians.
+    # each block's paired ratio; the median over the blocks is reported, and times are medians
     ratios = [r / o for r, o in zip(ref, ours)]
     ratios_keep = [r / o for r, o in zip(ref, ours_keep)]
+    ratios_c = [r / o for r, o in zip(ref, ours_c)]
     figures = {
         "images": len(items),
         "steps": steps,
@@ -156,10 +188,21 @@ def bench_train(images: int = 32, steps: int = 60, batch: int = 8, reps: int = 5
         "ratio_runs": " ".join(f"{x:.2f}" for x in ratios),
         # of the reference's step, the time spent reading the batch and VAE- and text-encoding it: what the cache
         # takes away
-        "reference_encoding_s_per_step": round(statistics.median(enc), 4),
-        "reference_encoding_share": round(statistics.median([e / r for e, r in zip(enc, ref)]), 3),
+        "reference_encoding_s_per_step": round(statistics.median(enc) * statistics.median(ref), 4),
+        "reference_encoding_share": round(statistics.median(enc), 3),
         "ours_uncond_preservation_s_per_step": round(statistics.median(ours_keep), 4),
         "ratio_with_uncond_preservation": round(statistics.median(ratios_keep), 2),
+        "ours_compiled_s_per_step": round(statistics.median(ours_c), 4),
+        "ratio_compiled": round(statistics.median(ratios_c), 2),
+        "ratio_compiled_runs": " ".join(f"{x:.2f}" for x in ratios_c),
+        "compile_cold_s": round(compile_cold, 1),  # the first compile, inductor's cache empty
+        "compile_warm_s": round(compile_warm, 1),  # a later compile, from that cache
+        # steps after which train.compile has paid back its (warm) compile
+        "compile_break_even_steps": (
+            round(compile_warm / (statistics.median(ours) - statistics.median(ours_c)))
+            if statistics.median(ours) > statistics.median(ours_c)
+            else None
+        ),
         "prep_cached_s": round(prep_cached, 3),
         "prep_uncached_s": round(prep_uncached, 3),
         "prep_ratio": round(prep_uncached / max(prep_cached, 1e-9), 2),
@@ -171,6 +214,7 @@ def bench_train(images: int = 32, steps: int = 60, batch: int = 8, reps: int = 5
             "side": f"ours + train.uncond_preservation={cfg.train.uncond_preservation} (the default objective)",
             "s/step": figures["ours_uncond_preservation_s_per_step"],
         },
+        {"side": "ours + train.compile=true", "s/step": figures["ours_compiled_s_per_step"]},
     ]
     prep_rows = [
         {"second round, half new": "with round 1's cache", "prep_s": figures["prep_cached_s"]},
@@ -183,8 +227,9 @@ def bench_train(images: int = 32, steps: int = 60, batch: int = 8, reps: int = 5
     md = (
         "## train\n\n"
         f"`python -m loop.bench train`: LoRA (rank 8, attention) on the embedded model, {len(items)} images, "
-        f"batch {batch}, {steps} timed steps after one warm-up; {reps} alternating runs, medians (the ratio: the "
-        f"median of each run's reference / ours; runs: {figures['ratio_runs']}).\n\n"
+        f"batch {batch}; after one warm-up step each, the sides take turns in {reps} blocks of {steps} steps, in a "
+        f"rotating order; times are medians over the blocks, the ratio is the median of each block's reference / "
+        f"ours (blocks: {figures['ratio_runs']}).\n\n"
         + table(rows)
         + f"\n\nratio (reference / ours, the same objective): **{figures['ratio']}x**. Of the reference's "
         f"{figures['reference_s_per_step']} s step, {figures['reference_encoding_s_per_step']} s "
@@ -193,6 +238,10 @@ def bench_train(images: int = 32, steps: int = 60, batch: int = 8, reps: int = 5
         f"backward, so the ratio stays modest here. With the default uncond "
         f"preservation, whose base-model targets are predicted ahead in chunks (loop.train.BaseTargets): "
         f"{figures['ratio_with_uncond_preservation']}x\n\n"
+        f"With `train.compile=true` (off by default): **{figures['ratio_compiled']}x** (blocks: "
+        f"{figures['ratio_compiled_runs']}). Compiling is a one-off per training: {figures['compile_cold_s']} s the "
+        f"first time (inductor's cache empty), {figures['compile_warm_s']} s later (from the cache); it pays back "
+        f"after about {figures['compile_break_even_steps']} steps (train.steps is 300 by default).\n\n"
         + "Preprocessing of a second round in which half the images are new:\n\n"
         + table(prep_rows)
         + "\n\n"
@@ -206,7 +255,9 @@ def bench_train(images: int = 32, steps: int = 60, batch: int = 8, reps: int = 5
     print(table(prep_rows))
     print(
         f"ratio reference/ours: {figures['ratio']}x (reading + encoding: "
-        f"{100 * figures['reference_encoding_share']:.0f}% of the reference's step)"
+        f"{100 * figures['reference_encoding_share']:.0f}% of the reference's step); with train.compile: "
+        f"{figures['ratio_compiled']}x, compiling {figures['compile_cold_s']} s cold, {figures['compile_warm_s']} s "
+        f"warm, break-even after {figures['compile_break_even_steps']} steps"
     )
     write("train", figures, md, out)
     return figures

@@ -60,3 +60,31 @@ def test_only_option():
     assert _strategies("converge, replace") == ["converge", "replace"]
     with pytest.raises(SystemExit, match="unknown strategy convrge"):
         _strategies("convrge,replace")
+
+
+def test_across_seeds_reports_the_spread_and_how_often_each_target_is_met():
+    from loop.bench.converge import across_seeds
+
+    good = figures()
+    stalled = figures(converge_ur_rate_unit3=0.45, converge_ur_rate_peak=0.9, converge_ur_rate_peak_unit=1)
+    summary, rows = across_seeds({0: good, 4: stalled}, 3)
+    assert summary["n_seeds"] == 2 and summary["seeds"] == "0 4"
+    assert summary["converge_target_met_seeds"] == 1  # 1.5x at seed 4
+    assert summary["golden_target_met_seeds"] == 2
+    assert summary["replace_target_met_seeds"] == 2
+    assert summary["converge_ur_ratio_min"] == 1.5 and summary["converge_ur_ratio_max"] == 3.0
+    assert summary["converge_ur_ratio_median"] == 2.25
+    assert summary["converge_fell_back_seeds"] == 1 and summary["golden_fell_back_seeds"] == 0
+    assert summary["replace_seed_div_vs_converge_median"] == 0.5  # 0.1 against converge's 0.2
+    assert "converge_seed_div_vs_converge_median" not in summary
+    assert len(rows) == 2 * len(STRATEGIES)
+    assert {r["seed"] for r in rows} == {0, 4}
+
+
+def test_seeds_option():
+    from loop.bench.__main__ import _seeds
+
+    assert _seeds("0, 1,2") == [0, 1, 2]
+    for bad in ("", "a,b", "1,1"):
+        with pytest.raises(SystemExit, match="--seeds"):
+            _seeds(bad)

@@ -3,7 +3,7 @@ python -m loop.bench rate [--images 10000] [--ratings 200]
 python -m loop.bench generate [--images 64] [--steps 20] [--batch 16]
 python -m loop.bench train [--images 32] [--steps 30] [--batch 8] [--reps 10]
 python -m loop.bench converge [--rounds 3] [--images 64] [--steps 300] [--noise 10] [--keep DIR] [--seed 0]
-                              [--only converge,replace]
+                              [--only converge,replace] [--seeds 0,1,2,3,4]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
 short strings) and rewrites its own section of docs/benchmarks.md.
@@ -17,6 +17,17 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _seeds(text: str) -> list[int]:
+    """--seeds 0,1,2 -> [0, 1, 2] (one clear line if it isn't a list of distinct whole numbers)."""
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds {text}: give distinct whole numbers separated by commas, e.g. --seeds 0,1,2,3,4")
+    return seeds
 
 
 def _strategies(only: str | None) -> list[str] | None:
@@ -68,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--noise", type=float, default=10.0, help="the scripted rater's noise")
     r.add_argument("--keep", metavar="DIR", help="keep each strategy's workspace in DIR/<strategy> (default: discard)")
     r.add_argument("--seed", type=int, default=0, help="generate.seed and train.seed: another draw of the study")
+    r.add_argument("--seeds", metavar="A,B", help="the study at each of these seeds, and the spread across them")
     r.add_argument("--only", metavar="A,B", help="run only these strategies (comma-separated; default: all)")
     r.add_argument("--out", default="docs")
     r = sub.add_parser("shots", help="the Compare tab's screenshot for the README (docs/img/compare.png)")
@@ -86,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
 
         compare_screenshot(args.out)
     elif args.name == "converge":
-        from loop.bench.converge import bench_converge
+        from loop.bench.converge import bench_converge, bench_converge_seeds
 
+        if args.seeds:
+            seeds = _seeds(args.seeds)
+            bench_converge_seeds(seeds, rounds=args.rounds, images=args.images, steps=args.steps,
+                                 noise=args.noise, out=args.out, only=_strategies(args.only))  # fmt: skip
+            return 0
         bench_converge(
             rounds=args.rounds,
             images=args.images,

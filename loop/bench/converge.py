@@ -297,29 +297,19 @@ def plot(results: dict) -> bytes:
     return buf.getvalue()
 
 
-def bench_converge(
-    rounds: int = 3,
-    images: int = 64,
-    steps: int = 300,
-    noise: float = 10.0,
-    out: str = "docs",
-    keep: str | None = None,
-    seed: int = 0,
-    only: list[str] | None = None,
-):
-    per_prompt = max(1, images // len(PROMPTS))
+def _study(where: Path, rounds: int, per_prompt: int, steps: int, noise: float, seed: int, only) -> dict:
     results = {}
-    t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="loop-bench-converge-") as tmp:
-        where = Path(keep) if keep else Path(tmp)  # --keep DIR: one workspace per strategy, kept for a look later
-        if keep and any(where.glob("*/loop.db")):
-            raise SystemExit(f"--keep {keep}: it already holds workspaces; give an empty or new folder")
-        where.mkdir(parents=True, exist_ok=True)
-        for name in only or list(STRATEGIES):
-            print(f"converge: {name} ({rounds} rounds, {per_prompt * len(PROMPTS)} images per round, {steps} steps)")
-            results[name] = run_strategy(name, where, rounds, per_prompt, steps, noise, seed=seed)
+    for name in only or list(STRATEGIES):
+        print(f"converge: {name} ({rounds} rounds, {per_prompt * len(PROMPTS)} images per round, {steps} steps, "
+              f"seed {seed})")  # fmt: skip
+        results[name] = run_strategy(name, where, rounds, per_prompt, steps, noise, seed=seed)
+    return results
+
+
+def _figures(results: dict, rounds: int, per_prompt: int, steps: int, noise: float, seed: int, secs: float):
+    """The flat figures of one study (see the module's docstring) and its table's rows."""
     figures: dict = {"rounds": rounds, "images_per_round": per_prompt * len(PROMPTS), "train_steps": steps,
-                     "rater_noise": noise, "seed": seed, "minutes": round((time.time() - t0) / 60, 1)}  # fmt: skip
+                     "rater_noise": noise, "seed": seed, "minutes": round(secs / 60, 1)}  # fmt: skip
     rows = []
     for name, r in results.items():
         s = r["stats"]
@@ -339,6 +329,28 @@ def bench_converge(
                          "UR rate": round(x["ur_rate"] or 0, 3), "diversity": round(x["vendi"] or 0, 3),
                          "seed diversity": round(x["seed_diversity"] or 0, 3),
                          "near-dup": round(x["near_dup_rate"] or 0, 3), "novel hits": x["novel_hits"]})  # fmt: skip
+    return figures, rows
+
+
+def bench_converge(
+    rounds: int = 3,
+    images: int = 64,
+    steps: int = 300,
+    noise: float = 10.0,
+    out: str = "docs",
+    keep: str | None = None,
+    seed: int = 0,
+    only: list[str] | None = None,
+):
+    per_prompt = max(1, images // len(PROMPTS))
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="loop-bench-converge-") as tmp:
+        where = Path(keep) if keep else Path(tmp)  # --keep DIR: one workspace per strategy, kept for a look later
+        if keep and any(where.glob("*/loop.db")):
+            raise SystemExit(f"--keep {keep}: it already holds workspaces; give an empty or new folder")
+        where.mkdir(parents=True, exist_ok=True)
+        results = _study(where, rounds, per_prompt, steps, noise, seed, only)
+    figures, rows = _figures(results, rounds, per_prompt, steps, noise, seed, time.time() - t0)
     verdicts = targets(figures, rounds)
     png = plot(results)
     atomic_write(Path(out) / "img" / "convergence.png", png)
@@ -404,3 +416,94 @@ def targets(f: dict, rounds: int) -> list[str]:
             + ("shows the diversity loss the default avoids: met" if seed_ok else "does NOT show a diversity loss")
         )
     return out
+
+
+def across_seeds(per_seed: dict[int, dict], rounds: int) -> tuple[dict, list[dict]]:
+    """One study per seed (its flat figures) -> the spread: per strategy, over the seeds, the UR ratio (last unit
+    over unit 0), the last unit's Vendi diversity as a share of unit 0's and its seed diversity as a share of
+    converge's (median, min, max), where the UR rate peaked, and at how many seeds each target was met."""
+    import statistics
+
+    last = rounds
+    names = [k[: -len("_novel_hits")] for k in next(iter(per_seed.values())) if k.endswith("_novel_hits")]
+    summary: dict = {"seeds": " ".join(str(s) for s in per_seed), "rounds": rounds}
+    rows = []
+    met: dict[str, int] = {}
+    for seed, f in per_seed.items():
+        for v in targets(f, rounds):
+            key = v.split(" ")[0].rstrip(":")
+            met[key] = met.get(key, 0) + v.endswith(": met")
+        for name in names:
+            u0, u3 = f[f"{name}_ur_rate_unit0"], f[f"{name}_ur_rate_unit{last}"]
+            cs = f.get(f"converge_seed_diversity_unit{last}")
+            rows.append({
+                "seed": seed, "strategy": name, "UR unit 0": round(u0, 3), f"UR unit {last}": round(u3, 3),
+                "ratio": round(u3 / u0, 2) if u0 else float("inf"),
+                "peak (unit)": f"{f.get(f'{name}_ur_rate_peak', u3):.3f} ({f.get(f'{name}_ur_rate_peak_unit', last)})",
+                "Vendi share": round(f[f"{name}_diversity_unit{last}"] / (f[f"{name}_diversity_unit0"] or 1), 2),
+                "seed div. vs converge": round(f[f"{name}_seed_diversity_unit{last}"] / cs, 2) if cs else "-",
+            })  # fmt: skip
+    for name in names:
+        mine = [r for r in rows if r["strategy"] == name]
+        for key, col in (("ur_ratio", "ratio"), ("diversity_share", "Vendi share"),
+                         ("seed_div_vs_converge", "seed div. vs converge")):  # fmt: skip
+            vals = [r[col] for r in mine if isinstance(r[col], (int, float))]
+            if vals and not (key == "seed_div_vs_converge" and name == "converge"):
+                summary[f"{name}_{key}_median"] = round(statistics.median(vals), 3)
+                summary[f"{name}_{key}_min"] = round(min(vals), 3)
+                summary[f"{name}_{key}_max"] = round(max(vals), 3)
+        falls = sum(
+            f[f"{name}_ur_rate_peak"] - f[f"{name}_ur_rate_unit{last}"] >= FALL_BACK - 1e-9
+            for f in per_seed.values()
+            if f"{name}_ur_rate_peak" in f
+        )
+        summary[f"{name}_fell_back_seeds"] = falls
+    for key, n in met.items():
+        summary[f"{key}_target_met_seeds"] = n
+    summary["n_seeds"] = len(per_seed)
+    return summary, rows
+
+
+def bench_converge_seeds(
+    seeds: list[int],
+    rounds: int = 3,
+    images: int = 64,
+    steps: int = 300,
+    noise: float = 10.0,
+    out: str = "docs",
+    only: list[str] | None = None,
+):
+    """The study at several seeds (`--seeds 0,1,2,3,4`): is what the default does at one seed what it does at
+    most? Writes docs/convergence_seeds.md and docs/bench/converge_seeds.json; docs/convergence.md is left as it
+    is."""
+    per_prompt = max(1, images // len(PROMPTS))
+    per_seed = {}
+    t0 = time.time()
+    for seed in seeds:
+        t1 = time.time()
+        with tempfile.TemporaryDirectory(prefix="loop-bench-converge-") as tmp:
+            results = _study(Path(tmp), rounds, per_prompt, steps, noise, seed, only)
+        per_seed[seed] = _figures(results, rounds, per_prompt, steps, noise, seed, time.time() - t1)[0]
+        print("\n".join(targets(per_seed[seed], rounds)))
+    summary, rows = across_seeds(per_seed, rounds)
+    summary["minutes"] = round((time.time() - t0) / 60, 1)
+    n = len(seeds)
+    lines = [f"- {k[: -len('_target_met_seeds')]}: target met at {v} of {n} seeds"
+             for k, v in summary.items() if k.endswith("_target_met_seeds")]  # fmt: skip
+    lines += [f"- {k[: -len('_fell_back_seeds')]}: fell back {FALL_BACK * 100:.0f} points or more after its peak at "
+              f"{v} of {n} seeds" for k, v in summary.items() if k.endswith("_fell_back_seeds")]  # fmt: skip
+    tbl = table(rows)
+    md = (
+        "# Convergence across seeds\n\nWritten by `python -m loop.bench converge --seeds "
+        f"{','.join(map(str, seeds))}` ({rounds} rounds, {per_prompt * len(PROMPTS)} images per round, {steps} "
+        f"LoRA steps, rater noise {noise}; {summary['minutes']} minutes). Each seed is a whole study "
+        "(generate.seed and train.seed); the ratio is the last unit's UR rate over unit 0's, the Vendi share "
+        "the last unit's diversity over unit 0's, and the seed diversity is the last unit's, as a share of "
+        "converge's at the same seed.\n\n" + tbl + "\n\n" + "\n".join(lines) + "\n"
+    )
+    print(tbl)
+    print("\n".join(lines))
+    atomic_write(Path(out) / "convergence_seeds.md", md)
+    flat = {**summary, **{f"seed{s}_{k}": v for s, f in per_seed.items() for k, v in f.items() if "_" in k}}
+    write("converge_seeds", flat, "## converge across seeds\n\nSee [convergence_seeds.md](convergence_seeds.md).", out)
+    return summary

@@ -118,6 +118,9 @@ class SelectConfig:
     # how often an image of each tier (UR, SSR, SR, R, N) is drawn in training, relative to the others; only the
     # tiers the strategy takes matter. 1s: every selected image counts the same
     tier_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
+    # every round's images together weigh the same in training, however many each round contributed (a unit
+    # that pleases gives many images, which would otherwise outweigh all earlier rounds together)
+    balance_rounds: bool = False
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, "select.strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")

@@ -149,6 +149,13 @@ def choose(ws: Workspace, store: Store, sc: SelectConfig, round: int) -> list[di
         novel = novel_hit_ids(ws, rows, sc.novel_distance, novelty_centre(ws, store))
         for i in novel:
             weights[i] *= 2.0
+    if sc.balance_rounds and rows:
+        totals: dict = {}
+        for r in rows:
+            totals[r["round"]] = totals.get(r["round"], 0.0) + weights[r["id"]]
+        mean = sum(totals.values()) / len(totals)
+        for r in rows:
+            weights[r["id"]] *= mean / totals[r["round"]]
     # images from outside the loop keep at least outside_share of the weight
     out_w = sum(w for r in rows for w in [weights[r["id"]]] if is_outside(r))
     in_w = sum(weights.values()) - out_w

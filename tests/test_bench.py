@@ -88,3 +88,32 @@ def test_seeds_option():
     for bad in ("", "a,b", "1,1"):
         with pytest.raises(SystemExit, match="--seeds"):
             _seeds(bad)
+
+
+def test_overrides_are_checked_before_the_study_starts():
+    from loop.bench.__main__ import _check_overrides
+
+    _check_overrides(["select.balance_rounds=true", "train.rank=4"])  # valid: nothing happens
+    with pytest.raises(SystemExit, match="unknown config key select.balance_rnds"):
+        _check_overrides(["select.balance_rnds=true"])
+    with pytest.raises(SystemExit, match="train.rank"):
+        _check_overrides(["train.rank=-1"])
+
+
+def test_overrides_reach_every_strategy_after_its_own(tmp_path, monkeypatch):
+    """run_strategy's config is the strategy's own settings, then the overrides (which win on a shared key)."""
+    import loop.bench.converge as bc
+
+    seen = []
+
+    def stop(ws, cfg, *a, **k):  # the first round's config is all this test needs
+        seen.append(cfg)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bc, "run_round", stop)
+    with pytest.raises(RuntimeError, match="stop here"):
+        bc.run_strategy("replace", tmp_path, 1, 2, 5, 0.0, log=lambda m: None,
+                        overrides=["select.balance_rounds=true", "select.strategy=golden"])  # fmt: skip
+    cfg = seen[0]
+    assert cfg.select.balance_rounds and not cfg.select.accumulate  # the override and replace's own setting
+    assert cfg.select.strategy == "golden"  # the override wins over the strategy's own

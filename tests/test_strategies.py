@@ -72,6 +72,21 @@ def test_tier_weights_draw_better_tiers_more_often(ws):
         _sc("select.tier_weights=[1,1,0,1,1]")
 
 
+def test_balance_rounds_gives_every_round_the_same_total_weight(ws):
+    with ws.store() as store:
+        r1 = [_img(store, "r1", 1, 1, "UR")]
+        r2 = [_img(store, f"r2{k}", 2, 2, "UR") for k in range(4)]  # a unit that pleased: four times as many
+        plain = choose(ws, store, _sc("select.strategy=converge", "select.outside_share=0"), 2)
+        over = ["select.strategy=converge", "select.outside_share=0", "select.balance_rounds=true"]
+        balanced = choose(ws, store, _sc(*over), 2)
+    assert {i["weight"] for i in plain} == {1.0}
+    total = {}
+    for i in balanced:
+        total[i["round"]] = total.get(i["round"], 0) + i["weight"]
+    assert total[1] == pytest.approx(total[2]) and total[1] == pytest.approx(2.5)  # the mean total is kept
+    assert len({i["weight"] for i in balanced if i["id"] in r2}) == 1 and r1
+
+
 def test_lineage_gives_ancestor_and_depth(ws):
     with ws.store() as store:
         a = _img(store, "a", None, None, "UR")

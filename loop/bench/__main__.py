@@ -3,7 +3,7 @@ python -m loop.bench rate [--images 10000] [--ratings 200]
 python -m loop.bench generate [--images 64] [--steps 20] [--batch 16]
 python -m loop.bench train [--images 32] [--steps 30] [--batch 8] [--reps 10]
 python -m loop.bench converge [--rounds 3] [--images 64] [--steps 300] [--noise 10] [--keep DIR] [--seed 0]
-                              [--only converge,replace] [--seeds 0,1,2,3,4]
+                              [--only converge,replace] [--seeds 0,1,2,3,4] [key=value ...]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
 short strings) and rewrites its own section of docs/benchmarks.md.
@@ -44,6 +44,17 @@ def _strategies(only: str | None) -> list[str] | None:
     return names
 
 
+def _check_overrides(overrides: list[str]) -> None:
+    """A wrong key or value stops the study before it starts, in one line, not after an hour."""
+    from loop.config import load_config
+    from loop.errors import LoopError
+
+    try:
+        load_config(None, overrides)
+    except LoopError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m loop.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -81,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0, help="generate.seed and train.seed: another draw of the study")
     r.add_argument("--seeds", metavar="A,B", help="the study at each of these seeds, and the spread across them")
     r.add_argument("--only", metavar="A,B", help="run only these strategies (comma-separated; default: all)")
+    r.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides for every strategy, after its own (e.g. select.balance_rounds=true)",
+    )
     r.add_argument("--out", default="docs")
     r = sub.add_parser("shots", help="the Compare tab's screenshot for the README (docs/img/compare.png)")
     r.add_argument("--out", default="docs")
@@ -100,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.name == "converge":
         from loop.bench.converge import bench_converge, bench_converge_seeds
 
+        _check_overrides(args.overrides)
         if args.seeds:
             seeds = _seeds(args.seeds)
             bench_converge_seeds(seeds, rounds=args.rounds, images=args.images, steps=args.steps,
-                                 noise=args.noise, out=args.out, only=_strategies(args.only))  # fmt: skip
+                                 noise=args.noise, out=args.out, only=_strategies(args.only),
+                                 overrides=args.overrides)  # fmt: skip
             return 0
         bench_converge(
             rounds=args.rounds,
@@ -114,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             keep=args.keep,
             seed=args.seed,
             only=_strategies(args.only),
+            overrides=args.overrides,
         )
     elif args.name == "train":
         from loop.bench.train import bench_train

@@ -56,8 +56,18 @@ def seed_image(folder: Path) -> Path:
 
 
 def run_strategy(
-    name: str, tmp: Path, rounds: int, per_prompt: int, steps: int, noise: float, log=print, seed: int = 0
+    name: str,
+    tmp: Path,
+    rounds: int,
+    per_prompt: int,
+    steps: int,
+    noise: float,
+    log=print,
+    seed: int = 0,
+    overrides: list[str] | None = None,
 ) -> dict:
+    """`rounds` whole rounds of one strategy in a fresh workspace; `overrides` (key=value) apply on top of the
+    strategy's own settings."""
     from loop.interop import import_images
     from loop.strategies import is_exploration
 
@@ -66,7 +76,7 @@ def run_strategy(
     cfg = load_config(
         ws.root,
         [f"generate.images_per_prompt={per_prompt}", f"train.steps={steps}", f"rate.noise={noise}",
-         f"generate.seed={seed}", f"train.seed={seed}", *STRATEGIES[name]],
+         f"generate.seed={seed}", f"train.seed={seed}", *STRATEGIES[name], *(overrides or [])],
     )  # fmt: skip
     if name == "grow":
         with ws.store() as store:
@@ -297,12 +307,14 @@ def plot(results: dict) -> bytes:
     return buf.getvalue()
 
 
-def _study(where: Path, rounds: int, per_prompt: int, steps: int, noise: float, seed: int, only) -> dict:
+def _study(
+    where: Path, rounds: int, per_prompt: int, steps: int, noise: float, seed: int, only, overrides=None
+) -> dict:
     results = {}
     for name in only or list(STRATEGIES):
         print(f"converge: {name} ({rounds} rounds, {per_prompt * len(PROMPTS)} images per round, {steps} steps, "
-              f"seed {seed})")  # fmt: skip
-        results[name] = run_strategy(name, where, rounds, per_prompt, steps, noise, seed=seed)
+              f"seed {seed}{''.join(' ' + o for o in overrides or [])})")  # fmt: skip
+        results[name] = run_strategy(name, where, rounds, per_prompt, steps, noise, seed=seed, overrides=overrides)
     return results
 
 
@@ -341,6 +353,7 @@ def bench_converge(
     keep: str | None = None,
     seed: int = 0,
     only: list[str] | None = None,
+    overrides: list[str] | None = None,
 ):
     per_prompt = max(1, images // len(PROMPTS))
     t0 = time.time()
@@ -349,8 +362,9 @@ def bench_converge(
         if keep and any(where.glob("*/loop.db")):
             raise SystemExit(f"--keep {keep}: it already holds workspaces; give an empty or new folder")
         where.mkdir(parents=True, exist_ok=True)
-        results = _study(where, rounds, per_prompt, steps, noise, seed, only)
+        results = _study(where, rounds, per_prompt, steps, noise, seed, only, overrides)
     figures, rows = _figures(results, rounds, per_prompt, steps, noise, seed, time.time() - t0)
+    figures["overrides"] = " ".join(overrides or [])
     verdicts = targets(figures, rounds)
     png = plot(results)
     atomic_write(Path(out) / "img" / "convergence.png", png)
@@ -360,7 +374,8 @@ def bench_converge(
     md = (
         "# Convergence\n\nWritten by `python -m loop.bench converge` "
         f"({rounds} rounds per strategy, {figures['images_per_round']} images per round, {steps} LoRA steps, "
-        f"the scripted warm-colour rater with noise {noise}, seed {seed}; {figures['minutes']} minutes on this "
+        f"the scripted warm-colour rater with noise {noise}, seed {seed}"
+        f"{'; overrides: ' + figures['overrides'] if overrides else ''}; {figures['minutes']} minutes on this "
         "machine).\n\n"
         "![UR rate and diversity per unit, per strategy](img/convergence.png)\n\n" + tbl + "\n\n"
         "What the units made (the first 4 images of each prompt in each unit's round; the same seeds in every "
@@ -472,6 +487,7 @@ def bench_converge_seeds(
     noise: float = 10.0,
     out: str = "docs",
     only: list[str] | None = None,
+    overrides: list[str] | None = None,
 ):
     """The study at several seeds (`--seeds 0,1,2,3,4`): is what the default does at one seed what it does at
     most? Writes docs/convergence_seeds.md and docs/bench/converge_seeds.json; docs/convergence.md is left as it
@@ -482,11 +498,12 @@ def bench_converge_seeds(
     for seed in seeds:
         t1 = time.time()
         with tempfile.TemporaryDirectory(prefix="loop-bench-converge-") as tmp:
-            results = _study(Path(tmp), rounds, per_prompt, steps, noise, seed, only)
+            results = _study(Path(tmp), rounds, per_prompt, steps, noise, seed, only, overrides)
         per_seed[seed] = _figures(results, rounds, per_prompt, steps, noise, seed, time.time() - t1)[0]
         print("\n".join(targets(per_seed[seed], rounds)))
     summary, rows = across_seeds(per_seed, rounds)
     summary["minutes"] = round((time.time() - t0) / 60, 1)
+    summary["overrides"] = " ".join(overrides or [])
     n = len(seeds)
     lines = [f"- {k[: -len('_target_met_seeds')]}: target met at {v} of {n} seeds"
              for k, v in summary.items() if k.endswith("_target_met_seeds")]  # fmt: skip
@@ -496,7 +513,8 @@ def bench_converge_seeds(
     md = (
         "# Convergence across seeds\n\nWritten by `python -m loop.bench converge --seeds "
         f"{','.join(map(str, seeds))}` ({rounds} rounds, {per_prompt * len(PROMPTS)} images per round, {steps} "
-        f"LoRA steps, rater noise {noise}; {summary['minutes']} minutes). Each seed is a whole study "
+        f"LoRA steps, rater noise {noise}{'; overrides: ' + summary['overrides'] if overrides else ''}; "
+        f"{summary['minutes']} minutes). Each seed is a whole study "
         "(generate.seed and train.seed); the ratio is the last unit's UR rate over unit 0's, the Vendi share "
         "the last unit's diversity over unit 0's, and the seed diversity is the last unit's, as a share of "
         "converge's at the same seed.\n\n" + tbl + "\n\n" + "\n".join(lines) + "\n"

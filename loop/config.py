@@ -54,6 +54,12 @@ class GenerateConfig:
     batch_size: int = 16
     steps: int = 20
     cfg: float = 4.0  # classifier-free guidance scale
+    # Rescaled classifier-free guidance (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
+    # Flawed", section 3.4; diffusers' guidance_rescale): the guided prediction is rescaled toward the conditional
+    # prediction's standard deviation, by this share (0: plain CFG; the paper uses 0.7). It keeps guidance from
+    # over-exposing, which a v-prediction zero-terminal-SNR model like the embedded one is prone to. txt2img only:
+    # diffusers' img2img pipeline has no such option, so variations use plain CFG.
+    guidance_rescale: float = 0.0
     scheduler: str = "dpm++"
     width: int = 0  # 0: the model's native size
     height: int = 0
@@ -68,6 +74,8 @@ class GenerateConfig:
         for key in ("images_per_prompt", "batch_size", "steps"):
             _check(getattr(self, key) > 0, f"generate.{key}", getattr(self, key), "must be a positive integer")
         _check(self.cfg >= 0, "generate.cfg", self.cfg, "must be >= 0")
+        _check(0 <= self.guidance_rescale <= 1, "generate.guidance_rescale", self.guidance_rescale,
+               "must be in [0, 1] (0: plain guidance; 0.7 as in Lin et al. 2024)")  # fmt: skip
         _check(
             self.scheduler in SCHEDULERS, "generate.scheduler", self.scheduler, f"use one of {', '.join(SCHEDULERS)}"
         )

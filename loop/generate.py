@@ -215,7 +215,9 @@ class Renderer:
             raise Stopped
         with torch.inference_mode():
             if parent_images is None:
-                return self.pipe(width=b0.width, height=b0.height, **args).images
+                rescale = self.cfg.generate.guidance_rescale
+                extra = {"guidance_rescale": rescale} if rescale else {}
+                return self.pipe(width=b0.width, height=b0.height, **args, **extra).images
             if self._img2img is None:
                 from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -245,6 +247,8 @@ class Renderer:
         )
         if self.trigger:
             meta["trigger"] = self.trigger
+        if self.cfg.generate.guidance_rescale and not job.parent:  # (img2img has no guidance rescale)
+            meta["guidance_rescale"] = self.cfg.generate.guidance_rescale
         if self.share[1] > 1:
             meta["process"] = f"{self.share[0]}/{self.share[1]}"  # which of the launched processes made it
         meta.update(extra)

@@ -27,6 +27,7 @@ def a1111_parameters(meta: dict) -> str:
         f"Steps: {meta.get('steps')}",
         f"Sampler: {SAMPLER_NAMES.get(meta.get('sampler'), meta.get('sampler'))}",
         f"CFG scale: {meta.get('cfg')}",
+        *([f"Rescale CFG: {meta['guidance_rescale']}"] if meta.get("guidance_rescale") else []),  # (Forge's label)
         f"Seed: {meta.get('seed')}",
         f"Size: {meta.get('width')}x{meta.get('height')}",
         f"Model: {meta.get('model')}",

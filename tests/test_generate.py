@@ -102,6 +102,37 @@ def test_same_seed_same_image_and_different_seeds_vary(ws, cfg):
     assert first[5] != first[6]
 
 
+def test_guidance_rescale_changes_the_image_and_is_recorded(ws):
+    """generate.guidance_rescale reaches the pipeline (other pixels at the same seed) and is written into the PNG,
+    in the loop chunk and in the A1111 parameters."""
+    from conftest import FAST
+
+    from loop.config import load_config
+
+    ws.prompts_path.write_text("a circle --n 2 --seed 5\n")
+    made = {}
+    for phi in (0.0, 0.7):
+        cfg = load_config(ws.root, [*FAST, f"generate.guidance_rescale={phi}", "generate.cfg=7"])
+        with ws.store() as store:
+            store.ensure_base_unit("embedded")
+            for r in store.images():  # a fresh pass at the same seeds
+                (ws.root / r["path"]).unlink()
+            store.db.execute("DELETE FROM images")
+            generate(ws, store, cfg, unit=0, log=lambda m: None)
+            made[phi] = []
+            for r in sorted(store.images(), key=lambda r: r["seed"]):
+                with Image.open(ws.root / r["path"]) as im:
+                    pixels, text = np.asarray(im.convert("RGB"), dtype=float), im.info["parameters"]
+                made[phi].append((pixels, text, read_meta(ws.root / r["path"])))
+    assert len(made[0.0]) == len(made[0.7]) == 2
+    for (plain, t0, m0), (rescaled, t1, m1) in zip(made[0.0], made[0.7]):
+        assert np.abs(plain - rescaled).mean() > 1.0  # not the same picture
+        assert m1["guidance_rescale"] == 0.7 and "guidance_rescale" not in m0
+        assert "Rescale CFG: 0.7" in t1 and "Rescale CFG" not in t0
+    with pytest.raises(LoopError, match="generate.guidance_rescale"):
+        load_config(ws.root, ["generate.guidance_rescale=1.5"])
+
+
 def test_generate_resumes_instead_of_redoing(ws, cfg):
     with ws.store() as store:
         store.ensure_base_unit("embedded")

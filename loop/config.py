@@ -129,10 +129,16 @@ class SelectConfig:
     # every round's images together weigh the same in training, however many each round contributed (a unit
     # that pleases gives many images, which would otherwise outweigh all earlier rounds together)
     balance_rounds: bool = False
+    # converge, grow and longtail: from each round only its best tiers, down to the first at which they hold at
+    # least this share of the round's rated images (never below min_tier). A unit that pleases puts most of its
+    # round in SSR, and a fixed min_tier then selects almost everything it made; this keeps the selection to the
+    # round's top. 0: min_tier alone
+    top_share: float = 0.0
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, "select.strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
         _check(self.min_tier in TIERS, "select.min_tier", self.min_tier, f"use one of {', '.join(TIERS)}")
+        _check(0 <= self.top_share <= 1, "select.top_share", self.top_share, "must be in [0, 1] (0 turns it off)")
         for key in ("outside_share", "explore_share"):
             v = getattr(self, key)
             _check(0 <= v < 1, f"select.{key}", v, "must be in [0, 1)")

@@ -72,6 +72,23 @@ def test_tier_weights_draw_better_tiers_more_often(ws):
         _sc("select.tier_weights=[1,1,0,1,1]")
 
 
+def test_top_share_keeps_each_rounds_best_tiers(ws):
+    with ws.store() as store:
+        # round 0: 1 UR of 10, so UR alone is under 30% and SSR comes too (4 of 10); never below SSR
+        r0 = {t: [_img(store, f"r0{t}{k}", 0, 0, t) for k in range(n)] for t, n in (("UR", 1), ("SSR", 3), ("SR", 6))}
+        # round 1: a unit that pleases: 4 UR of 10 is already 30%, so its SSR images stay out
+        r1 = {t: [_img(store, f"r1{t}{k}", 1, 1, t) for k in range(n)] for t, n in (("UR", 4), ("SSR", 6))}
+        imported = _img(store, "imp", None, None, "SSR")  # no round: not filtered
+        top = choose(ws, store, _sc("select.strategy=converge", "select.top_share=0.3"), 1)
+        plain = choose(ws, store, _sc("select.strategy=converge"), 1)
+        nothing_below_ssr = choose(ws, store, _sc("select.strategy=converge", "select.top_share=1"), 1)
+    assert {i["id"] for i in top} == {*r0["UR"], *r0["SSR"], *r1["UR"], imported}
+    assert {i["id"] for i in plain} == {*r0["UR"], *r0["SSR"], *r1["UR"], *r1["SSR"], imported}
+    assert {i["tier"] for i in nothing_below_ssr} == {"UR", "SSR"}
+    with pytest.raises(LoopError, match="select.top_share"):
+        _sc("select.top_share=1.5")
+
+
 def test_balance_rounds_gives_every_round_the_same_total_weight(ws):
     with ws.store() as store:
         r1 = [_img(store, "r1", 1, 1, "UR")]

@@ -169,6 +169,9 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 8
     lr: float = 1e-3
+    # after a warm-up of steps/20: constant (as diffusers' training scripts default to), or cosine, which decays the
+    # rate to 0 by the last step, so the unit is not whichever noisy last step training happened to end on
+    lr_schedule: str = "constant"
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off, 5 is typical
@@ -206,6 +209,8 @@ class TrainConfig:
             _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be a positive integer")
         _check(self.alpha > 0, "train.alpha", self.alpha, "must be > 0")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule", self.lr_schedule,
+               "use constant or cosine")  # fmt: skip
         _check(self.snr_gamma >= 0, "train.snr_gamma", self.snr_gamma, "must be >= 0 (0 turns it off)")
         _check(self.noise_offset >= 0, "train.noise_offset", self.noise_offset, "must be >= 0 (0 turns it off)")
         for key in ("caption_dropout", "uncond_preservation"):

@@ -1,9 +1,11 @@
 import numpy as np
+import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from loop.config import ModelConfig, load_config
+from loop.errors import LoopError
 from loop.models import load_base
 from loop.train import TrainData, add_lora, fit, save_lora
 
@@ -250,3 +252,18 @@ def test_train_compile_falls_back_to_eager_when_compiling_fails(monkeypatch):
     eager, _ = _trained(False)
     assert fallback.keys() == eager.keys()
     assert all(torch.equal(fallback[k], v) for k, v in eager.items()), "the fallback must train exactly as eager"
+
+
+def test_lr_schedule_warms_up_then_stays_or_decays_to_zero():
+    from loop.train import lr_factor
+
+    const = load_config(None, ["train.steps=100"]).train
+    cos = load_config(None, ["train.steps=100", "train.lr_schedule=cosine"]).train
+    for tc in (const, cos):  # the same linear warm-up over steps/20
+        assert [lr_factor(tc, s) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert all(lr_factor(const, s) == 1.0 for s in range(5, 100))
+    decay = [lr_factor(cos, s) for s in range(5, 100)]
+    assert all(a > b for a, b in zip(decay, decay[1:])), "cosine decays at every step"
+    assert decay[-1] == pytest.approx(0.0, abs=1e-9) and 0.4 < lr_factor(cos, 52) < 0.6
+    with pytest.raises(LoopError, match="train.lr_schedule"):
+        load_config(None, ["train.lr_schedule=linear"])

@@ -127,7 +127,8 @@ class SelectConfig:
     # tiers the strategy takes matter. 1s: every selected image counts the same
     tier_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
     # every round's images together weigh the same in training, however many each round contributed (a unit
-    # that pleases gives many images, which would otherwise outweigh all earlier rounds together)
+    # that pleases gives many images, which would otherwise outweigh all earlier rounds together); imported and
+    # seed images together count as one round. outside_share applies after it
     balance_rounds: bool = False
     # converge, grow and longtail: from each round only its best tiers, down to the first at which they hold at
     # least this share of the round's rated images (never below min_tier). A unit that pleases puts most of its

@@ -133,11 +133,11 @@ def novel_hit_ids(ws: Workspace, rows: list, distance: float, centre=None) -> se
     return {i for i, hit in zip(ids, novel_hits(feats, distance, centre)) if hit}
 
 
-def round_floors(store: Store, tiers: tuple[str, ...], share: float) -> dict[int, int]:
+def round_floors(images: list, tiers: tuple[str, ...], share: float) -> dict[int, int]:
     """round -> index (in TIERS) of the lowest tier taken from it: tiers are taken best first until they hold
-    `share` of the round's rated images, and never below the last of `tiers`."""
+    `share` of the round's rated images (`images`: every image row), and never below the last of `tiers`."""
     counts: dict[int, dict[str, int]] = {}
-    for r in store.images():
+    for r in images:
         if r["tier"] is not None and r["round"] is not None and r["unit"] is not None:
             c = counts.setdefault(r["round"], {})
             c[r["tier"]] = c.get(r["tier"], 0) + 1
@@ -156,11 +156,12 @@ def round_floors(store: Store, tiers: tuple[str, ...], share: float) -> dict[int
 def choose(ws: Workspace, store: Store, sc: SelectConfig, round: int) -> list[dict]:
     """The selection for unit round+1 as items with a sampling weight; [] when nothing qualifies."""
     tiers = eligible_tiers(sc)
-    rows = [r for r in store.images() if r["tier"] in tiers]
+    everything = store.images()
+    rows = [r for r in everything if r["tier"] in tiers]
     if not sc.accumulate:  # the ablation: this round's images (and what came from outside) only
         rows = [r for r in rows if r["round"] == round or r["unit"] is None]
     if sc.top_share and sc.strategy != "golden":
-        floors = round_floors(store, tiers, sc.top_share)
+        floors = round_floors(everything, tiers, sc.top_share)
         rows = [r for r in rows if TIERS.index(r["tier"]) <= floors.get(r["round"], len(TIERS))]
     roots = lineage(store)
     if sc.strategy == "grow":

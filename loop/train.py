@@ -440,7 +440,7 @@ class Checkpoints:
         step, d, meta = max(found, key=lambda x: x[0])
         return d, meta
 
-    def save(self, step: int, gen: torch.Generator, ema: float) -> None:
+    def save(self, step: int, gen: torch.Generator, ema: float, avg=None) -> None:
         """Write step_NNNNNN via a temporary folder renamed into place (all processes call this)."""
         final = self.folder / f"step_{step:06d}"
         tmp = self.folder / f".step_{step:06d}{TMP_MARK}{os.getpid()}-0"
@@ -449,6 +449,8 @@ class Checkpoints:
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
         torch.save(gen.get_state(), tmp / f"gen_{self.acc.process_index}.pt")
+        if avg is not None and self.acc.is_main_process:  # train.ema's average (the same in every process)
+            torch.save(avg.state_dict(), tmp / "ema_weights.pt")
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             atomic_write(tmp / "loop.json", json.dumps({"fingerprint": self.fingerprint, "step": step, "ema": ema}))
@@ -458,11 +460,13 @@ class Checkpoints:
                     shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
 
-    def load(self, where: Path, gen: torch.Generator) -> None:
+    def load(self, where: Path, gen: torch.Generator, avg=None) -> None:
         self.acc.load_state(str(where))
         gen_path = where / f"gen_{self.acc.process_index}.pt"
         if gen_path.exists():
             gen.set_state(torch.load(gen_path, weights_only=True))
+        if avg is not None and (where / "ema_weights.pt").exists():
+            avg.load_state_dict(torch.load(where / "ema_weights.pt", weights_only=True))
 
     def clear(self) -> None:
         if self.folder is not None and self.acc.is_main_process:
@@ -513,12 +517,18 @@ def fit(
     else:
         unet, opt, sched = accelerator.prepare(unet, opt, sched)
     gen = torch.Generator().manual_seed(tc.seed + accelerator.process_index)  # each process its own batches
+    # train.ema: an exponential moving average of the trainable weights, copied in when training ends
+    avg = None
+    if tc.ema:
+        from diffusers.training_utils import EMAModel
+
+        avg = EMAModel(params)
     start, ema = 0, float("nan")
     if checkpoints is not None:
         found = checkpoints.latest()
         if found:
             where, meta = found
-            checkpoints.load(where, gen)
+            checkpoints.load(where, gen, avg)
             start, ema = meta["step"], meta["ema"]
             checkpoints.log(f"resuming training from step {start} of {tc.steps} ({where.name})")
     unet.train()
@@ -600,16 +610,20 @@ def fit(
                 mask = torch.ones(len(original), dtype=torch.bool)
                 mask[row] = False
                 table[mask] = original[mask].to(table.device)
+        if avg is not None:  # after the rows above are restored, so the average holds them as they are
+            avg.step(params)
         ema = loss.item() if step == 0 or not math.isfinite(ema) else 0.95 * ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{ema:.4f}")
         done = step + 1
         if checkpoints is not None and tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
-            checkpoints.save(done, gen, ema)
+            checkpoints.save(done, gen, ema, avg)
         if stop_after is not None and done >= stop_after:  # tests: end "mid-training" at a known step
             break
     if not math.isfinite(ema):
         raise LoopError(f"training diverged (loss {ema}); lower train.lr (now {tc.lr})")
     accelerator.wait_for_everyone()
+    if avg is not None:
+        avg.copy_to(params)
     unet = accelerator.unwrap_model(unet)
     unet.eval()
     if te_learns:

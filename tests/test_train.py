@@ -203,10 +203,10 @@ def test_base_targets_are_the_base_models_own_predictions_and_drawn_the_same_on_
     assert kept > 0
 
 
-def _trained(compiled: bool, log=print, seed: int = 0):
+def _trained(compiled: bool, log=print, seed: int = 0, extra=()):
     """A LoRA trained 4 steps (eager or with train.compile), and its UNet's prediction on a fixed input."""
     pipe = load_base(ModelConfig())
-    over = ["train.steps=4", "train.lr=1e-2", "train.batch_size=2", f"train.compile={str(compiled).lower()}"]
+    over = ["train.steps=4", "train.lr=1e-2", "train.batch_size=2", f"train.compile={str(compiled).lower()}", *extra]
     tc = load_config(None, [*over, f"train.seed={seed}"]).train
     torch.manual_seed(seed)  # the adapter's random init
     unet = add_lora(pipe.unet, tc)
@@ -252,6 +252,34 @@ def test_train_compile_falls_back_to_eager_when_compiling_fails(monkeypatch):
     eager, _ = _trained(False)
     assert fallback.keys() == eager.keys()
     assert all(torch.equal(fallback[k], v) for k, v in eager.items()), "the fallback must train exactly as eager"
+
+
+def test_train_ema_saves_the_average_of_the_steps_not_the_last_one():
+    from diffusers.training_utils import EMAModel
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    steps = []  # the trainable weights after every optimizer step of a plain run
+
+    def record(opt, args, kwargs):
+        steps.append([p.detach().clone() for group in opt.param_groups for p in group["params"]])
+
+    hook = register_optimizer_step_post_hook(record)
+    try:
+        last, _ = _trained(False)
+    finally:
+        hook.remove()
+    averaged, _ = _trained(False, extra=["train.ema=true"])
+    assert len(steps) == 4 and averaged.keys() == last.keys()
+    assert all(torch.equal(a, b) for a, b in zip(last.values(), steps[-1])), "a plain run keeps its last step"
+    # the same steps (the average does not steer training), averaged by diffusers' EMAModel
+    expected = EMAModel([torch.nn.Parameter(t) for t in steps[0]])
+    for weights in steps:
+        expected.step([torch.nn.Parameter(t) for t in weights])
+    moved = 0
+    for got, want, end in zip(averaged.values(), expected.shadow_params, last.values()):
+        torch.testing.assert_close(got, want)
+        moved += not torch.allclose(got, end)
+    assert moved > len(last) // 2, "the saved weights are the average, not the last step's"
 
 
 def test_lr_schedule_warms_up_then_stays_or_decays_to_zero():

@@ -219,10 +219,11 @@ def test_prior_preservation_makes_class_images_once(ws):
     assert not any("making" in x for x in logs), "class images are cached"
 
 
-def test_resume_continues_from_the_checkpoint_and_matches_a_straight_run(ws, tmp_path):
+@pytest.mark.parametrize("ema", [False, True], ids=["plain", "ema"])
+def test_resume_continues_from_the_checkpoint_and_matches_a_straight_run(ws, tmp_path, ema):
     from loop.workspace import Workspace
 
-    over = ["generate.steps=3", "train.steps=12", "train.batch_size=2", "train.checkpoint_every=4"]
+    over = ["generate.steps=3", "train.steps=12", "train.batch_size=2", "train.checkpoint_every=4", f"train.ema={ema}"]
     cfg = load_config(ws.root, over)
     _select(ws, cfg, n=3)
     with ws.store() as store:

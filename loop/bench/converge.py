@@ -291,6 +291,15 @@ target, and at how many it fell back 10 points or more from its peak. Unit 0 is 
   same train seeds), so it is an option too. What would make
   the loop robust is a training whose outcome depends less on its seed; these runs locate the problem there
   rather than in the selection.
+- **An average of the weights fixes the unlucky training, not the fall.** `train.ema=true` saves an
+  exponential moving average of the adapter (diffusers' EMAModel, covering about the last tenth of the steps)
+  instead of the last step. At seed 4 it lifts train seed 4's unit 1 from 47% to 73% UR (train seed 1: 84%
+  against 83%). Over the whole study at eight seeds (`--seeds 0,1,2,3,4,5,6,7 --only converge,golden
+  train.ema=true`, 26 min; docs/bench/converge_seeds_ema.json) the loop still falls back after unit 1, and
+  converge ends lower: its UR at unit 3 is 94, 84, 44, 42, 31, 50, 67 and 30% (the default: 97, 97, 64, 56,
+  33, 59, 50 and 33%), 2x met at 4 of 8 seeds against 6; golden's is 100, 98, 77, 67, 58, 80, 70 and 78% (the
+  default: 100, 86, 97, 56, 75, 72, 75 and 75%), 2x met at 8 of 8 either way. So the first unit's luck
+  starts a fall, but a steadier first unit does not stop the later ones from falling; it stays an option.
 
 ![converge at seed 4: unit 1 (train seed 4) draws one cyan shape on red for every seed](img/convergence_seed4.png)
 

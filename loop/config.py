@@ -287,6 +287,26 @@ def _explain(err: OmegaConfBaseException, source: str, values: dict[str, str]) -
     return f"bad config value {key}{shown} (from {source}): {msg.rstrip('.')}; {hint}"
 
 
+# What OmegaConf takes for a bool, besides true and false themselves. It also takes any other number (2 -> true),
+# which would read `select.balance_rounds=2` as "on" when the user meant a count: those are refused here.
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
+
+
+def _strict_bools(values: dict[str, object], source: str) -> None:
+    kinds = {
+        f"{section.name}.{f.name}": f.type
+        for section in fields(LoopConfig)
+        for f in fields(section.default_factory())
+    }
+    for key, value in values.items():
+        if kinds.get(key) in (bool, "bool") and not isinstance(value, bool) and str(value).lower() not in _BOOL_WORDS:
+            defaults = _flat(OmegaConf.to_container(OmegaConf.structured(LoopConfig)))
+            raise LoopError(
+                f"bad config value {key}={value!r} (from {source}): not true or false; give true or false like "
+                f"the default {_yaml_value(defaults[key])}"
+            )
+
+
 def _yaml_value(value) -> str:
     return OmegaConf.to_yaml({"x": value})[3:].strip() if not isinstance(value, list) else str(value)
 
@@ -329,6 +349,7 @@ def load_config(workspace: Path | None = None, overrides: list[str] | None = Non
                     f"or `{name}:` followed by indented `KEY: VALUE` lines; see `loop config`"
                 )
         values = {k: v for k, v in _flat(OmegaConf.to_container(conf)).items()}
+        _strict_bools(values, source)
         try:
             cfg = OmegaConf.merge(cfg, conf)
         except OmegaConfBaseException as e:

@@ -21,6 +21,9 @@ def test_defaults_then_yaml_then_overrides(ws):
         (["train.rank=-3"], ["train.rank", "-3", "positive"]),
         (["generate.scheduler=warp"], ["generate.scheduler", "warp"]),
         (["select.strategy=everything"], ["select.strategy", "everything"]),
+        # OmegaConf itself reads any number as a bool (2 -> true); a count given to a switch is refused
+        (["select.balance_rounds=2"], ["select.balance_rounds", "2", "true or false"]),
+        (["train.ema=maybe"], ["train.ema", "maybe", "true or false"]),
     ],
 )
 def test_bad_config_names_key_and_value(override, words):
@@ -46,3 +49,12 @@ def test_override_without_equals_is_rejected(ws, capsys):
     rc = entry(["generate", "-w", str(ws.root), "train.rank"])
     assert rc == 2
     assert "key=value" in capsys.readouterr().err
+
+
+def test_switches_take_yaml_words_and_refuse_counts(ws):
+    cfg = load_config(None, ["train.ema=yes", "select.balance_rounds=1"])
+    assert cfg.train.ema is True and cfg.select.balance_rounds is True
+    assert load_config(None, ["train.ema=off"]).train.ema is False
+    (ws.root / "configs" / "loop.yaml").write_text("select:\n  balance_rounds: 3\n")
+    with pytest.raises(LoopError, match=r"select.balance_rounds=3 \(from .*loop.yaml\): not true or false"):
+        load_config(ws.root)

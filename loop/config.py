@@ -294,9 +294,7 @@ _BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 def _strict_bools(values: dict[str, object], source: str) -> None:
     kinds = {
-        f"{section.name}.{f.name}": f.type
-        for section in fields(LoopConfig)
-        for f in fields(section.default_factory())
+        f"{section.name}.{f.name}": f.type for section in fields(LoopConfig) for f in fields(section.default_factory())
     }
     for key, value in values.items():
         if kinds.get(key) in (bool, "bool") and not isinstance(value, bool) and str(value).lower() not in _BOOL_WORDS:

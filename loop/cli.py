@@ -298,7 +298,12 @@ def rate(
 def train(
     processes: Annotated[int, typer.Option("--processes", help="DDP over N processes (accelerate launch)")] = 1,
     workspace: WorkspaceOpt = Path("."),
-    unit: UnitOpt = None,
+    unit: Annotated[
+        Optional[int],
+        typer.Option(
+            "--unit", help="the parent N: trains unit N+1 from round N's selection (default: the current unit)"
+        ),
+    ] = None,
     overrides: OverridesArg = None,
 ) -> None:
     """Train unit N+1 from the selection of round N (default: the current unit); resumes after a kill."""

@@ -41,6 +41,15 @@ def rating_summary(store: Store, n: int) -> str:
 
 
 def finish_rating(store: Store, n: int) -> None:
+    """Close round n's rate phase. Refused before the round has generated: closing it then would let
+    `loop run --round` generate and go straight on to select and train, past images nobody has seen."""
+    if not store.phase_done(n, "generate"):
+        from loop.errors import LoopError
+
+        raise LoopError(
+            f"round {n} has not generated its images yet, so there is nothing to finish rating; run "
+            f"`loop run --round` (it generates, then waits for your ratings)"
+        )
     store.finish_phase(n, "rate", {"summary": rating_summary(store, n), "by": "person"})
 
 

@@ -641,6 +641,17 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
     tc = cfg.train
     unit = parent + 1
     out = ws.checkpoint(unit)
+    if store.unit(parent) is None:
+        from loop.round import raise_missing_unit  # round imports this module
+
+        raise_missing_unit(store, parent)
+    if store.unit(unit) is not None:
+        # retraining would replace the weights that unit's images (and any later unit) were made with
+        raise LoopError(
+            f"unit {unit} already exists ({ws.rel(out)}, trained from unit {parent}); retraining it would replace the "
+            f"weights its images came from. `--unit N` names the parent: to train unit {store.current_unit() + 1}, "
+            f"run `loop run --round` (or `loop train` once that round has a selection)"
+        )
     sel_path = out / "selection.json"
     if not sel_path.exists():
         raise LoopError(f"no selection for unit {unit} at {ws.rel(sel_path)}; run `loop run --round {parent}` first")

@@ -16,6 +16,7 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from loop.config import ModelConfig, load_config
+from loop.errors import LoopError
 from loop.generate import generate_ring
 from loop.models import load_base, load_unit
 from loop.train import (
@@ -187,6 +188,14 @@ def test_second_round_encodes_only_new_images(ws):
     with ws.store() as store:
         first = train_unit(ws, store, cfg, parent=0, **QUIET)
     assert (first["cache_hits"], first["cache_misses"]) == (0, 4)
+    weights = (ws.checkpoint(1) / WEIGHTS).read_bytes()
+    with ws.store() as store:
+        # `--unit N` names the parent: retraining a unit that exists would replace what its images came from
+        with pytest.raises(LoopError, match="unit 1 already exists .*`--unit N` names the parent"):
+            train_unit(ws, store, cfg, parent=0, **QUIET)
+        with pytest.raises(LoopError, match="unit 7 does not exist"):
+            train_unit(ws, store, cfg, parent=7, **QUIET)
+    assert (ws.checkpoint(1) / WEIGHTS).read_bytes() == weights
     # round 1's selection: the same four plus two new ones
     with ws.store() as store:
         generate_ring(ws, store, cfg, unit=1, count=2, **QUIET)
@@ -215,6 +224,7 @@ def test_prior_preservation_makes_class_images_once(ws):
     logs.clear()
     (ws.checkpoint(1) / "manifest.json").unlink()
     with ws.store() as store:
+        store.db.execute("DELETE FROM units WHERE unit = 1")  # unit 1 undone, so it may be trained again
         train_unit(ws, store, cfg, parent=0, log=logs.append)
     assert not any("making" in x for x in logs), "class images are cached"
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from loop.config import TIERS
+from loop.errors import LoopError
 from loop.store import Store
 from loop.workspace import TMP_MARK, Workspace, atomic_write
 
@@ -392,7 +393,10 @@ class RateHandlers:
             n = self.store.current_unit()
             already = self.store.phase_done(n, "rate")
             if not already:
-                finish_rating(self.store, n)
+                try:
+                    finish_rating(self.store, n)
+                except LoopError as e:
+                    raise BadRequest(str(e)) from None
             summary = rating_summary(self.store, n)
             self._counters.clear()
         return {"round": n, "already": already, "summary": summary}

@@ -733,6 +733,7 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
 
     # 5. save: weights (diffusers format), then config.yaml, then manifest.json last (it marks the unit done)
     manifest = {}
+    trained = {it["sha256"] for it in items if not it["prior"]}
     if accelerator.is_main_process:
         save_lora(unet, out, text_encoder if te_lora else None)
         if token:
@@ -750,7 +751,9 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             "strategy": cfg.select.strategy,
             "modifier_token": token or None,
             "text_encoder_lora": te_lora,
-            "images": [{k: it.get(k) for k in ("id", "sha256", "caption", "tier")} for it in selection],
+            # the images it learnt from: the selection less any that could not be read (named in left_out)
+            "images": [{k: it.get(k) for k in ("id", "sha256", "caption", "tier")} for it in items if not it["prior"]],
+            "left_out": [{k: it.get(k) for k in ("id", "sha256")} for it in selection if it["sha256"] not in trained],
             "class_images": sum(it["prior"] for it in items),
             "config": json.loads(json.dumps(_plain(cfg))),
             "steps": tc.steps,

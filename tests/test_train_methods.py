@@ -308,3 +308,19 @@ def test_two_process_training_saves_the_same_format(ws):
         assert keys == set(load_file(os.path.join(d, WEIGHTS)).keys())
     unit = _images(load_unit(ModelConfig(), ws.checkpoint(1), 1))
     assert np.abs(unit - _images(load_base(ModelConfig()))).mean() > 1e-3
+
+
+def test_an_unreadable_selected_image_is_left_out_and_the_manifest_says_so(ws):
+    cfg = load_config(ws.root, ["generate.steps=2", *TRAIN])
+    items = _select(ws, cfg, n=3)
+    bad = ws.root / items[1]["path"]
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated after it was selected
+    logs = []
+    with ws.store() as store:
+        m = train_unit(ws, store, cfg, parent=0, log=logs.append)
+    assert any(items[1]["path"] in x and "left out of training" in x for x in logs)
+    # the manifest names the images the unit learnt from, not the selection it was given
+    assert [it["id"] for it in m["images"]] == [items[0]["id"], items[2]["id"]]
+    assert m["left_out"] == [{"id": items[1]["id"], "sha256": items[1]["sha256"]}]
+    on_disk = json.loads((ws.checkpoint(1) / "manifest.json").read_text())
+    assert on_disk["images"] == m["images"] and on_disk["left_out"] == m["left_out"]

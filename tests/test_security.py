@@ -890,3 +890,70 @@ def test_import_does_not_write_through_a_link_planted_in_golden(tmp_path):
     with ws.store() as store:
         rows = [r[0] for r in store.db.execute("SELECT path FROM images")]
     assert rows == [] or (rows == [ws.rel(link.parent) + "/" + link.name] and link.read_bytes() == data)
+
+
+# -- 4. whom a rating is by, and who may send one --------------------------------------------------------------
+JSON_CT = (b"content-type", b"application/json")
+
+
+def _who_rated(ws, image_id: int) -> list[tuple]:
+    with ws.store() as store:
+        return [
+            (r["rater"], r["tier"])
+            for r in store.db.execute("SELECT rater, tier FROM ratings WHERE image_id = ? ORDER BY id", (image_id,))
+        ]
+
+
+def test_with_a_login_ratings_are_by_the_logged_in_user_whatever_the_body_says(guarded):
+    g, ann, bob = guarded, [(b"authorization", basic(*USERS[0]))], [(b"authorization", basic(*USERS[1]))]
+    before = len(_who_rated(g["ws"], g["id"]))
+    body = b'{"rater": "dave", "ratings": [{"image_id": %d, "tier": "UR"}]}' % g["id"]
+    assert asgi_call(g["app"], b"/loop/api/rate", "POST", ann + [JSON_CT], body)[0] == 200
+    assert _who_rated(g["ws"], g["id"])[before:] == [("ann", "UR")]  # not dave
+    # bob cannot undo ann's rating by naming her: his undo is his own (he has none)
+    assert asgi_call(g["app"], b"/loop/api/undo", "POST", bob + [JSON_CT], b'{"rater": "ann"}')[0] == 200
+    with g["ws"].store() as store:
+        row = store.db.execute("SELECT rater, tier FROM current_tiers WHERE image_id = ?", (g["id"],)).fetchone()
+        undone = store.db.execute("SELECT rater FROM ratings WHERE undoes IS NOT NULL").fetchall()
+    assert tuple(row) == ("ann", "UR") and all(r["rater"] != "ann" for r in undone)
+    status, _, out = asgi_call(g["app"], b"/loop/api/meta", "GET", ann)
+    assert status == 200 and b'"login":"ann"' in out.replace(b": ", b":")
+
+
+def test_rater_names_are_plain_text_on_the_progress_tab(tmp_path):
+    from loop.rate.handlers import RateHandlers
+    from loop.rate.page import progress_markdown
+
+    ws = Workspace.init(tmp_path / "ws")
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        (i,) = add_images(ws, store, 1)
+    h = RateHandlers(ws, ws.store())
+    evil = "<a href=//evil.example>login</a>"
+    h.rate([(i, "SR")], evil)
+    md = progress_markdown(h)
+    h.store.close()
+    assert "<a" not in md and "&lt;a href=//evil\\.example&gt;login&lt;/a&gt;" in md
+
+
+@pytest.mark.parametrize(
+    "method, path, headers, want",
+    [
+        ("GET", b"/loop/api/meta", [(b"host", b"127.0.0.1:7860")], 200),
+        ("GET", b"/loop/api/meta", [(b"host", b"localhost:7860")], 200),
+        ("GET", b"/loop/api/meta", [(b"host", b"[::1]:7860")], 200),
+        # DNS rebinding: a page on attacker.example whose name now points at 127.0.0.1
+        ("GET", b"/loop/api/meta", [(b"host", b"attacker.example:7860")], 403),
+        ("GET", b"/", [(b"host", b"attacker.example")], 403),
+        # another local web app (another port) posting, or asking first
+        ("POST", b"/loop/api/finish", [(b"host", b"127.0.0.1:7860"), (b"origin", b"http://localhost:3000")], 403),
+        ("OPTIONS", b"/loop/api/rate", [(b"host", b"127.0.0.1:7860"), (b"origin", b"http://127.0.0.1:9999")], 403),
+        # the page itself
+        ("POST", b"/loop/api/undo", [(b"host", b"127.0.0.1:7860"), (b"origin", b"http://127.0.0.1:7860")], 200),
+    ],
+)
+def test_without_a_login_only_this_machine_and_the_page_itself_are_answered(planted, method, path, headers, want):
+    body = b'{"rater": "nobody"}'
+    status, got, _ = asgi_call(planted["app"], path, method, headers + [JSON_CT], body)
+    assert status == want, (method, path, headers, status)
+    assert "access-control-allow-origin" not in got

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import ipaddress
 import os
 import secrets
@@ -38,6 +39,7 @@ from loop.workspace import Workspace  # noqa: E402
 STATIC = Path(__file__).parent / "static"
 DEFAULT_PORT = 7860
 NO_STORE = {"Cache-Control": "no-store"}
+AUTH_USER = "loop_auth_user"
 IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"}
 
 
@@ -76,22 +78,29 @@ class BasicAuth:
         self.realm = realm
 
     def allowed(self, header: bytes | None) -> bool:
+        return self.user(header) is not None
+
+    def user(self, header: bytes | None) -> str | None:
+        """The logged-in user's name, or None."""
         if not header or not header[:6].lower() == b"basic ":
-            return False
+            return None
         try:
             user, _, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
         except (binascii.Error, ValueError):
-            return False
-        ok = False
+            return None
+        found = None
         for u, p in self.users:  # compare with every user, in constant time
-            ok |= secrets.compare_digest(user, u) & secrets.compare_digest(password, p)
-        return ok
+            if secrets.compare_digest(user, u) & secrets.compare_digest(password, p):
+                found = u
+        return found.decode() if found is not None else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        header = dict(scope.get("headers") or []).get(b"authorization")
-        if self.allowed(header):
+        user = self.user(dict(scope.get("headers") or []).get(b"authorization"))
+        if user is not None:
+            # with a login, a rating is the logged-in user's: the routes take the rater from here, not the body
+            scope.setdefault("state", {})[AUTH_USER] = user
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
@@ -107,6 +116,60 @@ class BasicAuth:
             }
         )
         await send({"type": "http.response.body", "body": b"login required\n"})
+
+
+class LocalOnly:
+    """ASGI middleware for a page served without a login (loopback only):
+
+    - the Host header must name this machine (localhost or a loopback address), so a web page whose domain is
+      re-pointed at 127.0.0.1 (DNS rebinding) cannot read or post to it;
+    - a request that carries an Origin must come from the page itself, so another local web app (say on
+      localhost:3000) cannot post ratings or finish a round: Gradio's CORS middleware would let localhost origins
+      in, and this answers before it, with no CORS headers.
+    """
+
+    LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+    def __init__(self, app):
+        self.app = app
+
+    @classmethod
+    def _hostname(cls, host: str) -> str:
+        host = host.strip().lower()
+        if host.startswith("["):
+            return host[: host.find("]") + 1]
+        return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host", b"").decode("latin-1")
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        why = None
+        if host and not (self._hostname(host) in self.LOCAL_NAMES or is_loopback(self._hostname(host))):
+            why = "this page answers only to 127.0.0.1 or localhost"
+        elif origin and origin.split("://", 1)[-1].lower() != host.lower():
+            why = "requests from another site or port are refused"
+        if why is None:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 403,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+            }
+        )
+        await send({"type": "http.response.body", "body": why.encode() + b"\n"})
+
+
+def request_rater(request: Request, body: dict):
+    """Who a rating, undo or vote is by: the logged-in user when the page has a login, else the name the page
+    sends (a label on a page only this machine can reach)."""
+    return request.scope.get("state", {}).get(AUTH_USER) or body.get("rater")
 
 
 def is_loopback(host: str) -> bool:
@@ -201,8 +264,9 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
         return JSONResponse(data, headers=NO_STORE)
 
     @app.get("/loop/api/meta")
-    def meta():
-        return ok(h.meta())
+    def meta(request: Request):
+        # login: the logged-in user (with --auth), whom every rating from this browser is by
+        return ok({**h.meta(), "login": request.scope.get("state", {}).get(AUTH_USER)})
 
     @app.get("/loop/api/images")
     def images(request: Request):
@@ -226,12 +290,12 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
     @app.post("/loop/api/rate")
     async def rate(request: Request):
         body = await _json_body(request)
-        return ok(await run_in_threadpool(h.rate, _ratings(body), body.get("rater")))
+        return ok(await run_in_threadpool(h.rate, _ratings(body), request_rater(request, body)))
 
     @app.post("/loop/api/undo")
     async def undo(request: Request):
         body = await _json_body(request)
-        return ok(await run_in_threadpool(h.undo, body.get("rater")))
+        return ok(await run_in_threadpool(h.undo, request_rater(request, body)))
 
     @app.post("/loop/api/finish")
     async def finish(request: Request):
@@ -246,7 +310,8 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
 
     @app.post("/loop/api/ab/vote")
     async def ab_vote(request: Request):
-        return ok(ab.vote(await _json_body(request)))
+        body = await _json_body(request)
+        return ok(ab.vote({**body, "rater": request_rater(request, body) or "anonymous"}))
 
     @app.get("/loop/api/ab/ranking")
     def ab_ranking():
@@ -263,6 +328,13 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
     def files(rel: str):
         path = h.file(rel)
         return FileResponse(path, headers={**IMMUTABLE, "Cache-Control": "private, max-age=3600"})
+
+
+def _md(text: str) -> str:
+    """A rater's name as plain text inside Markdown: HTML escaped, Markdown's punctuation backslashed (a name is
+    whatever somebody typed, and the Progress tab renders it for everyone)."""
+    text = html.escape(str(text), quote=True)
+    return "".join("\\" + c if c in "\\`*_{}[]()#+-.!|~>" else c for c in text)
 
 
 def progress_markdown(h: RateHandlers) -> str:
@@ -288,10 +360,14 @@ def progress_markdown(h: RateHandlers) -> str:
         f"| unrated | {c['total'] - c['rated']:,} | {(c['total'] - c['rated']) / total:.1%} |",
         "",
         f"**Pace:** {c['pace']} images/min over the last 5 minutes"
-        + (" (" + ", ".join(f"{k} {v}" for k, v in c["pace_by_rater"].items()) + ")" if c["pace_by_rater"] else ""),
+        + (
+            " (" + ", ".join(f"{_md(k)} {v}" for k, v in c["pace_by_rater"].items()) + ")"
+            if c["pace_by_rater"]
+            else ""
+        ),
         "",
         "**Raters** (who gave the current tiers): "
-        + (", ".join(f"{k} {v:,}" for k, v in c["raters"].items()) or "nobody yet"),
+        + (", ".join(f"{_md(k)} {v:,}" for k, v in c["raters"].items()) or "nobody yet"),
         "",
         "**Phases:** " + " · ".join(f"{p} {phases[p]['status'] if p in phases else 'to do'}" for p in PHASES),
         "",
@@ -409,6 +485,8 @@ def build_app(
     )
     if auth:
         app.add_middleware(BasicAuth, users=auth)
+    else:
+        app.add_middleware(LocalOnly)
     return blocks, app
 
 

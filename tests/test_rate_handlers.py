@@ -68,6 +68,13 @@ def test_bad_input_gives_one_line_errors(h):
     assert h.db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0] == 0  # nothing half-written
 
 
+def test_a_stale_id_in_a_batch_does_not_cost_the_other_ratings(h):
+    a, b = _add(h, 2)
+    out = h.rate([(a, "SR"), (999, "UR"), (b, "N")], "alice")
+    assert out["missing"] == [999] and set(out["images"]) == {a, b}
+    assert h.store.tier_of(a) == "SR" and h.store.tier_of(b) == "N"
+
+
 def test_ur_is_collected_into_golden_by_hard_link_and_follows_the_tier(h):
     (i,) = _add(h, 1)
     row = h.store.image(i)
@@ -304,7 +311,7 @@ def test_json_routes_answer_bad_input_with_400_and_one_line(ws):
         (i,) = add_images(ws, store, 1)
     _, app = build_app(ws)
     try:
-        client = TestClient(app)
+        client = TestClient(app, base_url="http://127.0.0.1:7860")  # the page answers only to this machine
         r = client.post("/loop/api/rate", json={"rater": "ann", "ratings": [{"image_id": i, "tier": "X"}]})
         assert r.status_code == 400 and r.json()["error"] == "tier must be one of UR, SSR, SR, R, N, got 'X'"
         # a form post from another site is not JSON: refused, nothing written

@@ -361,7 +361,10 @@ class RateHandlers:
 
     # -- writing ---------------------------------------------------------------------------------------------
     def rate(self, items: list[tuple[int, str]], rater: str) -> dict:
-        """Append one rating event per (image id, tier), in order, in one transaction; then sync golden/."""
+        """Append one rating event per (image id, tier), in order, in one transaction; then sync golden/.
+
+        A batch is what the page queued over a few seconds: an id that no longer exists is reported under
+        `missing` and the rest are stored, rather than one stale id costing the others."""
         rater = check_rater(rater)
         items = [(int(i), check_tier(t)) for i, t in items]
         if not items:
@@ -370,11 +373,13 @@ class RateHandlers:
             ids = {i for i, _ in items}
             marks = ",".join("?" * len(ids))
             found = {r[0] for r in self.db.execute(f"SELECT id FROM images WHERE id IN ({marks})", list(ids))}
-            if missing := sorted(ids - found):
+            missing = sorted(ids - found)
+            if not found:
                 raise NotFound(f"no image with id {missing[0]}")
+            items = [(i, t) for i, t in items if i in found]
             events = self.store.rate_many(items, rater)
             states = {i: sync_golden(self.ws, self.store, i) for i in dict.fromkeys(i for i, _ in items)}
-        return {"events": events, "images": states}
+        return {"events": events, "images": states, **({"missing": missing} if missing else {})}
 
     def undo(self, rater: str) -> dict:
         """Cancel this rater's newest effective rating (other raters' ratings are untouched)."""

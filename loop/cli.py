@@ -76,6 +76,18 @@ def init(
     """Lay out a workspace: configs/, generations/, checkpoints/, golden/, cache/ and loop.db."""
     from loop.workspace import Workspace
 
+    if seed_images is not None:  # checked before anything is laid out, so a bad one leaves no workspace behind
+        from loop.interop import readable_images, source_files
+
+        files, _ = source_files(seed_images, directory)
+        readable = readable_images(files)
+        if not readable:
+            raise LoopError(f"no readable image in {seed_images}; give a folder with 1-5 PNG or JPEG images")
+        if len(readable) > 5:
+            _echo(
+                f"warning: {len(readable)} seed images; grow starts from 1-5, and every one becomes a UR seed "
+                "(ctrl-C now and give fewer if that was not meant)"
+            )
     ws = Workspace.init(directory)
     if seed_images is not None:
         from loop.interop import import_images
@@ -107,10 +119,16 @@ def run(
     args = list(args or [])
     n = None
     if args and "=" not in args[0]:
+        given = args.pop(0)
         try:
-            n = int(args.pop(0))
+            n = int(given)
         except ValueError:
-            raise LoopError(f"round number must be an integer, got {args[0]!r}") from None
+            raise LoopError(
+                f"round number must be a whole number, got {given!r}; for example `loop run --round 0` "
+                "(or `loop run --round` for the current round)"
+            ) from None
+        if n < 0:
+            raise LoopError(f"round number must be 0 or more, got {n}")
     ws, cfg = _open(workspace, args)
     result = run_round(ws, cfg, n, auto_rate_=auto_rate, log=_echo)
     if result.status == "waiting":
@@ -152,7 +170,9 @@ def generate(
     if processes < 1:
         raise LoopError(f"--processes must be 1 or more, got {processes}")
     if processes > 1:
-        raise typer.Exit(_launch(processes, ["generate"] + _without_processes(STATE.get("argv", sys.argv[1:]))))
+        rc = _launch(processes, ["generate"] + _without_processes(STATE.get("argv", sys.argv[1:])))
+        STATE["launched"] = True  # the processes said what happened (an interrupt included)
+        raise typer.Exit(rc)
     ws, cfg = _open(workspace, overrides)
     rank, world = process_share()
     with ws.store() as store, stop_on_signals(_echo) as stop:
@@ -236,6 +256,11 @@ def vary(
 
             raise_missing_unit(store, u)
         ids = make_variations(ws, store, cfg, [parent], n, strength, unit=u, prompt=prompt, log=_echo, stop=stop)
+        if not ids and not stop:
+            raise LoopError(
+                f"no variation of image {parent['id']} ({parent['path']}) was made (see the line above); "
+                "restore or re-import the image, or vary another one"
+            )
     _echo(f"made {len(ids)} variation(s) of image {parent['id']} ({parent['sha256'][:12]}) with unit {u}")
 
 
@@ -282,9 +307,11 @@ def rate(
 
             n = store.current_unit()
             if auto:
-                out = auto_rate(ws, store, cfg.rate, n)
+                out = auto_rate(ws, store, cfg.rate, n, log=_echo)
+                left = f", left {out['skipped']} unreadable image(s) unrated" if out["skipped"] else ""
                 _echo(
-                    f"scripted rater ({cfg.rate.preference}) rated {out['rated']} image(s): {rating_summary(store, n)}"
+                    f"scripted rater ({cfg.rate.preference}) rated {out['rated']} image(s){left}: "
+                    f"{rating_summary(store, n)}"
                 )
             finish_rating(store, n)
             _echo(f"round {n}: rating closed ({rating_summary(store, n)}); `loop run --round` goes on")
@@ -312,7 +339,9 @@ def train(
     if processes < 1:
         raise LoopError(f"--processes must be 1 or more, got {processes}")
     if processes > 1:
-        raise typer.Exit(_launch(processes, ["train"] + _without_processes(STATE.get("argv", sys.argv[1:]), "train")))
+        rc = _launch(processes, ["train"] + _without_processes(STATE.get("argv", sys.argv[1:]), "train"))
+        STATE["launched"] = True  # the processes said what happened (an interrupt included)
+        raise typer.Exit(rc)
     ws, cfg = _open(workspace, overrides)
     with ws.store() as store:
         n = store.current_unit() if unit is None else unit
@@ -373,7 +402,8 @@ def import_cmd(
     ws = Workspace.open(workspace)
     with ws.store() as store:
         r = import_images(ws, store, src, tier, source, log=_echo)
-    _echo(f"imported {r['imported']}, skipped {r['skipped']} unreadable, {r['duplicates']} already here")
+    now = f" ({r['retiered']} of them unrated until now: rated {tier})" if r.get("retiered") else ""
+    _echo(f"imported {r['imported']}, skipped {r['skipped']} unreadable, {r['duplicates']} already here{now}")
     if r["skipped"] and not r["imported"] and not r["duplicates"]:
         # a script that imports and then trains must not go on as if the set had grown
         raise LoopError(f"nothing was imported from {src}: all {r['skipped']} file(s) were unreadable (see above)")
@@ -391,6 +421,8 @@ def compare(
     from loop.compare import format_table
 
     ws, cfg = _open(workspace, overrides)
+    if out is not None:
+        _check_out_folder(Path(out).expanduser())  # before minutes of rendering, not after
     with ws.store() as store:
         store.ensure_base_unit(cfg.model.base)
         have = [r["unit"] for r in store.units()]
@@ -400,21 +432,51 @@ def compare(
     _echo(f"grid: {r['grid']}\nplot: {r['plot']}")
 
 
+MAX_UNITS = 1000  # a longer --units range is a typo, not a comparison (each unit is a row of the grid)
+
+
 def parse_units(spec: str | None, have: list[int]) -> list[int]:
     """ "0..3", "0,2,3" or None (every unit) -> unit numbers."""
     if not spec:
         return sorted(have)
     out: list[int] = []
+    units_here = ", ".join(map(str, sorted(have))) or "0"
     try:
         for part in spec.split(","):
             if ".." in part:
-                a, b = part.split("..", 1)
-                out += list(range(int(a), int(b) + 1))
+                a, b = (int(x) for x in part.split("..", 1))
+                if a > b:
+                    raise LoopError(
+                        f"--units {spec!r}: the range {part.strip()} runs backwards; give it low to high, "
+                        f"like --units {b}..{a} (units here: {units_here})"
+                    )
+                if len(out) + b - a + 1 > MAX_UNITS:
+                    raise LoopError(
+                        f"--units {spec!r} names more than {MAX_UNITS} units; give the units to compare, "
+                        f"like --units 0..3 (units here: {units_here})"
+                    )
+                out += list(range(a, b + 1))
             else:
                 out.append(int(part))
     except ValueError:
         raise LoopError(f"--units {spec!r}: give a range like 0..3 or a list like 0,2,3") from None
+    if len(out) > MAX_UNITS:
+        raise LoopError(f"--units {spec!r} names more than {MAX_UNITS} units; give the units to compare")
     return out
+
+
+def _check_out_folder(out: Path) -> None:
+    """LoopError unless `out` is a folder that exists or can be made, and can be written."""
+    p = Path(os.path.abspath(out))
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe == p and not p.is_dir():
+        raise LoopError(f"--out {out} is a file; give a folder (new or existing) for the results")
+    if not probe.is_dir():
+        raise LoopError(f"--out {out} cannot be made: {probe} is a file; give a folder for the results")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise LoopError(f"--out {out}: {probe} is not writable by you; give a folder you can write")
 
 
 @app.command()
@@ -431,7 +493,14 @@ def show_config(workspace: WorkspaceOpt = Path("."), overrides: OverridesArg = N
     """Print the resolved config (defaults, configs/loop.yaml, then overrides)."""
     from loop.config import load_config, to_yaml
 
-    root = workspace if (Path(workspace) / "configs").exists() else None
+    where = Path(workspace)
+    if not where.exists():
+        raise LoopError(f"{where} does not exist; give a workspace folder with -w (or run `loop init {where}`)")
+    if not where.is_dir():
+        raise LoopError(f"{where} is not a folder; give a workspace folder with -w")
+    root = where if (where / "configs").exists() else None
+    if root is None:
+        typer.echo(f"note: {where.resolve()} is not a loop workspace (no configs/); showing the defaults", err=True)
     _echo(to_yaml(load_config(root, overrides)).rstrip())
 
 
@@ -439,6 +508,7 @@ def entry(argv: list[str] | None = None) -> int:
     """Console-script entry: user errors print one line (traceback with --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     STATE["argv"] = argv
+    STATE["launched"] = False
     try:
         rc = app(args=argv, standalone_mode=False, prog_name="loop")
     except LoopError as e:
@@ -449,16 +519,29 @@ def entry(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return e.exit_code
     except KeyboardInterrupt:
-        typer.echo("interrupted; run the same command again to continue", err=True)
+        if "--debug" in argv:
+            raise
+        typer.echo(INTERRUPTED, err=True)
         return 130
-    except typer.Abort:
+    except typer.Abort as e:
+        if isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):  # typer < 0.24: Ctrl-C comes as Abort
+            typer.echo(INTERRUPTED, err=True)
+            return 130
         return 1
+    except OSError as e:  # a path the system refused (a file where a folder should be, no permission, ...)
+        if "--debug" in argv:
+            raise
+        typer.echo(f"error: {_os_message(e)}", err=True)
+        return 2
     except Exception as e:  # click's usage errors (typer >= 0.24 vendors click: duck-typed, not click's classes)
         try:  # typer < 0.24 raises click's own Abort
             from click.exceptions import Abort
         except ImportError:
             Abort = typer.Abort
         if isinstance(e, Abort):
+            if isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):
+                typer.echo(INTERRUPTED, err=True)
+                return 130
             return 1
         if not (callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int)):
             raise
@@ -470,7 +553,19 @@ def entry(argv: list[str] | None = None) -> int:
         hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
         typer.echo(f"error: {msg.rstrip('.')}{hint}", err=True)
         return e.exit_code
+    if rc == 130 and not STATE.get("launched"):  # typer >= 0.24 turns Ctrl-C into a silent exit code 130
+        typer.echo(INTERRUPTED, err=True)
     return rc if isinstance(rc, int) else 0
+
+
+INTERRUPTED = "interrupted; run the same command again to continue (finished work is kept)"
+
+
+def _os_message(e: OSError) -> str:
+    """'<strerror>: <filename>', as the system says it, on one line."""
+    what = e.strerror or str(e) or type(e).__name__
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return f"{what}: {' -> '.join(names)}" if names else what.splitlines()[0]
 
 
 def cli() -> None:

@@ -23,6 +23,7 @@ STRATEGIES = ("golden", "converge", "grow", "longtail")
 METHODS = ("lora", "custom_diffusion")
 STARTS = ("from_base", "from_parent")
 PREFERENCES = ("warm", "cool", "bright", "dark")
+MAX_SEED = 2**63 - 1  # seeds are stored as SQLite integers (signed 64-bit)
 
 
 def _check(ok: bool, key: str, value, hint: str) -> None:
@@ -71,6 +72,7 @@ class GenerateConfig:
 
     def __post_init__(self):
         _check(0 < self.strength <= 1, "generate.strength", self.strength, "must be in (0, 1]")
+        _check(0 <= self.seed <= MAX_SEED, "generate.seed", self.seed, f"must be between 0 and {MAX_SEED}")
         for key in ("images_per_prompt", "batch_size", "steps"):
             _check(getattr(self, key) > 0, f"generate.{key}", getattr(self, key), "must be a positive integer")
         _check(self.cfg >= 0, "generate.cfg", self.cfg, "must be >= 0")
@@ -213,6 +215,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.method in METHODS, "train.method", self.method, f"use one of {', '.join(METHODS)}")
+        _check(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"must be between 0 and {MAX_SEED}")
         for key in ("rank", "steps", "batch_size", "class_images"):
             _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be a positive integer")
         _check(self.alpha > 0, "train.alpha", self.alpha, "must be > 0")

@@ -43,6 +43,8 @@ from loop.prompts import LINE_OPTIONS, PromptLine, Ring, parse_line, read_prompt
 from loop.store import IMAGE_COLUMNS, Store
 from loop.workspace import Workspace, atomic_write, sha256_bytes
 
+SEED_RANGE = 2**63  # seeds are stored as SQLite integers: a seed + k past the top wraps round to 0
+
 
 # -- stopping ----------------------------------------------------------------------------------------------
 class Stopped(Exception):
@@ -125,7 +127,7 @@ def line_jobs(line: PromptLine, g: GenerateConfig, native: int, cycle: int = 0, 
         Job(
             prompt=line.text,
             negative=line.neg if line.neg is not None else g.negative_prompt,
-            seed=base_seed + k,
+            seed=(base_seed + k) % SEED_RANGE,
             steps=line.steps or g.steps,
             cfg=line.cfg if line.cfg is not None else g.cfg,
             width=line.w or g.width or native,
@@ -193,6 +195,9 @@ class Renderer:
         set_scheduler(self.pipe, cfg.generate.scheduler)
         tune_for_speed(self.pipe, cfg.generate)
         self.native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        # img2img input sides: multiples of the VAE's and the UNet's downsampling together (at least 8)
+        downs = 2 ** max(0, len(self.pipe.unet.config.block_out_channels) - 1)
+        self.size_step = max(8, self.pipe.vae_scale_factor * downs)
         self._img2img = None
         self.share = process_share()
 
@@ -440,12 +445,15 @@ def vary(
         for parent in parents:
             try:
                 with Image.open(ws.inside(parent["path"])) as im:
+                    if im.format == "JPEG":  # decode a large photo at a reduced scale (still >= native)
+                        im.draft(None, (renderer.native, renderer.native))
                     source = to_rgb(im)  # as people see it: EXIF orientation, first frame, 16-bit scaled
-            except (OSError, LoopError) as e:
+            except (OSError, LoopError, ValueError, SyntaxError) as e:
                 log(f"warning: image {parent['id']} ({parent['path']}) could not be read ({e}); skipped")
                 continue
-            w, h = (max(8, v // 8 * 8) for v in source.size)
-            source = source.resize((w, h)) if (w, h) != source.size else source
+            w, h = fit_size(source.size, renderer.native, renderer.size_step)
+            if (w, h) != source.size:
+                source = source.resize((w, h), Image.Resampling.LANCZOS)
             seeds = [c["seed"] for c in store.children(parent["id"]) if c["unit"] == unit and c["seed"] is not None]
             first = max(seeds) + 1 if seeds else g.seed
             parent_info = {"id": parent["id"], "sha256": parent["sha256"]}
@@ -453,7 +461,7 @@ def vary(
                 Job(
                     prompt=parent["prompt"] if prompt is None else prompt,
                     negative=g.negative_prompt,
-                    seed=first + k,
+                    seed=(first + k) % SEED_RANGE,
                     steps=g.steps,
                     cfg=g.cfg,
                     width=w,
@@ -468,12 +476,27 @@ def vary(
                     images = renderer.render(batch, [source] * len(batch))
                 except Stopped:
                     return ids
+                except (RuntimeError, ValueError) as e:  # out of memory, a size the model can't take
+                    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    log(f"warning: image {parent['id']} ({parent['path']}) could not be varied ({why}); skipped")
+                    break
                 for job, image in zip(batch, images):
                     ids.append(renderer.write(job, image))
                 bar.update(len(batch))
     finally:
         bar.close()
     return ids
+
+
+def fit_size(size: tuple[int, int], native: int, step: int = 8) -> tuple[int, int]:
+    """An img2img input size for an image of `size`: scaled down (aspect kept) so its longer side is the model's
+    native size when it is larger, then each side rounded down to a multiple of `step` (at least one step).
+    A 6000x4000 photo at full size would need gigabytes for one variation."""
+    w, h = size
+    longer = max(w, h, 1)
+    if longer > native:
+        w, h = w * native / longer, h * native / longer
+    return tuple(max(step, int(round(v)) // step * step) for v in (w, h))
 
 
 def _round(x: float) -> float:

@@ -49,6 +49,15 @@ def export_lora(ws, store, unit: int, fmt: str, out: Path | None = None, log=pri
         raise LoopError("unit 0 is the base model and has no adapter to export; export unit 1 or later")
     src = ws.checkpoint(unit) / WEIGHTS
     if not src.is_file():
+        with_weights = _units_with_weights(ws)
+        have = sorted({r["unit"] for r in store.units()} | set(with_weights))
+        if have and unit - 1 not in have:  # round unit-1 cannot run yet: no such unit, and none just before it
+            hint = (
+                f"export one of the units with an adapter: {', '.join(map(str, with_weights))}"
+                if with_weights
+                else "no unit has an adapter yet; `loop run --round` trains the next one"
+            )
+            raise LoopError(f"unit {unit} does not exist (units: {', '.join(map(str, have))}); {hint}")
         raise LoopError(f"unit {unit} has no weights at {src}; train it with `loop run --round {unit - 1}`")
 
     default = f"{unit_name(unit)}_{fmt}.safetensors"
@@ -69,6 +78,15 @@ def export_lora(ws, store, unit: int, fmt: str, out: Path | None = None, log=pri
     atomic_write(out, data)
     log(f"exported unit {unit} ({fmt}, {summary['modules']} modules) to {out}")
     return {"unit": unit, "format": fmt, "path": str(out), "bytes": len(data), **summary}
+
+
+def _units_with_weights(ws) -> list[int]:
+    found = []
+    for folder in (ws.root / "checkpoints").glob("unit_*"):
+        tail = folder.name[len("unit_") :]
+        if tail.isdigit() and (folder / WEIGHTS).is_file():
+            found.append(int(tail))
+    return sorted(found)
 
 
 def _read_safetensors(path: Path):
@@ -258,6 +276,8 @@ def export_set(ws, store, which: str, out: Path, log=print) -> dict:
     """Write the images rated `which` (golden = UR; a tier = it and above) as a Hugging Face imagefolder."""
     tiers = _tiers_for(which)
     out = Path(out).expanduser().resolve()
+    if out == ws.root or ws.root in out.parents:  # into generations/ or golden/ it would pollute the workspace
+        raise LoopError(f"--out {out} is inside the workspace {ws.root}; choose a folder outside the workspace")
     if out.exists() and not out.is_dir():
         raise LoopError(f"--out {out} is a file; give a new or empty folder")
     if out.is_dir() and any(out.iterdir()):
@@ -272,7 +292,7 @@ def export_set(ws, store, which: str, out: Path, log=print) -> dict:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
-    written, missing = 0, 0
+    written, missing, damaged = 0, 0, 0
     try:
         lines = []
         for r in rows:
@@ -281,8 +301,21 @@ def export_set(ws, store, which: str, out: Path, log=print) -> dict:
                 log(f"skipped image {r['id']}: {r['path']} is missing from the workspace")
                 missing += 1
                 continue
+            try:
+                data = src.read_bytes()
+            except OSError as e:
+                log(f"skipped image {r['id']}: {r['path']} cannot be read ({e.strerror or e})")
+                damaged += 1
+                continue
+            if sha256_bytes(data) != r["sha256"]:  # changed or damaged since it was stored: not the rated image
+                log(
+                    f"skipped image {r['id']}: {r['path']} no longer matches its sha256 in the store "
+                    "(changed or damaged on disk); restore it from a backup"
+                )
+                damaged += 1
+                continue
             name = f"{r['sha256'][:16]}{Path(r['path']).suffix.lower() or '.png'}"
-            shutil.copyfile(src, tmp / name)
+            (tmp / name).write_bytes(data)  # the bytes just checked, not the file again
             lines.append(
                 {
                     "file_name": name,
@@ -296,7 +329,10 @@ def export_set(ws, store, which: str, out: Path, log=print) -> dict:
             )
             written += 1
         if not lines:
-            raise LoopError(f"all {len(rows)} images rated {label} are missing from {ws.root}; nothing exported")
+            raise LoopError(
+                f"all {len(rows)} images rated {label} are missing from {ws.root} or damaged (see above); "
+                "nothing exported"
+            )
         body = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
         (tmp / "metadata.jsonl").write_text(body, encoding="utf-8")
         if out.is_dir():
@@ -306,7 +342,14 @@ def export_set(ws, store, which: str, out: Path, log=print) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"exported {written} image(s) rated {label} to {out} (load with datasets: imagefolder, data_dir={out})")
-    return {"set": which, "tiers": list(tiers), "count": written, "missing": missing, "path": str(out)}
+    return {
+        "set": which,
+        "tiers": list(tiers),
+        "count": written,
+        "missing": missing,
+        "damaged": damaged,
+        "path": str(out),
+    }
 
 
 # -- import outside images -------------------------------------------------------------------------------------
@@ -317,17 +360,9 @@ def import_images(ws, store, src: Path, tier: str | None, source: str, log=print
         if tier not in TIERS:
             raise LoopError(f"--tier {tier!r} is not a tier; use one of {', '.join(TIERS)}")
     label = (source or "").strip() or "import"
-    src = Path(src).expanduser()
-    if not src.exists():
-        raise LoopError(f"{src} does not exist; give a folder of images or an image file")
-    src = src.resolve()
-    if src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() not in CAPTION_EXTS)
-        rel_to = src
-    else:
-        files, rel_to = [src], src.parent
+    files, rel_to = source_files(src, ws.root)
 
-    imported = skipped = duplicates = 0
+    imported = skipped = duplicates = retiered = 0
     for f in files:
         name = f.relative_to(rel_to).as_posix()
         try:
@@ -343,8 +378,17 @@ def import_images(ws, store, src: Path, tier: str | None, source: str, log=print
             continue
         data, ext, width, height, fmt, png_caption, converted = checked
         sha = sha256_bytes(data)
-        if store.image_by_sha(sha):
+        found = store.image_by_sha(sha)
+        if found:
             duplicates += 1
+            if tier is not None and store.tier_of(found[0]["id"]) is None:
+                # already here but unrated: the tier asked for applies to it, as an event like a new import's
+                from loop.rate.handlers import sync_golden
+
+                store.rate(found[0]["id"], tier, rater="import")
+                sync_golden(ws, store, found[0]["id"])  # a UR generated image joins golden/
+                log(f"{name}: already here as image {found[0]['id']} ({found[0]['path']}), unrated: rated {tier}")
+                retiered += 1
             continue
         caption, caption_from = _sidecar_caption(f)
         if caption is None:
@@ -378,11 +422,47 @@ def import_images(ws, store, src: Path, tier: str | None, source: str, log=print
             raise
         imported += 1
     rated = f", rated {tier}" if tier else ""
+    now = f" ({retiered} of them unrated until now: rated {tier})" if retiered else ""
     log(
         f"imported {imported} image(s) into {ws.root / 'golden'}{rated}; "
-        f"{duplicates} already there, {skipped} skipped (not readable images)"
+        f"{duplicates} already there{now}, {skipped} skipped (not readable images)"
     )
-    return {"imported": imported, "skipped": skipped, "duplicates": duplicates}
+    out = {"imported": imported, "skipped": skipped, "duplicates": duplicates}
+    if retiered:  # (only then: callers compare the plain counts)
+        out["retiered"] = retiered
+    return out
+
+
+def source_files(src: Path, root: Path) -> tuple[list[Path], Path]:
+    """The files an import of `src` reads (a folder recursively, caption files left out, or one file) and the
+    folder their names are relative to. LoopError for a source that does not exist, a folder without files, or
+    a folder that is the workspace `root`, lies inside it or holds it (the import would read the workspace)."""
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise LoopError(f"{src} does not exist; give a folder of images or an image file")
+    src, root = src.resolve(), Path(root).resolve()
+    if not src.is_dir():
+        return [src], src.parent
+    if src == root or root in src.parents or src in root.parents:
+        where = "is" if src == root else "is inside" if root in src.parents else "holds"
+        raise LoopError(f"{src} {where} the workspace {root}; import from a folder outside the workspace")
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() not in CAPTION_EXTS)
+    if not files:
+        raise LoopError(f"no image files found in {src}; give a folder with PNG, JPEG or WebP images")
+    return files, src
+
+
+def readable_images(files: list[Path]) -> list[Path]:
+    """The files that import would take (fully decodable images)."""
+    out = []
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError:
+            continue
+        if not isinstance(_check_image(data), str):
+            out.append(f)
+    return out
 
 
 def _check_image(data: bytes):

@@ -116,8 +116,14 @@ def load_unit(cfg: ModelConfig, checkpoints: Path | None, unit: int):
 
         level = dlog.get_verbosity()
         dlog.set_verbosity(dlog.CRITICAL)  # diffusers logs the whole error before raising it; we say it in one line
+        from safetensors import SafetensorError
+
+        weights = folder / "pytorch_lora_weights.safetensors"
         try:
             pipe.load_lora_weights(str(folder))
+        except (OSError, SafetensorError) as e:  # diffusers' "Unable to load weights": a damaged or cut-off file
+            why = str(e).splitlines()[0].strip() if str(e).strip() else type(e).__name__
+            raise LoopError(f"{weights} is not a readable safetensors file ({why[:200]}); retrain unit {unit}") from e
         except (ValueError, RuntimeError, KeyError) as e:
             raise LoopError(
                 f"unit {unit}'s adapter at {folder} does not fit model.base={cfg.base!r} ({_first_problem(e)}); "
@@ -145,8 +151,12 @@ def unit_trigger(folder: Path | None) -> str:
     """The modifier token a unit was trained with ("" for none); the generator puts it before every prompt."""
     if folder is None or not (Path(folder) / "learned_embeds.safetensors").exists():
         return ""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(Path(folder) / "learned_embeds.safetensors"), "pt") as f:
-        keys = list(f.keys())
+    path = Path(folder) / "learned_embeds.safetensors"
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except (OSError, SafetensorError) as e:
+        raise LoopError(f"{path} is not a readable safetensors file ({e}); retrain the unit") from e
     return keys[0] if len(keys) == 1 else ""

@@ -26,6 +26,8 @@ from loop.errors import LoopError
 LINE_OPTIONS = {"--n": int, "--seed": int, "--steps": int, "--cfg": float, "--neg": str, "--w": int, "--h": int}
 # a longer line is a paste gone wrong, not a prompt (CLIP reads 77 tokens; every image would carry it in its PNG)
 MAX_LINE_CHARS = 10_000
+# seeds are stored as SQLite integers (signed 64-bit): 0 <= seed < 2**63
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ def parse_line(raw: str, lineno: int) -> PromptLine:
     for key in ("n", "steps", "w", "h"):
         if key in values and values[key] <= 0:
             raise ValueError(f"--{key} must be positive, got {values[key]}")
+    if "seed" in values and not 0 <= values["seed"] <= MAX_SEED:
+        raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {values['seed']}")
     for key in ("w", "h"):
         if key in values and values[key] % 8:
             raise ValueError(f"--{key} must be a multiple of 8, got {values[key]}")

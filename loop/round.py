@@ -87,7 +87,7 @@ def run_round(
                     detail["exploration"] = explore(ws, store, cfg, n, log)
             elif phase == "rate":
                 if auto_rate_:
-                    detail = auto_rate(ws, store, cfg.rate, n)
+                    detail = auto_rate(ws, store, cfg.rate, n, log=log)
                     detail["summary"] = rating_summary(store, n)
                     log(f"rate (scripted, {cfg.rate.preference}): {detail['summary']}")
                 else:

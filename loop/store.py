@@ -110,11 +110,22 @@ class Store:
         # autocommit mode; writes group themselves with `with self.tx():`
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA busy_timeout=30000")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA busy_timeout=30000")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            if isinstance(e, sqlite3.OperationalError):  # locked, read-only, a folder in its place: not corruption
+                raise
+            from loop.errors import LoopError
+
+            raise LoopError(
+                f"{self.path} is not a loop database ({e}); move it aside (for example "
+                f"`mv {self.path} {self.path}.bad`), then `loop init {self.path.parent}` starts a new one"
+            ) from e
 
     def close(self) -> None:
         self.db.close()

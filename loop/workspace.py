@@ -184,13 +184,17 @@ def recover(ws: Workspace, store, log=print) -> dict:
         if meta is None:
             log(f"warning: {rel} has no loop metadata; left as it is (move it out, or `loop import` it)")
             continue
+        sha = sha256_file(png)
+        if store.image_by_sha(sha):  # a copy of an image the store has at another path: nothing to adopt
+            continue
         cols = {k: meta.get(k) for k in IMAGE_COLUMNS}
         cols["prompt"] = cols["prompt"] or ""
         if meta.get("parent"):
             found = store.image_by_sha(str(meta["parent"]))
             cols["parent_id"] = found[0]["id"] if found else None
-        store.add_image(sha256=sha256_file(png), path=rel, params=meta, source=meta.get("source", "generated"), **cols)
-        adopted += 1
+        image_id = store.add_image(sha256=sha, path=rel, params=meta, source=meta.get("source", "generated"), **cols)
+        if store.image(image_id)["path"] == rel:  # the insert is ignored when another process added it meanwhile
+            adopted += 1
     golden = resync_golden(ws, store)
     if removed or adopted or golden:
         log(

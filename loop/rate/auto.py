@@ -43,13 +43,22 @@ def tier_for(s: float, cutoffs: list[float]) -> str:
     return TIERS[-1]
 
 
-def auto_rate(ws: Workspace, store: Store, rc: RateConfig, round: int) -> dict:
-    """Rate every unrated image of the round; returns the tier counts of what it rated."""
+def auto_rate(ws: Workspace, store: Store, rc: RateConfig, round: int, log=print) -> dict:
+    """Rate every unrated image of the round; returns the tier counts of what it rated.
+
+    An image whose file is missing or cannot be decoded (cut off, damaged) is left unrated, with one line
+    saying so; the others are still rated."""
     todo = [r for r in store.images(round=round) if r["tier"] is None]
-    items = []
+    items, skipped = [], []
     for row in todo:
-        s = score(load_rgb(ws.root / row["path"]), rc)
-        items.append((row["id"], tier_for(s, list(rc.cutoffs))))
+        try:
+            rgb = load_rgb(ws.root / row["path"])
+        except Exception as e:  # PIL raises many kinds (FileNotFoundError, OSError "truncated", SyntaxError...)
+            why = "is missing" if isinstance(e, FileNotFoundError) else f"could not be read ({_first_line(e)})"
+            log(f"warning: image {row['id']} ({row['path']}) {why}; left unrated")
+            skipped.append(row["path"])
+            continue
+        items.append((row["id"], tier_for(score(rgb, rc), list(rc.cutoffs))))
     store.rate_many(items, rater=rc.rater)
     # UR images are collected into golden/, as the page does (the original stays in generations/)
     from loop.rate.handlers import sync_golden
@@ -59,4 +68,8 @@ def auto_rate(ws: Workspace, store: Store, rc: RateConfig, round: int) -> dict:
     counts = {t: 0 for t in TIERS}
     for _, t in items:
         counts[t] += 1
-    return {"rated": len(items), **counts}
+    return {"rated": len(items), **counts, "skipped": len(skipped)}
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

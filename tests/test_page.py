@@ -8,6 +8,7 @@ percent-encodings reach the server exactly as written.
 import http.client
 import json
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -184,7 +185,8 @@ def test_two_raters_at_once_lose_nothing_and_see_each_other(site, browser):
     want = {
         i: [t, r] for i, t, r in sql(ws, "SELECT image_id, tier, rater FROM current_tiers WHERE image_id >= ?", ids[0])
     }
-    assert len(want) == 30
+    # 30 images if both rated the same ones; more if a poll showed one the other's ratings and it moved on
+    assert 30 <= len(want) <= 60
     check = "want => Object.entries(want).every(([id, [t, r]]) => "
     check += "LoopRate.state.tier.get(+id) === t && LoopRate.state.by.get(+id) === r)"
     for page in (a, b):  # within a couple of polls each page shows the newest decision, whoever made it
@@ -208,6 +210,8 @@ def test_new_images_appear_without_reload(site, browser):
 
 @browser_test
 def test_auth_guards_the_page_and_a_logged_in_browser_rates(tmp_path, browser):
+    from playwright.sync_api import expect
+
     ws = Workspace.init(tmp_path / "ws")
     ids = add(ws, 2, round=0)
     _, app = build_app(ws, auth=[("ann", "pw")])
@@ -215,7 +219,10 @@ def test_auth_guards_the_page_and_a_logged_in_browser_rates(tmp_path, browser):
     try:
         assert raw_get(server.url, "/")[0] == 401
         assert raw_get(server.url, "/loop/api/meta")[0] == 401
-        page = open_page(browser, server.url, 0, rater="ann", http_credentials={"username": "ann", "password": "pw"})
+        # the name typed on this browser earlier was zed: behind a login the ratings are ann's, and the page says so
+        page = open_page(browser, server.url, 0, rater="zed", http_credentials={"username": "ann", "password": "pw"})
+        expect(page.locator(".lr-rater")).to_have_value("ann")
+        assert page.locator(".lr-rater").get_attribute("readonly") is not None
         page.keyboard.press("1")
         idle(page)
         assert sql(ws, "SELECT image_id, tier, rater FROM ratings") == [(ids[0], "UR", "ann")]
@@ -308,3 +315,226 @@ def test_progress_tab_shows_counters_and_keys_work_after_switching_back(site, br
     idle(page)
     assert sql(ws, "SELECT image_id, tier FROM ratings WHERE image_id >= ?", ids[0]) == [(ids[0], "R")]
     page.context.close()
+
+
+def focus_id(page) -> int:
+    return page.evaluate("LoopRate.state.ids[LoopRate.state.focus]")
+
+
+def rate_as(ws, rater, items):
+    """Ratings made by another rater (another browser), straight into the store."""
+    with ws.store() as store:
+        store.rate_many(items, rater)
+
+
+def press_at_once(page, keys):
+    """Keys dispatched in one task, so the first is sent alone and the others queue into one batch."""
+    page.evaluate("ks => ks.forEach(k => document.dispatchEvent(new KeyboardEvent('keydown', {key: k})))", list(keys))
+
+
+@browser_test
+def test_keys_after_the_last_unrated_image_never_overwrite_finished_ratings(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 4, round=20)
+    rate_as(ws, "dave", [(ids[0], "SSR")])  # dave's, listed after the three unrated ones
+    page = open_page(browser, url, 20, rater="frank")
+    status = page.locator(".lr-status")
+    assert focus_id(page) == ids[1]
+    for k in "5555":  # three unrated, then one key too many: it corrects frank's own last rating only
+        page.keyboard.press(k)
+    idle(page)
+    assert focus_id(page) == ids[3]
+    expect(status).to_contain_text("everything shown is rated")
+    assert sql(ws, "SELECT tier, rater FROM current_tiers WHERE image_id = ?", ids[0]) == [("SSR", "dave")]
+    frank = sql(ws, "SELECT image_id FROM ratings WHERE rater = 'frank' AND image_id >= ? ORDER BY id", ids[0])
+    assert frank == [(ids[1],), (ids[2],), (ids[3],), (ids[3],)]
+    # new images arrive while everything is rated: the first of them takes the focus, and keys rate them
+    new = add(ws, 2, round=20, seed=7)
+    page.wait_for_function("id => LoopRate.state.ids[LoopRate.state.focus] === id", arg=new[0], timeout=8000)
+    page.keyboard.press("3")
+    assert focus_id(page) == new[1]
+    page.keyboard.press("3")
+    idle(page)
+    assert sql(ws, "SELECT image_id, tier FROM current_tiers WHERE image_id >= ?", new[0]) == [
+        (new[0], "SR"),
+        (new[1], "SR"),
+    ]
+    assert sql(ws, "SELECT tier, rater FROM current_tiers WHERE image_id = ?", ids[0]) == [("SSR", "dave")]
+    # overriding someone else's rating stays possible, deliberately, and the status line says whose it was
+    page.click(f'.lr-tile[data-id="{ids[0]}"]')
+    expect(status).to_contain_text("SSR by dave")
+    page.keyboard.press("4")
+    expect(status).to_contain_text("overrides SSR by dave")
+    idle(page)
+    assert sql(ws, "SELECT tier, rater FROM current_tiers WHERE image_id = ?", ids[0]) == [("R", "frank")]
+    page.context.close()
+
+
+@browser_test
+def test_a_key_on_a_list_rated_by_others_rates_nothing_until_the_rater_picks_an_image(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 3, round=21)
+    rate_as(ws, "dave", [(i, "SR") for i in ids])
+    page = open_page(browser, url, 21, rater="frank")
+    expect(page.locator(".lr-status")).to_contain_text("everything shown is rated")
+    page.keyboard.press("5")
+    expect(page.locator(".lr-status")).to_contain_text("by dave")
+    idle(page)
+    assert sql(ws, "SELECT COUNT(*) FROM ratings WHERE rater = 'frank' AND image_id >= ?", ids[0]) == [(0,)]
+    page.keyboard.press("ArrowRight")  # chosen: now a key re-rates it
+    page.keyboard.press("5")
+    idle(page)
+    assert sql(ws, "SELECT image_id, tier FROM ratings WHERE rater = 'frank' AND image_id >= ?", ids[0]) == [
+        (ids[1], "N")
+    ]
+    page.context.close()
+
+
+@browser_test
+def test_a_second_rater_leaves_the_stretch_another_is_rating(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 40, round=22)
+    bob = open_page(browser, url, 22, rater="bob")
+    assert focus_id(bob) == ids[0]
+    rate_as(ws, "alice", [(i, "R") for i in ids[:5]])  # alice rates the top of the same list
+    # bob's next poll shows it: he moves half way down the unrated images after hers (ids[5:] -> ids[22])
+    bob.wait_for_function("id => LoopRate.state.ids[LoopRate.state.focus] === id", arg=ids[22], timeout=8000)
+    expect(bob.locator(".lr-status")).to_contain_text("alice")
+    bob.keyboard.press("1")
+    assert focus_id(bob) == ids[23]
+    # a rater who opens the page while alice is rating does not start on her next image either
+    carol = open_page(browser, url, 22, rater="carol")
+    carol.wait_for_function("LoopRate.state.focus > 0", timeout=8000)
+    expect(carol.locator(".lr-status")).to_contain_text("alice")
+    idle(bob)
+    bob.context.close()
+    carol.context.close()
+
+
+@browser_test
+def test_a_refused_rating_in_a_batch_drops_only_itself(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 10, round=23)
+    page = open_page(browser, url, 23)
+    bodies = []
+
+    def refuse(bad, message, code):
+        def handler(route):
+            items = [r["image_id"] for r in route.request.post_data_json["ratings"]]
+            bodies.append(items)
+            if bad in items:
+                route.fulfill(status=code, content_type="application/json", body=json.dumps({"error": message}))
+            else:
+                route.continue_()
+
+        return handler
+
+    # the server names the refused image: the others of the batch are sent again at once
+    page.route("**/loop/api/rate", refuse(ids[2], f"no image with id {ids[2]}", 404))
+    press_at_once(page, "12345")
+    idle(page)
+    assert [ids[1], ids[2], ids[3], ids[4]] in bodies  # it was one batch
+    assert sql(ws, "SELECT image_id, tier FROM ratings WHERE image_id >= ? ORDER BY id", ids[0]) == [
+        (ids[0], "UR"),
+        (ids[1], "SSR"),
+        (ids[3], "R"),
+        (ids[4], "N"),
+    ]
+    expect(page.locator(".lr-status")).to_contain_text(f"not saved: #{ids[2]} SR")
+    expect(page.locator(f'.lr-tile[data-id="{ids[2]}"]')).to_have_attribute("data-tier", "")
+    # a refusal that names no image: the batch goes again one rating at a time, and only the refused one is lost
+    page.unroute("**/loop/api/rate")
+    bodies.clear()
+    page.route("**/loop/api/rate", refuse(ids[7], "refused for the test", 400))
+    assert focus_id(page) == ids[5]
+    press_at_once(page, "asdfg")
+    idle(page)
+    assert [ids[6], ids[7], ids[8], ids[9]] in bodies
+    rows = sql(ws, "SELECT image_id, tier FROM ratings WHERE image_id >= ? ORDER BY id", ids[5])
+    assert rows == [(ids[5], "UR"), (ids[6], "SSR"), (ids[8], "R"), (ids[9], "N")]
+    expect(page.locator(".lr-status")).to_contain_text(f"#{ids[7]} SR")
+    page.context.close()
+
+
+def inside(box, width, height) -> bool:
+    return (
+        box is not None
+        and box["x"] >= 0
+        and box["y"] >= 0
+        and box["x"] + box["width"] <= width + 0.5
+        and (box["y"] + box["height"] <= height + 0.5)
+    )
+
+
+@browser_test
+def test_detail_view_fits_a_narrow_screen_with_a_very_long_prompt(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 2, round=24)
+    long = "a very long prompt, " * 220  # 4,400 characters
+    sql(
+        ws,
+        "UPDATE images SET prompt = ?, params = json_set(params, '$.strength', json('null')) WHERE id = ?",
+        long,
+        ids[0],
+    )
+    page = open_page(browser, url, 24)
+    for width, height in ((400, 800), (1200, 860)):
+        page.set_viewport_size({"width": width, "height": height})
+        page.keyboard.press("Enter")
+        expect(page.locator(".lr-meta")).to_contain_text("a very long prompt")
+        img = page.locator(".lr-d-img img")
+        expect(img).to_have_attribute("src", re.compile("loop/files/"))
+        page.wait_for_function("document.querySelector('.lr-d-img img').complete")
+        box = img.bounding_box()
+        assert inside(box, width, height) and box["height"] > 100, (width, box)
+        for button in (".lr-d-next", ".lr-d-prev", ".lr-d-close", ".lr-excellent"):
+            assert inside(page.locator(button).bounding_box(), width, height), (width, button)
+        expect(page.locator(".lr-meta dt", has_text="strength")).to_have_count(0)  # a null field is left out
+        page.keyboard.press("Escape")
+    page.context.close()
+
+
+@browser_test
+def test_a_missing_file_shows_a_placeholder(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 2, round=25)
+    (ws.root / sql(ws, "SELECT path FROM images WHERE id = ?", ids[1])[0][0]).unlink()
+    page = open_page(browser, url, 25)
+    tile = page.locator(f'.lr-tile[data-id="{ids[1]}"]')
+    expect(tile).to_have_class(re.compile("lr-missing"))
+    expect(tile.locator(".lr-missing-label")).to_be_visible()
+    expect(page.locator(f'.lr-tile[data-id="{ids[0]}"] .lr-missing-label')).to_be_hidden()
+    page.context.close()
+
+
+@browser_test
+def test_compare_without_pairs_shows_only_the_reason(tmp_path, browser):
+    from playwright.sync_api import expect
+
+    ws = Workspace.init(tmp_path / "ws")
+    add(ws, 2, round=0)
+    _, app = build_app(ws, warm=0)
+    server = BackgroundServer(app)
+    try:
+        page = open_page(browser, server.url, 0)
+        page.get_by_role("tab", name="Compare").click()
+        expect(page.locator(".ab-msg")).to_be_visible()
+        expect(page.locator(".ab-msg")).to_contain_text("no pairs")
+        expect(page.locator(".ab-pair")).to_be_hidden()
+        expect(page.locator("button[data-w='tie']")).to_be_hidden()
+        page.context.close()
+    finally:
+        server.stop()
+        close_app(app)

@@ -11,20 +11,36 @@ window.LoopAB = (function () {
           <figure><img class="ab-img" data-side="left" alt="left"><figcaption><button data-w="left">Left</button></figcaption></figure>
           <figure><img class="ab-img" data-side="right" alt="right"><figcaption><button data-w="right">Right</button></figcaption></figure>
         </div>
-        <div class="ab-tie"><button data-w="tie">Tie</button> <span class="ab-status"></span></div>
+        <div class="ab-tie"><button data-w="tie">Tie</button><span class="ab-status"></span></div>
+        <div class="ab-msg" hidden></div>
         <div class="ab-ranking"></div>
       </div>`;
     const imgs = { left: root.querySelector('[data-side="left"]'), right: root.querySelector('[data-side="right"]') };
     const status = root.querySelector(".ab-status");
+    const msg = root.querySelector(".ab-msg");
+    const voting = [root.querySelector(".ab-pair"), root.querySelector(".ab-tie")];
+    // No pair to show: no empty image boxes or buttons, only the reason (a line of its own).
+    function showPair(on, text) {
+      for (const e of voting) e.hidden = !on;
+      msg.hidden = on;
+      msg.textContent = on ? "" : text;
+    }
     const ranking = root.querySelector(".ab-ranking");
     let pair = null, busy = false;
 
     async function next() {
       const r = await fetch("/loop/api/ab/pair");
-      const data = await r.json();
-      if (!r.ok) { pair = null; status.textContent = data.error || "no pairs"; imgs.left.removeAttribute("src"); imgs.right.removeAttribute("src"); return; }
+      let data = {};
+      try { data = await r.json(); } catch (e) { /* not JSON */ }
+      if (!r.ok) {
+        pair = null;
+        imgs.left.removeAttribute("src"); imgs.right.removeAttribute("src");
+        showPair(false, data.error || "no pairs to compare yet");
+        return;
+      }
       pair = data;
       imgs.left.src = data.left.url; imgs.right.src = data.right.url;
+      showPair(true);
       status.textContent = "";
     }
     async function showRanking() {

@@ -15,6 +15,8 @@
   const UNDO_KEYS = new Set(["z", "Backspace"]);
   const TILE = 136, GAP = 8, STEP = TILE + GAP, OVERSCAN = 2;
   const POLL_MS = 2000;
+  // Another rater's fresh ratings this many places from the focus mean they work the same stretch: move away.
+  const NEAR = 30;
   const API = "loop/api/";
 
   const qs = (o) => Object.entries(o).filter(([, v]) => v !== null && v !== undefined && v !== "" && v !== false)
@@ -98,6 +100,10 @@
       focus: 0, cols: 1, left: GAP, insertAt: 0, lastEvent: 0, lastImage: 0, gen: 0, meta: null,
       live: new Map(), // index -> tile element (only the visible rows)
       queue: [], busy: false, failures: 0, detail: false, detailToken: 0, detailData: null, timings: [],
+      // auto: the page put the focus where it is (start, after a rating, a new image); false once the rater
+      // moves it (arrows, click, detail view), so a key on an image someone else rated is then deliberate.
+      // allDone: no unrated image is left in the list; the focus stays put until a new one comes.
+      auto: true, allDone: false, ratedSinceLoad: 0, stickyUntil: 0, single: 0,
     };
 
     // -- legend and tier buttons --------------------------------------------------------------------------
@@ -163,8 +169,9 @@
       img.draggable = false;
       img.decoding = "async";
       img.addEventListener("load", () => { if (img.naturalWidth < TILE) img.classList.add("lr-pixel"); });
+      img.addEventListener("error", () => t.classList.add("lr-missing")); // no broken-image icon: say so
       img.src = thumbUrl(id);
-      t.append(img, el("span", "lr-badge"), el("span", "lr-by"));
+      t.append(img, el("span", "lr-badge"), el("span", "lr-by"), el("span", "lr-missing-label", "file missing"));
       paintTile(t, id);
       if (i === S.focus) t.classList.add("lr-focus");
       ui.canvas.append(t);
@@ -211,10 +218,43 @@
       if (S.detail) loadDetail();
     }
 
+    const rated = (i) => !!S.tier.get(S.ids[i]);
+
+    // The next image nobody has rated: after `from` in list order, else the first one above it; -1 if none.
+    // Rated images are never a target, so a key after the last unrated one cannot overwrite a finished rating.
+    function nextUnrated(from) {
+      for (let i = from + 1; i < S.ids.length; i++) if (!rated(i)) return i;
+      for (let i = 0; i <= Math.min(from, S.ids.length - 1); i++) if (!rated(i)) return i;
+      return -1;
+    }
+
+    // Half way down the unrated images after `frontier`: where a rater goes to leave a stretch to another.
+    function spreadFrom(frontier) {
+      const rest = [];
+      for (let i = frontier + 1; i < S.ids.length; i++) if (!rated(i)) rest.push(i);
+      return rest.length ? rest[Math.floor(rest.length / 2)] : nextUnrated(frontier);
+    }
+
+    // The focus placed by the page (not by the rater): on `i`, or, with -1, stay and say everything is rated.
+    function autoFocus(i) {
+      S.auto = true;
+      S.allDone = i < 0;
+      if (i >= 0) setFocus(i);
+      else if (S.detail) paintDetailTier();
+    }
+
+    // The focus moved by the rater: a key now rates this image even if someone else rated it.
+    function goTo(i, reveal = true) {
+      setFocus(i, reveal);
+      S.auto = false;
+      const id = S.ids[S.focus], tier = S.tier.get(id), by = S.by.get(id);
+      if (tier && by !== S.rater && !S.pending.get(id)) routine(`#${id} is ${tier} by ${by}; a key overrides it`);
+    }
+
     ui.scroll.addEventListener("scroll", () => requestAnimationFrame(render), { passive: true });
     ui.canvas.addEventListener("click", (e) => {
       const t = e.target.closest(".lr-tile");
-      if (t) for (const [i, x] of S.live) if (x === t) setFocus(i, false);
+      if (t) for (const [i, x] of S.live) if (x === t) goTo(i, false);
     });
     ui.canvas.addEventListener("dblclick", (e) => { if (e.target.closest(".lr-tile")) openDetail(); });
     new ResizeObserver(() => layout()).observe(ui.scroll);
@@ -248,23 +288,64 @@
       S.lastEvent = r.last_event;
       S.lastImage = r.last_image;
       S.focus = 0;
+      S.ratedSinceLoad = 0;
       ui.scroll.scrollTop = 0;
       ui.empty.textContent = f.round !== "all" && !f.q && !f.tier && !f.unrated
         ? `No images in round ${f.round} yet. They appear here as \`loop generate\` or \`loop run --round\` makes them.`
         : "No images match these filters.";
       clearTiles();
       layout();
-      setFocus(0, false);
+      const first = nextUnrated(-1);
+      S.auto = true;
+      S.allDone = first < 0;
+      setFocus(Math.max(0, first), false);
+      if (S.allDone && S.ids.length) routine("");
       root.dataset.ready = "1";
       performance.mark("loop-rate-grid");
-      refreshCounters();
+      const c = await refreshCounters();
+      // Someone else is rating this round now: start half way down the unrated images, not on their next one
+      // (a short list is not worth splitting: the polls keep two raters apart there).
+      if (!c || gen !== S.gen || !S.auto || S.allDone || S.ratedSinceLoad) return;
+      const others = Object.entries(c.pace_by_rater || {}).filter(([n, p]) => n !== S.rater && p > 0).map(([n]) => n);
+      let unrated = 0;
+      for (let i = S.focus + 1; i < S.ids.length && unrated <= NEAR; i++) if (!rated(i)) unrated++;
+      const j = others.length && unrated > NEAR ? spreadFrom(S.focus) : -1;
+      if (j < 0 || j === S.focus) return;
+      setFocus(j);
+      const are = others.length > 1 ? "are" : "is";
+      routine(`${others.join(", ")} ${are} rating too: you start at #${S.ids[j]}, half way down the unrated images`);
     }
 
     async function refreshCounters() {
       try {
         const f = filters();
-        renderCounters(await call("GET", API + "counters?" + qs({ round: f.round, unit: f.unit })));
+        const c = await call("GET", API + "counters?" + qs({ round: f.round, unit: f.unit }));
+        renderCounters(c);
+        return c;
       } catch (e) { /* the next poll tries again */ }
+      return null;
+    }
+
+    // After a poll: follow what other raters did. `fresh` lists images that were unrated here and are now
+    // rated by someone else ({i, rater}). Only a focus the page placed moves; never one the rater chose.
+    function steer(fresh) {
+      if (!S.auto || !S.ids.length) return;
+      if (S.allDone) { // nothing was unrated: one that is again (someone's undo) takes the focus
+        const j = nextUnrated(S.focus);
+        if (j >= 0) { autoFocus(j); routine(`on to #${S.ids[j]}, unrated`); }
+        return;
+      }
+      const id = S.ids[S.focus];
+      const taken = rated(S.focus) && S.by.get(id) !== S.rater && !S.pending.get(id);
+      const near = fresh.filter((x) => Math.abs(x.i - S.focus) <= NEAR);
+      // They rate the image we are on or just ahead of it, or in step with us and we are the one to give way
+      // (by name, so exactly one of two raters moves): leave them this stretch and go half way down the rest.
+      const ahead = taken || near.some((x) => x.i >= S.focus);
+      if (!ahead && !near.some((x) => x.rater < S.rater)) return;
+      const j = near.length ? spreadFrom(Math.max(S.focus, ...near.map((x) => x.i))) : nextUnrated(S.focus);
+      const who = near.length ? [...new Set(near.map((x) => x.rater))].join(", ") : S.by.get(id);
+      autoFocus(j);
+      routine(j < 0 ? "" : `${who} is rating here too: on to #${S.ids[j]}`);
     }
 
     async function poll() {
@@ -274,12 +355,21 @@
           const r = await call("GET", API + "changes?" + qs({ after_event: S.lastEvent, after_image: S.lastImage,
             ...filters() }));
           if (gen === S.gen) {
-            for (const [id, tier, rater] of r.changed) if (!S.pending.get(id)) setTier(id, tier, rater);
+            const fresh = [];
+            for (const [id, tier, rater] of r.changed) {
+              if (S.pending.get(id)) continue;
+              if (tier && rater !== S.rater && !S.tier.get(id)) fresh.push(id);
+              setTier(id, tier, rater);
+            }
+            if (S.failures === 0 && ui.status.classList.contains("lr-offline")) status("");
             if (r.new.length) addImages(r.new);
             S.lastEvent = r.last_event;
             S.lastImage = r.last_image;
             renderCounters(r.counters);
-            if (S.failures === 0 && ui.status.classList.contains("lr-offline")) status("");
+            if (fresh.length || S.allDone || S.auto && rated(S.focus)) {
+              const at = new Map(S.ids.map((id, i) => [id, i]));
+              steer(fresh.filter((id) => at.has(id)).map((id) => ({ i: at.get(id), rater: S.by.get(id) })));
+            }
           }
         }
       } catch (e) {
@@ -300,7 +390,12 @@
       clearTiles();
       layout();
       setFocus(S.focus, false);
-      status(`${rows.length} new image${rows.length > 1 ? "s" : ""}`);
+      const what = `${rows.length} new image${rows.length > 1 ? "s" : ""}`;
+      const j = S.allDone && S.auto ? nextUnrated(S.focus) : -1;
+      if (j >= 0) {
+        autoFocus(j); // everything was rated: the first new unrated image takes the focus
+        routine(`${what}: on to #${S.ids[j]}`);
+      } else routine(what);
     }
 
     function renderCounters(c) {
@@ -329,6 +424,15 @@
     function rateShown(tier, advance, since) {
       if (!requireRater() || !S.ids.length) return;
       const id = S.ids[S.focus];
+      const was = S.tier.get(id) || "", wasBy = S.by.get(id) || "";
+      const theirs = !!was && wasBy !== S.rater && !S.pending.get(id);
+      if (theirs && S.auto) {
+        // the page left the focus here because nothing is unrated: a key must not overwrite another's rating
+        status(`everything shown is rated; #${id} is ${was} by ${wasBy}: click it or move to it with the arrows `
+          + "to re-rate it", true, 6000);
+        return;
+      }
+      S.ratedSinceLoad++;
       S.pending.set(id, (S.pending.get(id) || 0) + 1);
       S.mine.set(id, [tier, S.rater]);
       setTier(id, tier, S.rater);
@@ -339,8 +443,10 @@
       if (S.timings.length > 2000) S.timings.splice(0, 1000);
       S.queue.push({ kind: "rate", id, tier, rater: S.rater, timing });
       pump();
-      if (advance && S.focus < S.ids.length - 1) setFocus(S.focus + 1);
+      if (advance) autoFocus(nextUnrated(S.focus)); // the next unrated image, or stay if there is none
       else if (S.detail) paintDetailTier();
+      if (theirs) status(`#${id}: ${tier} overrides ${was} by ${wasBy}`, false, 5000);
+      else if (S.allDone) routine("");
     }
 
     function undo() {
@@ -354,7 +460,8 @@
       S.busy = true;
       const head = S.queue[0];
       let n = 1;
-      if (head.kind === "rate") {
+      const single = S.single > 0; // after a refused batch: one rating a time, to find the refused one
+      if (head.kind === "rate" && !single) {
         while (n < S.queue.length && n < 500 && S.queue[n].kind === "rate" && S.queue[n].rater === head.rater) n++;
       }
       const batch = S.queue.slice(0, n);
@@ -366,9 +473,10 @@
           else {
             setTier(r.image_id, r.tier, r.rater);
             const i = S.ids.indexOf(r.image_id);
-            if (i >= 0) setFocus(i);
-            status(`undone: #${r.image_id} is now ${r.tier || "unrated"}`);
+            if (i >= 0) { setFocus(i); S.auto = false; S.allDone = false; } // back on it, to re-rate it
+            status(`undone: #${r.image_id} is now ${r.tier ? `${r.tier} by ${r.rater}` : "unrated"}`);
           }
+          refreshCounters(); // now, not at the next poll
         } else {
           const r = await call("POST", API + "rate", {
             rater: head.rater, ratings: batch.map((o) => ({ image_id: o.id, tier: o.tier })),
@@ -386,16 +494,13 @@
             S.golden.set(o.id, st.golden);
           }
           if (S.detail) paintDetailTier();
-          status(S.queue.length ? "saving…" : "saved");
+          routine(S.queue.length ? "saving…" : "saved");
         }
+        if (single) S.single--;
         S.failures = 0;
       } catch (e) {
-        if (e.status >= 400 && e.status < 500) {
-          S.queue.splice(0, n); // the server refused them: say why, and resync from the database
-          for (const o of batch) if (o.kind === "rate") { S.pending.delete(o.id); S.mine.delete(o.id); }
-          status(`not saved: ${e.message}`, true);
-          load();
-        } else {
+        if (e.status >= 400 && e.status < 500) refused(head, batch, e, single);
+        else {
           S.failures++;
           status(`not saved yet (${e.message}); retrying…`, true);
           await sleep(Math.min(5000, 250 * 2 ** S.failures));
@@ -406,19 +511,69 @@
       }
     }
 
+    // The server refused a request (4xx). Drop only what it refused and send the rest again: the ratings it
+    // names, or, when it names none, one rating at a time until the refused one is found.
+    function refused(head, batch, e, single) {
+      if (head.kind === "undo") {
+        S.queue.splice(0, 1);
+        status(`undo not saved: ${e.message}`, true, 8000);
+        return;
+      }
+      const named = new Set([...e.message.matchAll(/image (?:with id |#)?(\d+)/g)].map((m) => +m[1]));
+      let drop = batch.filter((o) => named.has(o.id));
+      if (!drop.length) {
+        if (batch.length > 1 && !/rater/.test(e.message)) { S.single = batch.length; return; } // retry one by one
+        drop = batch; // one rating alone, or the rater's name itself: none of them can be saved
+      }
+      S.queue.splice(0, batch.length, ...batch.filter((o) => !drop.includes(o)));
+      if (single) S.single = Math.max(0, S.single - drop.length);
+      for (const o of drop) {
+        const left = (S.pending.get(o.id) || 1) - 1;
+        if (left > 0) { S.pending.set(o.id, left); continue; }
+        S.pending.delete(o.id);
+        S.mine.delete(o.id);
+        resync(o.id);
+      }
+      const what = drop.slice(0, 5).map((o) => `#${o.id} ${o.tier}`).join(", ") + (drop.length > 5 ? ", …" : "");
+      status(`not saved: ${what} (${e.message})`, true, 15000);
+    }
+
+    // The database's tier of one image, after a rating of it was refused.
+    async function resync(id) {
+      let tier = "", rater = "";
+      try {
+        const d = await call("GET", API + `image/${id}`);
+        tier = d.tier || "";
+        rater = d.rater || "";
+      } catch (e) { /* gone: show it unrated */ }
+      if (!S.pending.get(id)) setTier(id, tier, rater);
+      if (S.detail && S.ids[S.focus] === id) paintDetailTier();
+    }
+
     window.addEventListener("beforeunload", (e) => {
       if (S.queue.length || S.busy) { e.preventDefault(); e.returnValue = ""; }
     });
 
-    function status(msg, bad = false) {
+    // A message in the status line; `holdMs` keeps it there against routine ones ("saved") that long.
+    function status(msg, bad = false, holdMs = 0) {
       ui.status.textContent = msg;
       ui.status.classList.toggle("lr-bad", bad);
       ui.status.classList.remove("lr-offline");
+      S.stickyUntil = holdMs ? performance.now() + holdMs : 0;
+    }
+
+    // A routine message, unless a held one is showing; while nothing is unrated, it says so too.
+    function routine(msg) {
+      if (performance.now() < S.stickyUntil) return;
+      const done = S.allDone && S.ids.length
+        ? "everything shown is rated; new images get the focus when they come" : "";
+      status([msg, done].filter(Boolean).join(" · "));
     }
 
     // -- the detail view ----------------------------------------------------------------------------------
     function openDetail() {
       if (!S.ids.length) return;
+      S.auto = false; // looking at it: a key now rates what is shown, whoever rated it before
       S.detail = true;
       ui.detail.hidden = false;
       loadDetail();
@@ -434,6 +589,7 @@
       const id = S.ids[S.focus];
       const token = ++S.detailToken;
       ui.dImg.classList.remove("lr-pixel");
+      ui.dImg.parentElement.classList.remove("lr-missing");
       ui.dImg.src = thumbUrl(id);
       ui.dPos.textContent = `${S.focus + 1} / ${S.ids.length}`;
       paintDetailTier();
@@ -457,7 +613,7 @@
         ["Lineage", d.lineage.length ? [`#${d.id}`, ...d.lineage.map((p) => `#${p.id}`)].join(" ← ") : null],
         ["Units", d.units.map((u) => `unit ${u.unit} (${u.method}${u.unit === 0 ? ": " + u.base : ""})`).join(" ← ")],
         ["Image", `#${d.id} · ${d.path}`],
-        ...Object.entries(d.extra).map(([k, v]) => [k, typeof v === "object" ? JSON.stringify(v) : v]),
+        ...Object.entries(d.extra).map(([k, v]) => [k, v !== null && typeof v === "object" ? JSON.stringify(v) : v]),
       ];
       ui.dMeta.replaceChildren();
       for (const [k, v] of meta) {
@@ -489,11 +645,15 @@
 
     ui.dImg.addEventListener("load", () => {
       ui.dImg.classList.toggle("lr-pixel", ui.dImg.naturalWidth < 256);
+      ui.dImg.parentElement.classList.remove("lr-missing");
+    });
+    ui.dImg.addEventListener("error", () => {
+      if (ui.dImg.getAttribute("src")) ui.dImg.parentElement.classList.add("lr-missing");
     });
     $(".lr-excellent").addEventListener("click", (e) => rateShown("UR", false, e.timeStamp));
     $(".lr-d-close").addEventListener("click", closeDetail);
-    $(".lr-d-prev").addEventListener("click", () => setFocus(S.focus - 1));
-    $(".lr-d-next").addEventListener("click", () => setFocus(S.focus + 1));
+    $(".lr-d-prev").addEventListener("click", () => goTo(S.focus - 1));
+    $(".lr-d-next").addEventListener("click", () => goTo(S.focus + 1));
     ui.detail.addEventListener("click", (e) => { if (e.target === ui.detail) closeDetail(); });
 
     // -- keys ---------------------------------------------------------------------------------------------
@@ -511,14 +671,14 @@
       let handled = true;
       if (KEYS[k]) { if (!e.repeat) rateShown(KEYS[k], true, e.timeStamp); }
       else if (UNDO_KEYS.has(k)) { if (!e.repeat) undo(); }
-      else if (k === "ArrowRight") setFocus(S.focus + 1);
-      else if (k === "ArrowLeft") setFocus(S.focus - 1);
-      else if (k === "ArrowDown") setFocus(S.focus + S.cols);
-      else if (k === "ArrowUp") setFocus(S.focus - S.cols);
-      else if (k === "PageDown") setFocus(S.focus + S.cols * Math.max(1, Math.floor(ui.scroll.clientHeight / STEP)));
-      else if (k === "PageUp") setFocus(S.focus - S.cols * Math.max(1, Math.floor(ui.scroll.clientHeight / STEP)));
-      else if (k === "Home") setFocus(0);
-      else if (k === "End") setFocus(S.ids.length - 1);
+      else if (k === "ArrowRight") goTo(S.focus + 1);
+      else if (k === "ArrowLeft") goTo(S.focus - 1);
+      else if (k === "ArrowDown") goTo(S.focus + S.cols);
+      else if (k === "ArrowUp") goTo(S.focus - S.cols);
+      else if (k === "PageDown") goTo(S.focus + S.cols * Math.max(1, Math.floor(ui.scroll.clientHeight / STEP)));
+      else if (k === "PageUp") goTo(S.focus - S.cols * Math.max(1, Math.floor(ui.scroll.clientHeight / STEP)));
+      else if (k === "Home") goTo(0);
+      else if (k === "End") goTo(S.ids.length - 1);
       else if (k === "Enter") openDetail();
       else if (k === "Escape") { if (S.detail) closeDetail(); else handled = false; }
       else handled = false;
@@ -576,6 +736,14 @@
         return;
       }
       const m = S.meta;
+      if (m.login) {
+        // behind a login, ratings are by the logged-in user (the server takes the name from the login)
+        S.rater = m.login;
+        ui.rater.value = m.login;
+        ui.rater.readOnly = true;
+        ui.rater.title = "you are logged in as " + m.login;
+        ui.rater.classList.remove("lr-need");
+      }
       const round = first.round === "current" ? String(m.current_round) : first.round;
       const rounds = m.rounds.map(String);
       if (round !== "all" && !rounds.includes(round)) rounds.push(round); // a round with no images yet

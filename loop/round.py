@@ -41,14 +41,15 @@ def rating_summary(store: Store, n: int) -> str:
 
 
 def finish_rating(store: Store, n: int) -> None:
-    """Close round n's rate phase. Refused before the round has generated: closing it then would let
-    `loop run --round` generate and go straight on to select and train, past images nobody has seen."""
-    if not store.phase_done(n, "generate"):
+    """Close round n's rate phase. Refused while the round has no image at all: closing it then would let
+    `loop run --round` generate and go straight on to select and train, past images nobody has seen. (Images
+    of the round made by `loop generate` outside the round's own generate phase, the ring buffer, count.)"""
+    if not store.phase_done(n, "generate") and not sum(store.tier_counts(round=n).values()):
         from loop.errors import LoopError
 
         raise LoopError(
-            f"round {n} has not generated its images yet, so there is nothing to finish rating; run "
-            f"`loop run --round` (it generates, then waits for your ratings)"
+            f"round {n} has no images yet, so there is nothing to finish rating; run `loop run --round` (it "
+            f"generates, then waits for your ratings) or `loop generate`"
         )
     store.finish_phase(n, "rate", {"summary": rating_summary(store, n), "by": "person"})
 

@@ -338,3 +338,12 @@ def test_config_of_a_folder_that_is_not_a_workspace(tmp_path, capsys):
     assert entry(["config", "-w", str(tmp_path / "plain")]) == 0
     out = capsys.readouterr()
     assert "model:" in out.out and out.err.count("\n") == 1 and "not a loop workspace" in out.err
+
+
+def test_finishing_the_rating_of_a_round_with_no_images_is_refused(ws, capsys):
+    # it used to close the phase on 0/0, and the next `loop run --round` trained past images nobody had seen
+    assert entry(["rate", "--finish", "-w", str(ws.root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "round 0 has no images yet" in err
+    with ws.store() as store:
+        assert not store.phase_done(0, "rate")

@@ -397,6 +397,7 @@ def import_cmd(
     from loop.interop import import_images
     from loop.workspace import Workspace
 
+    tier = tier.upper() if tier is not None else None  # `--tier ur` as `--set ur` is taken
     if tier is not None and tier not in TIERS:
         raise LoopError(f"--tier {tier!r}: use one of {', '.join(TIERS)}")
     ws = Workspace.open(workspace)

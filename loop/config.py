@@ -75,7 +75,7 @@ class GenerateConfig:
         _check(0 <= self.seed <= MAX_SEED, "generate.seed", self.seed, f"must be between 0 and {MAX_SEED}")
         for key in ("images_per_prompt", "batch_size", "steps"):
             _check(getattr(self, key) > 0, f"generate.{key}", getattr(self, key), "must be a positive integer")
-        _check(self.cfg >= 0, "generate.cfg", self.cfg, "must be >= 0")
+        _check(0 <= self.cfg < float("inf"), "generate.cfg", self.cfg, "must be a number >= 0 (not inf or nan)")
         _check(0 <= self.guidance_rescale <= 1, "generate.guidance_rescale", self.guidance_rescale,
                "must be in [0, 1] (0: plain guidance; 0.7 as in Lin et al. 2024)")  # fmt: skip
         _check(

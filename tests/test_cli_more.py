@@ -17,6 +17,10 @@ def test_import_then_export_golden_through_the_cli(ws, tmp_path, capsys):
     assert entry(["export", "--set", "golden", "--out", str(tmp_path / "ds"), "-w", str(ws.root)]) == 0
     lines = (tmp_path / "ds" / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 1 and '"a red thing"' in lines[0]
+    Image.new("RGB", (20, 20), (10, 200, 40)).save(src / "b.png")
+    assert entry(["import", str(src), "--tier", "ur", "-w", str(ws.root)]) == 0  # as `--set ur` is taken
+    with ws.store() as store:
+        assert store.tier_counts().get("UR") == 2
     assert entry(["import", str(src), "--tier", "XR", "-w", str(ws.root)]) == 2
     assert "--tier 'XR'" in capsys.readouterr().err
 

@@ -24,6 +24,8 @@ def test_defaults_then_yaml_then_overrides(ws):
         # OmegaConf itself reads any number as a bool (2 -> true); a count given to a switch is refused
         (["select.balance_rounds=2"], ["select.balance_rounds", "2", "true or false"]),
         (["train.ema=maybe"], ["train.ema", "maybe", "true or false"]),
+        (["generate.cfg=inf"], ["generate.cfg", "inf"]),
+        (["generate.cfg=nan"], ["generate.cfg", "nan"]),
     ],
 )
 def test_bad_config_names_key_and_value(override, words):

@@ -41,7 +41,9 @@ def _quiet_libraries() -> None:
 
 
 def _echo(msg: str) -> None:
-    typer.echo(msg)
+    # warnings (a skipped file, a left-out image) go to stderr, so `loop ... > log` keeps them on screen and a
+    # script reading stdout gets only the results
+    typer.echo(msg, err=str(msg).startswith("warning"))
 
 
 def _open(workspace: Path, overrides: list[str] | None, model: bool = True):

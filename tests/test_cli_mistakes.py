@@ -137,7 +137,7 @@ def test_vary_catches_a_render_error_per_parent(ws, tmp_path, capsys, monkeypatc
     capsys.readouterr()
     assert entry(["vary", str(rows[0]["id"]), "--n", "1", "-w", str(ws.root), *QUICK]) == 2
     out = capsys.readouterr()
-    assert "could not be varied (CUDA out of memory. Tried to allocate 3.00 GiB)" in out.out
+    assert "could not be varied (CUDA out of memory. Tried to allocate 3.00 GiB)" in out.err
     assert out.err.splitlines()[-1].startswith("error: no variation") and "Traceback" not in out.err
 
 
@@ -310,8 +310,9 @@ def test_init_warns_about_more_than_five_seed_images(tmp_path, capsys):
     for i in range(7):
         Image.new("RGB", (16, 16), (30 * i, 40, 40)).save(seeds / f"{i}.png")
     assert entry(["init", str(tmp_path / "w"), "--seed-images", str(seeds)]) == 0
-    out = capsys.readouterr().out
-    assert len([ln for ln in out.splitlines() if ln.startswith("warning: 7 seed images")]) == 1
+    out = capsys.readouterr()
+    assert len([ln for ln in out.err.splitlines() if ln.startswith("warning: 7 seed images")]) == 1
+    assert "warning" not in out.out  # warnings go to stderr, results to stdout
 
 
 # 15 ------------------------------------------------------------------------------------------------------------

@@ -325,9 +325,14 @@ def screenshots(browser, out_img: Path) -> None:
                 store.rate_many([(i, t) for i, t in zip(ids[10:15], ["N", "R", "SSR", "N", "SR"])], "bob")
             page.wait_for_function("LoopRate.idle()")
             page.wait_for_timeout(2500)  # one poll: bob's ratings and the counters arrive
+            # bob's ratings just ahead steer alice's focus past them; she picks ids[5] (the image with a parent)
+            page.keyboard.press("Home")
+            for _ in range(5):
+                page.keyboard.press("ArrowRight")
+            page.wait_for_function(f"LoopRate.state.ids[LoopRate.state.focus] === {ids[5]}")
             out_img.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out_img / "rate-grid.png"))
-            page.keyboard.press("Enter")  # the focus is on ids[5], the image with a parent
+            page.keyboard.press("Enter")  # the focus is on ids[5]
             page.wait_for_selector(".lr-detail:not([hidden]) .lr-meta dt")
             page.click(".lr-excellent")
             page.wait_for_function("LoopRate.idle()")

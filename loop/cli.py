@@ -395,17 +395,13 @@ def import_cmd(
     workspace: WorkspaceOpt = Path("."),
 ) -> None:
     """Bring outside images into the workspace (golden/); unreadable files are skipped, one line each."""
-    from loop.config import TIERS
     from loop.interop import import_images
     from loop.workspace import Workspace
 
-    tier = tier.upper() if tier is not None else None  # `--tier ur` as `--set ur` is taken
-    if tier is not None and tier not in TIERS:
-        raise LoopError(f"--tier {tier!r}: use one of {', '.join(TIERS)}")
-    ws = Workspace.open(workspace)
+    ws = Workspace.open(workspace)  # import_images checks --tier (any case, as --set) before it reads a file
     with ws.store() as store:
         r = import_images(ws, store, src, tier, source, log=_echo)
-    now = f" ({r['retiered']} of them unrated until now: rated {tier})" if r.get("retiered") else ""
+    now = f" ({r['retiered']} of them unrated until now: rated {tier.upper()})" if r.get("retiered") else ""
     _echo(f"imported {r['imported']}, skipped {r['skipped']} unreadable, {r['duplicates']} already here{now}")
     if r["skipped"] and not r["imported"] and not r["duplicates"]:
         # a script that imports and then trains must not go on as if the set had grown

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from loop.config import GenerateConfig, LoopConfig
+from loop.config import MAX_SEED, GenerateConfig, LoopConfig
 from loop.errors import LoopError
 from loop.images import png_bytes, to_rgb
 from loop.models import load_unit, set_scheduler, unit_trigger
@@ -43,7 +43,7 @@ from loop.prompts import LINE_OPTIONS, PromptLine, Ring, parse_line, read_prompt
 from loop.store import IMAGE_COLUMNS, Store
 from loop.workspace import Workspace, atomic_write, sha256_bytes
 
-SEED_RANGE = 2**63  # seeds are stored as SQLite integers: a seed + k past the top wraps round to 0
+SEED_RANGE = MAX_SEED + 1  # a seed + k past the top (SQLite's integers) wraps round to 0
 
 
 # -- stopping ----------------------------------------------------------------------------------------------

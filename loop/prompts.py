@@ -20,14 +20,13 @@ import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from loop.config import MAX_SEED
 from loop.errors import LoopError
 
 # per-line overrides, as in A1111's "prompts from file": `a red circle --n 4 --seed 7 --cfg 5`
 LINE_OPTIONS = {"--n": int, "--seed": int, "--steps": int, "--cfg": float, "--neg": str, "--w": int, "--h": int}
 # a longer line is a paste gone wrong, not a prompt (CLIP reads 77 tokens; every image would carry it in its PNG)
 MAX_LINE_CHARS = 10_000
-# seeds are stored as SQLite integers (signed 64-bit): 0 <= seed < 2**63
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)

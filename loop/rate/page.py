@@ -102,20 +102,19 @@ class BasicAuth:
             # with a login, a rating is the logged-in user's: the routes take the rater from here, not the body
             scope.setdefault("state", {})[AUTH_USER] = user
             return await self.app(scope, receive, send)
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"www-authenticate", f'Basic realm="{self.realm}", charset="UTF-8"'.encode()),
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": b"login required\n"})
+        challenge = (b"www-authenticate", f'Basic realm="{self.realm}", charset="UTF-8"'.encode())
+        await _refuse(scope, send, 401, b"login required\n", [challenge])
+
+
+async def _refuse(scope, send, status: int, body: bytes, headers=()) -> None:
+    """Answer a refused request before the app sees it: a websocket is closed (policy violation), a request gets
+    `status` with a plain-text body."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    headers = [*headers, (b"content-type", b"text/plain; charset=utf-8")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class LocalOnly:
@@ -128,13 +127,11 @@ class LocalOnly:
       in, and this answers before it, with no CORS headers.
     """
 
-    LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
-
     def __init__(self, app):
         self.app = app
 
-    @classmethod
-    def _hostname(cls, host: str) -> str:
+    @staticmethod
+    def _hostname(host: str) -> str:
         host = host.strip().lower()
         if host.startswith("["):
             return host[: host.find("]") + 1]
@@ -147,23 +144,13 @@ class LocalOnly:
         host = headers.get(b"host", b"").decode("latin-1")
         origin = headers.get(b"origin", b"").decode("latin-1")
         why = None
-        if host and not (self._hostname(host) in self.LOCAL_NAMES or is_loopback(self._hostname(host))):
+        if host and not is_loopback(self._hostname(host)):
             why = "this page answers only to 127.0.0.1 or localhost"
         elif origin and origin.split("://", 1)[-1].lower() != host.lower():
             why = "requests from another site or port are refused"
         if why is None:
             return await self.app(scope, receive, send)
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 403,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8")],
-            }
-        )
-        await send({"type": "http.response.body", "body": why.encode() + b"\n"})
+        await _refuse(scope, send, 403, why.encode() + b"\n")
 
 
 def request_rater(request: Request, body: dict):

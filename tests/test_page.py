@@ -538,3 +538,27 @@ def test_compare_without_pairs_shows_only_the_reason(tmp_path, browser):
     finally:
         server.stop()
         close_app(app)
+
+
+@browser_test
+def test_a_batch_with_an_image_gone_from_the_store_saves_the_others(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 6, round=24)
+    page = open_page(browser, url, 24)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    with ws.store() as store:  # gone from the store while the page still shows it
+        store.db.execute("DELETE FROM images WHERE id = ?", (ids[2],))
+    press_at_once(page, "12345")
+    idle(page)
+    assert sql(ws, "SELECT image_id, tier FROM ratings WHERE image_id >= ? ORDER BY id", ids[0]) == [
+        (ids[0], "UR"),
+        (ids[1], "SSR"),
+        (ids[3], "R"),
+        (ids[4], "N"),
+    ]
+    expect(page.locator(".lr-status")).to_contain_text(f"not saved: #{ids[2]}")
+    assert errors == []
+    page.context.close()

@@ -490,9 +490,11 @@
             S.pending.delete(o.id);
             S.mine.delete(o.id);
             const st = r.images[o.id];
+            if (!st) continue; // an id the server no longer has (named in r.missing): the others were stored
             setTier(o.id, st.tier, st.rater);
             S.golden.set(o.id, st.golden);
           }
+          if (r.missing) status(`not saved: #${r.missing.join(", #")} (no such image any more)`, true, 8000);
           if (S.detail) paintDetailTier();
           routine(S.queue.length ? "saving…" : "saved");
         }

@@ -562,3 +562,62 @@ def test_a_batch_with_an_image_gone_from_the_store_saves_the_others(site, browse
     expect(page.locator(".lr-status")).to_contain_text(f"not saved: #{ids[2]}")
     assert errors == []
     page.context.close()
+
+
+def settled(page):
+    """The page's claim on its focus is confirmed (a rater looks at an image before rating it), or it has nothing
+    left to rate."""
+    page.wait_for_function(
+        "() => { const S = LoopRate.state; return S.allDone || S.claimed === S.ids[S.focus]; }", timeout=10_000
+    )
+
+
+@browser_test
+def test_two_raters_at_a_human_pace_never_rate_the_same_image(site, browser):
+    ws, url = site
+    ids = add(ws, 12, round=30)
+    a = open_page(browser, url, 30, rater="alice")
+    settled(a)
+    b = open_page(browser, url, 30, rater="bob")
+    settled(b)
+    assert focus_id(a) == ids[0] and focus_id(b) == ids[1]  # bob's page skips the image alice has open
+    # and shows where alice is
+    b.wait_for_selector(f".lr-tile.lr-claimed[data-id='{ids[0]}']", timeout=8000)
+    for k in range(30):  # alternately, each once its page has settled on an image: as two people would
+        page = (a, b)[k % 2]
+        settled(page)
+        if not page.evaluate("LoopRate.state.allDone"):
+            page.keyboard.press("12345"[k % 5])
+        idle(page)
+        if len(sql(ws, "SELECT image_id FROM current_tiers WHERE image_id >= ?", ids[0])) == len(ids):
+            break
+    counts = sql(ws, "SELECT image_id, COUNT(*) FROM ratings WHERE image_id >= ? GROUP BY image_id", ids[0])
+    assert sorted(i for i, _ in counts) == ids  # every image rated
+    assert all(n == 1 for _, n in counts), counts  # and none twice
+    raters = dict(sql(ws, "SELECT rater, COUNT(*) FROM ratings WHERE image_id >= ? GROUP BY rater", ids[0]))
+    assert raters == {"alice": 6, "bob": 6}
+    a.context.close()
+    b.context.close()
+
+
+@browser_test
+def test_a_closed_page_gives_its_image_back(site, browser):
+    ws, url = site
+    ids = add(ws, 4, round=31)
+    a = open_page(browser, url, 31, rater="alice")
+    settled(a)
+    b = open_page(browser, url, 31, rater="bob")
+    settled(b)
+    b.wait_for_selector(f".lr-tile.lr-claimed[data-id='{ids[0]}']", timeout=8000)
+    a.context.close()
+    # the page says so as it closes (else the claim lapses within seconds); bob's next poll shows it free
+    b.wait_for_selector(f".lr-tile[data-id='{ids[0]}']:not(.lr-claimed)", timeout=15_000)
+    for _ in ids[1:]:
+        settled(b)
+        b.keyboard.press("4")
+    settled(b)
+    assert focus_id(b) == ids[0]  # the image alice had open is bob's to rate now
+    b.keyboard.press("4")
+    idle(b)
+    assert sql(ws, "SELECT COUNT(*) FROM current_tiers WHERE image_id >= ?", ids[0]) == [(4,)]
+    b.context.close()

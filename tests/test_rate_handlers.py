@@ -329,3 +329,52 @@ def test_package_ships_the_page_assets():
 
     assert (Path(page.__file__).parent / "static" / "rate.js").is_file()
     assert (Path(page.__file__).parent / "static" / "rate.css").is_file()
+
+
+# -- claims: where each open page has its focus ----------------------------------------------------------------
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_claimed_image_is_refused_to_every_other_page_until_released_or_lapsed():
+    from loop.rate.handlers import Claims
+
+    clock = _Clock()
+    c = Claims(ttl=10.0, clock=clock)
+    assert c.claim("tab-a", 7, "alice") is None
+    assert c.claim("tab-b", 7, "bob") == "alice"  # refused, and bob's page holds nothing
+    assert c.held("tab-b") is None and c.others("tab-b") == {7: "alice"}
+    assert c.claim("tab-a2", 7, "alice") == "alice"  # alice's second page is another page
+    assert c.claim("tab-b", 8, "bob") is None
+    assert c.others("tab-a") == {8: "bob"} and c.others() == {7: "alice", 8: "bob"}
+    assert c.claim("tab-a", 9, "alice") is None  # moving the focus gives 7 back
+    assert c.claim("tab-b", 7, "bob") is None and c.held("tab-b") == 7
+    clock.now += 6
+    c.renew("tab-b")  # a poll keeps bob's claim; alice's page stopped polling
+    clock.now += 6
+    assert c.others() == {7: "bob"}  # alice's lapsed after 10 s
+    assert c.claim("tab-a", None) is None and c.claim("tab-b", None) is None  # release
+    assert c.others() == {}
+    for bad in ("", None, 5, "x" * 65, "tab\n"):
+        with pytest.raises(BadRequest, match="tab must be"):
+            c.claim(bad, 1, "alice")
+
+
+def test_the_list_and_the_poll_name_the_other_pages_claims(h):
+    ids = _add(h, 3)
+    assert h.claim("tab-a", ids[0], "alice") == {"ok": True, "by": None, "claims": []}
+    out = h.claim("tab-b", ids[0], "bob")
+    assert out == {"ok": False, "by": "alice", "claims": [[ids[0], "alice"]]}
+    h.claim("tab-b", ids[1], "bob")
+    assert h.images(round=0, tab="tab-a")["claims"] == [[ids[1], "bob"]]
+    changes = h.changes(0, 0, round=0, tab="tab-b")
+    assert changes["claims"] == [[ids[0], "alice"]] and changes["mine"] == ids[1]
+    assert h.changes(0, 0, round=0)["mine"] is None
+    with pytest.raises(BadRequest, match="image_id must be"):
+        h.claim("tab-a", "3", "alice")
+    assert h.claim("tab-c", ids[2], 42)["ok"]  # a name that is not a string is shown as another rater
+    assert h.images(tab="tab-a")["claims"][-1] == [ids[2], "another rater"]

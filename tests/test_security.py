@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -414,6 +415,10 @@ def test_odd_numbers_are_400s_not_500s(planted):
     for image_id in (b"99999999999999999999999", b"true"):
         body = b'{"rater": "eve", "ratings": [{"image_id": %s, "tier": "UR"}]}' % image_id
         assert asgi_call(app, b"/loop/api/rate", "POST", json_ct, body)[0] == 400, image_id
+    for body in (b'{"tab": "t", "image_id": 1.5}', b'{"tab": "t", "image_id": true}', b'{"image_id": 1}',
+                 b'{"tab": "%s", "image_id": 1}' % (b"x" * 200)):
+        assert asgi_call(app, b"/loop/api/claim", "POST", json_ct, body)[0] == 400, body
+    assert asgi_request(app, b"/loop/api/changes?tab=" + b"y" * 100)[0] == 400
 
 
 def raw_request(target: bytes, method: bytes = b"GET", headers: bytes = b"") -> bytes:
@@ -610,6 +615,7 @@ GUARDED = [  # (method, path): every kind of route the app has; {id}, {rel} fill
     ("GET", "/loop/api/ab/ranking"),
     ("POST", "/loop/api/rate"),
     ("POST", "/loop/api/undo"),
+    ("POST", "/loop/api/claim"),
     ("POST", "/loop/api/finish"),
     ("POST", "/loop/api/ab/vote"),
     ("GET", "/loop/thumb/{id}"),
@@ -918,6 +924,12 @@ def test_with_a_login_ratings_are_by_the_logged_in_user_whatever_the_body_says(g
     assert tuple(row) == ("ann", "UR") and all(r["rater"] != "ann" for r in undone)
     status, _, out = asgi_call(g["app"], b"/loop/api/meta", "GET", ann)
     assert status == 200 and b'"login":"ann"' in out.replace(b": ", b":")
+    # a claim shows the login too, not the name in the body
+    claim = b'{"tab": "t-ann", "image_id": %d, "rater": "dave"}' % g["id"]
+    assert asgi_call(g["app"], b"/loop/api/claim", "POST", ann + [JSON_CT], claim)[0] == 200
+    status, _, out = asgi_call(g["app"], b"/loop/api/images?tab=t-bob", "GET", bob)
+    assert status == 200 and json.loads(out)["claims"] == [[g["id"], "ann"]]
+    asgi_call(g["app"], b"/loop/api/claim", "POST", ann + [JSON_CT], b'{"tab": "t-ann", "image_id": null}')
 
 
 def test_rater_names_are_plain_text_on_the_progress_tab(tmp_path):

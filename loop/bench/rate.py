@@ -319,12 +319,16 @@ def screenshots(browser, out_img: Path) -> None:
             page = ctx.new_page()
             page.goto(server.url + "/")
             page.wait_for_function(_grid_ready_js(20), polling="raf", timeout=60_000)
+            # bob's recent (undone) rating makes alice's page start half way down the list, as it would for a
+            # second rater; she goes back to the top herself
+            page.keyboard.press("Home")
             for key in "14234":
                 page.keyboard.press(key)
             with ws.store() as store:  # bob, on his own page, rates a few further along
                 store.rate_many([(i, t) for i, t in zip(ids[10:15], ["N", "R", "SSR", "N", "SR"])], "bob")
+            app.state.handlers.claim("bobs-page", ids[15], "bob")  # and has his focus on the next one
             page.wait_for_function("LoopRate.idle()")
-            page.wait_for_timeout(2500)  # one poll: bob's ratings and the counters arrive
+            page.wait_for_function(f"LoopRate.state.claims.has({ids[15]})")  # one poll: all of that arrives
             # bob's ratings just ahead steer alice's focus past them; she picks ids[5] (the image with a parent)
             page.keyboard.press("Home")
             for _ in range(5):

@@ -32,6 +32,8 @@ THUMB_SIDE = 256
 THUMB_MEMORY = 64 << 20  # thumbnail bytes kept in memory (tens of thousands of small WebP files)
 PACE_WINDOW_S = 300.0  # pace = ratings per minute over the last five minutes
 MAX_RATER = 40
+CLAIM_TTL_S = 10.0  # a page renews its claim with every poll (2 s); a closed page's claim lapses after this
+MAX_TAB = 64
 
 
 class BadRequest(ValueError):
@@ -135,6 +137,68 @@ def sync_golden(ws: Workspace, store: Store, image_id: int) -> dict:
     return {"tier": tier, "rater": rater, "golden": dst.exists()}
 
 
+class Claims:
+    """Which image each open page has its focus on, so two raters' pages never put it on the same unrated image.
+
+    Each page (a `tab`: a random token it makes when it opens, so one rater's two pages are two tabs) holds at
+    most one claim: the image its focus is on. `claim` is atomic: it answers the name of the rater whose page
+    already holds the image, or None when the claim is taken. A page renews its claim with every poll; a closed
+    page's claim lapses after CLAIM_TTL_S. Kept in memory only: a claim is a few seconds of intent, not data,
+    and a restarted server starts with none (the pages claim again at their next focus or poll).
+    """
+
+    def __init__(self, ttl: float = CLAIM_TTL_S, clock=time.monotonic):
+        self.ttl, self.clock = ttl, clock
+        self._lock = threading.Lock()
+        self._tabs: dict[str, tuple[int, str, float]] = {}  # tab -> (image id, rater, expiry)
+
+    @staticmethod
+    def check_tab(tab) -> str:
+        if not isinstance(tab, str) or not tab or len(tab) > MAX_TAB or not tab.isascii() or not tab.isprintable():
+            raise BadRequest(f"tab must be a short ASCII token, got {str(tab)[:40]!r}")
+        return tab
+
+    def _expire(self, now: float) -> None:
+        for tab in [t for t, (_, _, until) in self._tabs.items() if until <= now]:
+            del self._tabs[tab]
+
+    def claim(self, tab: str, image_id: int | None, rater: str = "") -> str | None:
+        """Move `tab`'s claim to `image_id` (None: release it). Returns who holds the image when another page
+        does (the claim is then not taken and the tab keeps none), else None."""
+        tab = self.check_tab(tab)
+        with self._lock:
+            now = self.clock()
+            self._expire(now)
+            if image_id is not None:
+                for other, (held, who, _) in self._tabs.items():
+                    if held == image_id and other != tab:
+                        self._tabs.pop(tab, None)
+                        return who or "another rater"
+            if image_id is None:
+                self._tabs.pop(tab, None)
+            else:
+                self._tabs[tab] = (image_id, rater or "", now + self.ttl)
+            return None
+
+    def renew(self, tab: str) -> None:
+        with self._lock:
+            if tab in self._tabs:
+                image_id, rater, _ = self._tabs[tab]
+                self._tabs[tab] = (image_id, rater, self.clock() + self.ttl)
+
+    def held(self, tab: str) -> int | None:
+        with self._lock:
+            self._expire(self.clock())
+            found = self._tabs.get(tab)
+            return found[0] if found else None
+
+    def others(self, tab: str | None = None) -> dict[int, str]:
+        """{image id: rater} of every live claim but `tab`'s."""
+        with self._lock:
+            self._expire(self.clock())
+            return {i: who or "another rater" for t, (i, who, _) in self._tabs.items() if t != tab}
+
+
 class RateHandlers:
     """The page's operations over one workspace; safe to call from many threads."""
 
@@ -146,6 +210,7 @@ class RateHandlers:
         self._counters: dict[tuple, dict] = {}
         self._thumbs: dict[int, bytes] = {}
         self._thumb_size = 0
+        self.claims = Claims()
 
     # -- reading ---------------------------------------------------------------------------------------------
     def current_round(self) -> int:
@@ -192,8 +257,9 @@ class RateHandlers:
         im = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
         return ev, im
 
-    def images(self, round=None, unit=None, tier=None, unrated=False, q="") -> dict:
-        """The filtered images, unrated first, then by id; as parallel arrays so 10,000 stay small."""
+    def images(self, round=None, unit=None, tier=None, unrated=False, q="", tab=None) -> dict:
+        """The filtered images, unrated first, then by id; as parallel arrays so 10,000 stay small. `claims`:
+        [image id, rater] of the images other pages have their focus on (see Claims)."""
         where, args = self._where(round, unit, tier, unrated, q)
         with self.lock:
             last_event, last_image = self._last_ids()
@@ -209,11 +275,28 @@ class RateHandlers:
             "unrated": sum(1 for r in rows if r[1] is None),
             "last_event": last_event,
             "last_image": last_image,
+            "claims": self._claims(tab),
         }
 
-    def changes(self, after_event: int, after_image: int, round=None, unit=None, tier=None, unrated=False, q=""):
+    def _claims(self, tab: str | None) -> list[list]:
+        return [[i, who] for i, who in sorted(self.claims.others(tab).items())]
+
+    def claim(self, tab: str, image_id: int | None, rater: str = "") -> dict:
+        """Put `tab`'s claim on `image_id` (None: release it). ok is false when another page has its focus
+        there (`by` names its rater); `claims` lists the other pages' claims either way."""
+        if image_id is not None and (not isinstance(image_id, int) or isinstance(image_id, bool)):
+            raise BadRequest(f"image_id must be an integer or null, got {image_id!r}"[:200])
+        by = self.claims.claim(tab, image_id, rater[:MAX_RATER] if isinstance(rater, str) else "")
+        return {"ok": by is None, "by": by, "claims": self._claims(tab)}
+
+    def changes(
+        self, after_event: int, after_image: int, round=None, unit=None, tier=None, unrated=False, q="", tab=None
+    ):
         """What happened since the client's last look: current tiers of images rated or undone since event
-        `after_event` (within round/unit), and new images matching the filters (id above `after_image`)."""
+        `after_event` (within round/unit), new images matching the filters (id above `after_image`), and the
+        other pages' claims. A poll with a `tab` renews that page's claim."""
+        if tab is not None:
+            self.claims.renew(tab)
         where, args = self._where(round, unit, tier, unrated, q)
         scope, scope_args = self._where(round, unit)
         with self.lock:
@@ -234,6 +317,8 @@ class RateHandlers:
             "last_event": last_event,
             "last_image": last_image,
             "counters": self.counters(round=round, unit=unit),
+            "claims": self._claims(tab),
+            "mine": None if tab is None else self.claims.held(tab),  # the image this page holds, if any
         }
 
     def counters(self, round=None, unit=None) -> dict:

@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool  # noqa: E402
 from loop.config import TIERS, LoopConfig  # noqa: E402
 from loop.errors import LoopError  # noqa: E402
 from loop.rate.ab import ABVotes, ranking_html  # noqa: E402
-from loop.rate.handlers import BadRequest, Forbidden, NotFound, RateHandlers  # noqa: E402
+from loop.rate.handlers import BadRequest, Claims, Forbidden, NotFound, RateHandlers  # noqa: E402
 from loop.store import PHASES  # noqa: E402
 from loop.workspace import Workspace  # noqa: E402
 
@@ -201,6 +201,7 @@ def _filters(request: Request, h: RateHandlers) -> dict:
         "tier": tier,
         "unrated": q.get("unrated", "") in ("1", "true"),
         "q": q.get("q", "")[:200],
+        "tab": Claims.check_tab(q["tab"]) if q.get("tab") else None,
     }
 
 
@@ -278,6 +279,12 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
     async def rate(request: Request):
         body = await _json_body(request)
         return ok(await run_in_threadpool(h.rate, _ratings(body), request_rater(request, body)))
+
+    @app.post("/loop/api/claim")
+    async def claim(request: Request):
+        # the focus of one page: {tab, image_id (null releases), rater}; see handlers.Claims
+        body = await _json_body(request)
+        return ok(h.claim(body.get("tab"), body.get("image_id"), request_rater(request, body) or ""))
 
     @app.post("/loop/api/undo")
     async def undo(request: Request):

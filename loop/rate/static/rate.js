@@ -104,6 +104,12 @@
       // moves it (arrows, click, detail view), so a key on an image someone else rated is then deliberate.
       // allDone: no unrated image is left in the list; the focus stays put until a new one comes.
       auto: true, allDone: false, ratedSinceLoad: 0, stickyUntil: 0, single: 0,
+      // claims: the server gives each open page (tab: a token made here, so one rater's two pages are two) one
+      // claim, on the image its focus is on; the page never puts its focus on an unrated image another page
+      // claimed, so two raters never rate the same one by chance. claims: id -> rater of the other pages';
+      // claimTarget: what this page asked for; claimed: what the server confirmed.
+      tab: Math.random().toString(36).slice(2) + Date.now().toString(36),
+      claims: new Map(), claimTarget: undefined, claimed: null, claimGen: 0,
     };
 
     // -- legend and tier buttons --------------------------------------------------------------------------
@@ -185,8 +191,44 @@
       const badge = t.children[1];
       badge.textContent = tier;
       badge.className = tier ? `lr-badge lr-chip lr-t-${tier}` : "lr-badge";
-      t.children[2].textContent = tier ? S.by.get(id) || "" : "";
-      t.title = `#${id}` + (tier ? ` · ${tier} by ${S.by.get(id)}` : " · unrated");
+      const on = !tier && S.claims.get(id); // another rater's page has its focus here
+      t.classList.toggle("lr-claimed", !!on);
+      t.children[2].textContent = tier ? S.by.get(id) || "" : on || "";
+      t.title = `#${id}` + (tier ? ` · ${tier} by ${S.by.get(id)}` : on ? ` · unrated, ${on} is on it` : " · unrated");
+    }
+
+    function setClaims(list) {
+      S.claims = new Map(list);
+      for (const t of S.live.values()) paintTile(t, t._id);
+    }
+
+    // Claim the image the focus is on (or release the claim when it is on a rated one, where nobody is sent).
+    // If another page claimed it first (both got there within one round trip), a focus the page placed moves on.
+    async function sendClaim() {
+      const id = S.ids.length && !rated(S.focus) ? S.ids[S.focus] : null;
+      if (id === S.claimTarget) return;
+      S.claimTarget = id;
+      S.claimed = null;
+      const gen = ++S.claimGen;
+      let r;
+      try {
+        r = await call("POST", API + "claim", { tab: S.tab, image_id: id, rater: S.rater });
+      } catch (e) {
+        if (gen === S.claimGen) S.claimTarget = undefined; // the next poll claims again
+        return;
+      }
+      if (gen !== S.claimGen) return; // the focus moved on meanwhile; that claim is the one that counts
+      setClaims(r.claims);
+      if (r.ok) {
+        S.claimed = id;
+        return;
+      }
+      if (S.auto && S.ids[S.focus] === id) {
+        S.claimTarget = undefined;
+        const j = nextUnrated(S.focus);
+        autoFocus(j);
+        routine(j < 0 ? "" : `${r.by} is on #${id}: on to #${S.ids[j]}`);
+      } else if (S.ids[S.focus] === id) routine(`${r.by} has #${id} open too; a key rates it all the same`);
     }
 
     function tileOf(id) {
@@ -216,22 +258,26 @@
       const t = S.live.get(i);
       if (t) t.classList.add("lr-focus");
       if (S.detail) loadDetail();
+      sendClaim();
     }
 
     const rated = (i) => !!S.tier.get(S.ids[i]);
+    // unrated, and no other page has its focus on it
+    const free = (i) => !rated(i) && !S.claims.has(S.ids[i]);
 
-    // The next image nobody has rated: after `from` in list order, else the first one above it; -1 if none.
-    // Rated images are never a target, so a key after the last unrated one cannot overwrite a finished rating.
+    // The next image nobody has rated or has open: after `from` in list order, else the first one above it;
+    // -1 if none. Rated images are never a target, so a key after the last unrated one cannot overwrite a
+    // finished rating; claimed ones neither, so two raters' pages never land on the same image.
     function nextUnrated(from) {
-      for (let i = from + 1; i < S.ids.length; i++) if (!rated(i)) return i;
-      for (let i = 0; i <= Math.min(from, S.ids.length - 1); i++) if (!rated(i)) return i;
+      for (let i = from + 1; i < S.ids.length; i++) if (free(i)) return i;
+      for (let i = 0; i <= Math.min(from, S.ids.length - 1); i++) if (free(i)) return i;
       return -1;
     }
 
-    // Half way down the unrated images after `frontier`: where a rater goes to leave a stretch to another.
+    // Half way down the free images after `frontier`: where a rater goes to leave a stretch to another.
     function spreadFrom(frontier) {
       const rest = [];
-      for (let i = frontier + 1; i < S.ids.length; i++) if (!rated(i)) rest.push(i);
+      for (let i = frontier + 1; i < S.ids.length; i++) if (free(i)) rest.push(i);
       return rest.length ? rest[Math.floor(rest.length / 2)] : nextUnrated(frontier);
     }
 
@@ -249,6 +295,7 @@
       S.auto = false;
       const id = S.ids[S.focus], tier = S.tier.get(id), by = S.by.get(id);
       if (tier && by !== S.rater && !S.pending.get(id)) routine(`#${id} is ${tier} by ${by}; a key overrides it`);
+      else if (!tier && S.claims.has(id)) routine(`${S.claims.get(id)} has #${id} open too; a key rates it all the same`);
     }
 
     ui.scroll.addEventListener("scroll", () => requestAnimationFrame(render), { passive: true });
@@ -274,7 +321,7 @@
       history.replaceState(null, "", "?" + qs(f) + location.hash);
       let r;
       try {
-        r = await (prefetched || call("GET", API + "images?" + qs(f)));
+        r = await (prefetched || call("GET", API + "images?" + qs({ ...f, tab: S.tab })));
       } catch (e) {
         status(`could not load the images: ${e.message}`, true);
         return;
@@ -287,6 +334,7 @@
       S.insertAt = r.unrated;
       S.lastEvent = r.last_event;
       S.lastImage = r.last_image;
+      S.claims = new Map(r.claims || []);
       S.focus = 0;
       S.ratedSinceLoad = 0;
       ui.scroll.scrollTop = 0;
@@ -336,14 +384,14 @@
         return;
       }
       const id = S.ids[S.focus];
-      const taken = rated(S.focus) && S.by.get(id) !== S.rater && !S.pending.get(id);
+      const taken = rated(S.focus) && S.by.get(id) !== S.rater && !S.pending.get(id) || S.claims.has(id);
       const near = fresh.filter((x) => Math.abs(x.i - S.focus) <= NEAR);
       // They rate the image we are on or just ahead of it, or in step with us and we are the one to give way
       // (by name, so exactly one of two raters moves): leave them this stretch and go half way down the rest.
       const ahead = taken || near.some((x) => x.i >= S.focus);
       if (!ahead && !near.some((x) => x.rater < S.rater)) return;
       const j = near.length ? spreadFrom(Math.max(S.focus, ...near.map((x) => x.i))) : nextUnrated(S.focus);
-      const who = near.length ? [...new Set(near.map((x) => x.rater))].join(", ") : S.by.get(id);
+      const who = near.length ? [...new Set(near.map((x) => x.rater))].join(", ") : S.by.get(id) || S.claims.get(id);
       autoFocus(j);
       routine(j < 0 ? "" : `${who} is rating here too: on to #${S.ids[j]}`);
     }
@@ -353,7 +401,7 @@
       try {
         if (!document.hidden && root.dataset.ready) {
           const r = await call("GET", API + "changes?" + qs({ after_event: S.lastEvent, after_image: S.lastImage,
-            ...filters() }));
+            tab: S.tab, ...filters() }));
           if (gen === S.gen) {
             const fresh = [];
             for (const [id, tier, rater] of r.changed) {
@@ -366,7 +414,14 @@
             S.lastEvent = r.last_event;
             S.lastImage = r.last_image;
             renderCounters(r.counters);
-            if (fresh.length || S.allDone || S.auto && rated(S.focus)) {
+            setClaims(r.claims);
+            // no claim yet (the server did not answer), or ours lapsed (the page was hidden, the server
+            // restarted): claim the focus again
+            if (S.claimTarget === undefined || S.claimTarget === S.claimed && (r.mine ?? null) !== S.claimed) {
+              S.claimTarget = undefined;
+              sendClaim();
+            }
+            if (fresh.length || S.allDone || S.auto && (rated(S.focus) || S.claims.has(S.ids[S.focus]))) {
               const at = new Map(S.ids.map((id, i) => [id, i]));
               steer(fresh.filter((id) => at.has(id)).map((id) => ({ i: at.get(id), rater: S.by.get(id) })));
             }
@@ -567,8 +622,14 @@
     // A routine message, unless a held one is showing; while nothing is unrated, it says so too.
     function routine(msg) {
       if (performance.now() < S.stickyUntil) return;
-      const done = S.allDone && S.ids.length
-        ? "everything shown is rated; new images get the focus when they come" : "";
+      let done = "";
+      if (S.allDone && S.ids.length) {
+        const open = S.ids.filter((id) => !S.tier.get(id) && S.claims.has(id));
+        done = open.length
+          ? `the images left are open on ${[...new Set(open.map((id) => S.claims.get(id)))].join(", ")}'s page; `
+            + "one comes here if they leave it"
+          : "everything shown is rated; new images get the focus when they come";
+      }
       status([msg, done].filter(Boolean).join(" · "));
     }
 
@@ -728,7 +789,7 @@
       const p = new URLSearchParams(location.search);
       const first = { round: p.get("round") || "current", unit: p.get("unit"), tier: p.get("tier"),
         unrated: p.get("unrated") === "1", q: p.get("q") };
-      const list = call("GET", API + "images?" + qs(first));
+      const list = call("GET", API + "images?" + qs({ ...first, tab: S.tab }));
       list.catch(() => {});
       try {
         S.meta = await call("GET", API + "meta");
@@ -763,6 +824,13 @@
       await load(list);
       setTimeout(poll, POLL_MS);
     }
+
+    // a closed page gives its claim back at once (it would lapse by itself after a few seconds)
+    window.addEventListener("pagehide", () => {
+      fetch(API + "claim", { method: "POST", keepalive: true, credentials: "same-origin",
+        headers: { "Content-Type": "application/json" }, body: JSON.stringify({ tab: S.tab, image_id: null }) })
+        .catch(() => {});
+    });
 
     window.LoopRate.state = S;
     window.LoopRate.idle = () => !S.busy && S.queue.length === 0;

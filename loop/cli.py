@@ -365,8 +365,7 @@ def export_lora_cmd(
 
     ws = Workspace.open(workspace)
     with ws.store() as store:
-        r = export_lora(ws, store, unit, fmt, out, log=_echo)
-    _echo(f"wrote {r['path']} ({r['format']}, {r['modules']} modules, rank {r['rank']}, alpha {r['alpha']})")
+        export_lora(ws, store, unit, fmt, out, log=_echo)  # its last line says what was written
 
 
 @app.command("export")
@@ -381,10 +380,7 @@ def export_cmd(
 
     ws = Workspace.open(workspace)
     with ws.store() as store:
-        r = export_set(ws, store, which, out, log=_echo)
-    _echo(
-        f"exported {r['count']} image(s) to {r['path']}; load with datasets.load_dataset('imagefolder', data_dir=...)"
-    )
+        export_set(ws, store, which, out, log=_echo)  # its last line says what was written
 
 
 @app.command("import")
@@ -401,8 +397,6 @@ def import_cmd(
     ws = Workspace.open(workspace)  # import_images checks --tier (any case, as --set) before it reads a file
     with ws.store() as store:
         r = import_images(ws, store, src, tier, source, log=_echo)
-    now = f" ({r['retiered']} of them unrated until now: rated {tier.upper()})" if r.get("retiered") else ""
-    _echo(f"imported {r['imported']}, skipped {r['skipped']} unreadable, {r['duplicates']} already here{now}")
     if r["skipped"] and not r["imported"] and not r["duplicates"]:
         # a script that imports and then trains must not go on as if the set had grown
         raise LoopError(f"nothing was imported from {src}: all {r['skipped']} file(s) were unreadable (see above)")
@@ -427,8 +421,7 @@ def compare(
         have = [r["unit"] for r in store.units()]
         chosen = parse_units(units, have)
         r = run_compare(ws, store, cfg, chosen, out, log=_echo)
-    _echo(format_table(r))
-    _echo(f"grid: {r['grid']}\nplot: {r['plot']}")
+    _echo(format_table(r))  # the table ends with where the grid and the plot are
 
 
 MAX_UNITS = 1000  # a longer --units range is a typo, not a comparison (each unit is a row of the grid)

@@ -76,7 +76,8 @@ def export_lora(ws, store, unit: int, fmt: str, out: Path | None = None, log=pri
     else:
         data, summary = _kohya_bytes(ws, unit, src)
     atomic_write(out, data)
-    log(f"exported unit {unit} ({fmt}, {summary['modules']} modules) to {out}")
+    shape = "".join(f", {k} {summary[k]}" for k in ("rank", "alpha") if summary.get(k) is not None)
+    log(f"exported unit {unit} to {out} ({fmt}, {summary['modules']} modules{shape})")
     return {"unit": unit, "format": fmt, "path": str(out), "bytes": len(data), **summary}
 
 

@@ -81,7 +81,7 @@ def test_import_skips_each_bad_image_with_one_line_and_imports_the_rest(ws, corp
     assert "cut off" in said["truncated.png"]
     assert "not an image" in said["text.png"]
     assert "too many pixels" in said["bomb.png"] and "10000000000" in said["bomb.png"]
-    assert "imported 5, skipped 4 unreadable" in r.stdout
+    assert "imported 5 image(s)" in r.stdout and "4 skipped" in r.stdout
 
     rows = consistent(ws)
     assert len(rows) == 5

@@ -279,7 +279,7 @@ def test_import_with_a_tier_rates_an_image_that_is_already_here_unrated(ws, tmp_
     capsys.readouterr()
     assert entry(["import", str(src), "--tier", "UR", "-w", str(ws.root)]) == 0
     out = capsys.readouterr().out
-    assert "1 already here (1 of them unrated until now: rated UR)" in out
+    assert "1 already there (1 of them unrated until now: rated UR)" in out
     with ws.store() as store:
         events = store.db.execute("SELECT tier, rater FROM ratings WHERE image_id = ?", (image_id,)).fetchall()
         assert [tuple(e) for e in events] == [("UR", "import")]

@@ -13,7 +13,8 @@ def test_import_then_export_golden_through_the_cli(ws, tmp_path, capsys):
     (src / "broken.png").write_bytes(b"not a png")
     assert entry(["import", str(src), "--tier", "UR", "--source", "mine", "-w", str(ws.root)]) == 0
     out = capsys.readouterr()
-    assert "imported 1, skipped 1" in out.out and "broken.png" in out.out + out.err
+    assert "imported 1 image(s)" in out.out and "1 skipped" in out.out and "broken.png" in out.out + out.err
+    assert out.out.count("imported") == 1  # one summary, not two
     assert entry(["export", "--set", "golden", "--out", str(tmp_path / "ds"), "-w", str(ws.root)]) == 0
     lines = (tmp_path / "ds" / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 1 and '"a red thing"' in lines[0]

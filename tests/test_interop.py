@@ -86,7 +86,7 @@ def test_kohya_export_round_trip(ws, base_pipe, text_encoder):
     kohya = Path(res["path"])
     assert kohya == ws.checkpoint(1) / "unit_001_kohya.safetensors"
     assert res["rank"] == RANK and res["alpha"] == ALPHA and res["text_encoder"] is text_encoder
-    assert len(logs) == 1 and str(kohya) in logs[0]
+    assert len(logs) == 1 and str(kohya) in logs[0] and f"rank {RANK}, alpha {ALPHA}" in logs[0]
 
     sd = load_file(kohya)
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in sd), sorted(sd)[:5]

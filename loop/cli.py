@@ -28,6 +28,23 @@ STATE = {"debug": False}
 
 WorkspaceOpt = Annotated[Path, typer.Option("-w", "--workspace", help="workspace folder", show_default=False)]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="config overrides, key=value", show_default=False)]
+# status, import, export and export-lora read no config; they take overrides as every command does (DESIGN.md),
+# so one wrapper can pass the same ones to all, and check them (a mistyped key is refused), nothing more
+CheckedOverrides = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="config overrides, key=value (checked; not used here)", show_default=False),
+]
+
+
+def _open_checked(workspace: Path, overrides: list[str] | None):
+    from loop.config import load_config
+    from loop.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    load_config(ws.root, overrides)
+    return ws
+
+
 UnitOpt = Annotated[Optional[int], typer.Option("--unit", help="unit number (default: the current unit)")]
 
 
@@ -358,12 +375,12 @@ def export_lora_cmd(
     fmt: Annotated[str, typer.Option("--format", help="kohya (A1111, ComfyUI) or diffusers")] = "kohya",
     out: Annotated[Optional[Path], typer.Option("--out", help="file or folder (default: the unit's folder)")] = None,
     workspace: WorkspaceOpt = Path("."),
+    overrides: CheckedOverrides = None,
 ) -> None:
     """Write a unit's LoRA as one .safetensors file other tools load."""
     from loop.interop import export_lora
-    from loop.workspace import Workspace
 
-    ws = Workspace.open(workspace)
+    ws = _open_checked(workspace, overrides)
     with ws.store() as store:
         export_lora(ws, store, unit, fmt, out, log=_echo)  # its last line says what was written
 
@@ -373,12 +390,12 @@ def export_cmd(
     out: Annotated[Path, typer.Option("--out", help="a new (or empty) folder")],
     which: Annotated[str, typer.Option("--set", help="golden (UR), or a tier: that tier and better")] = "golden",
     workspace: WorkspaceOpt = Path("."),
+    overrides: CheckedOverrides = None,
 ) -> None:
     """Export rated images as a Hugging Face imagefolder (images + metadata.jsonl)."""
     from loop.interop import export_set
-    from loop.workspace import Workspace
 
-    ws = Workspace.open(workspace)
+    ws = _open_checked(workspace, overrides)
     with ws.store() as store:
         export_set(ws, store, which, out, log=_echo)  # its last line says what was written
 
@@ -389,12 +406,12 @@ def import_cmd(
     tier: Annotated[Optional[str], typer.Option("--tier", help="rate every imported image this tier, e.g. UR")] = None,
     source: Annotated[str, typer.Option("--source", help="where the images come from (kept with each)")] = "import",
     workspace: WorkspaceOpt = Path("."),
+    overrides: CheckedOverrides = None,
 ) -> None:
     """Bring outside images into the workspace (golden/); unreadable files are skipped, one line each."""
     from loop.interop import import_images
-    from loop.workspace import Workspace
 
-    ws = Workspace.open(workspace)  # import_images checks --tier (any case, as --set) before it reads a file
+    ws = _open_checked(workspace, overrides)  # import_images checks --tier (any case, as --set) before it reads a file
     with ws.store() as store:
         r = import_images(ws, store, src, tier, source, log=_echo)
     if r["skipped"] and not r["imported"] and not r["duplicates"]:
@@ -472,12 +489,11 @@ def _check_out_folder(out: Path) -> None:
 
 
 @app.command()
-def status(workspace: WorkspaceOpt = Path(".")) -> None:
+def status(workspace: WorkspaceOpt = Path("."), overrides: CheckedOverrides = None) -> None:
     """Units and lineage, images and tiers per unit, UR rate, and what the current round waits for."""
     from loop.status import format_status
-    from loop.workspace import Workspace
 
-    _echo(format_status(Workspace.open(workspace)))
+    _echo(format_status(_open_checked(workspace, overrides)))
 
 
 @app.command("config")

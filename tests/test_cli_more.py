@@ -67,3 +67,25 @@ def test_parse_units():
 
     with pytest.raises(LoopError, match="--units"):
         parse_units("a..b", [0])
+
+
+def test_commands_that_read_no_config_still_take_and_check_overrides(ws, tmp_path, capsys):
+    """DESIGN.md: every command takes trailing key=value overrides; status, import, export and export-lora read no
+    config, so they check them (one wrapper can pass the same ones to every command) and a typo is refused."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (40, 30), (20, 50, 240)).save(src / "b.png")
+    w = ["-w", str(ws.root)]
+    assert entry(["status", *w, "train.rank=4"]) == 0
+    assert entry(["import", str(src), "--tier", "UR", *w, "train.rank=4"]) == 0
+    assert entry(["export", "--out", str(tmp_path / "ds"), *w, "train.rank=4"]) == 0
+    capsys.readouterr()
+    for argv in (
+        ["status", *w, "train.rnak=4"],
+        ["import", str(src), *w, "train.rnak=4"],
+        ["export", "--out", str(tmp_path / "ds2"), *w, "train.rnak=4"],
+        ["export-lora", "--unit", "1", *w, "train.rnak=4"],
+    ):
+        assert entry(argv) == 2, argv
+        assert "unknown config key train.rnak=4" in capsys.readouterr().err
+    assert not (tmp_path / "ds2").exists()  # refused before anything was written

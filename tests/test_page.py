@@ -621,3 +621,18 @@ def test_a_closed_page_gives_its_image_back(site, browser):
     idle(b)
     assert sql(ws, "SELECT COUNT(*) FROM current_tiers WHERE image_id >= ?", ids[0]) == [(4,)]
     b.context.close()
+
+
+@browser_test
+def test_a_page_whose_filters_show_nothing_gives_its_image_back(site, browser):
+    ws, url = site
+    ids = add(ws, 3, round=32)
+    a = open_page(browser, url, 32, rater="alice")
+    settled(a)
+    b = open_page(browser, url, 32, rater="bob")
+    b.wait_for_selector(f".lr-tile.lr-claimed[data-id='{ids[0]}']", timeout=8000)
+    a.fill(".lr-q", "no prompt says this")
+    a.wait_for_function("LoopRate.state.ids.length === 0", timeout=8000)
+    b.wait_for_selector(f".lr-tile[data-id='{ids[0]}']:not(.lr-claimed)", timeout=8000)
+    a.context.close()
+    b.context.close()

@@ -244,7 +244,10 @@
     }
 
     function setFocus(i, reveal = true) {
-      if (!S.ids.length) return;
+      if (!S.ids.length) {
+        sendClaim(); // an empty list (filters): give back the claim on an image no longer shown
+        return;
+      }
       i = Math.max(0, Math.min(S.ids.length - 1, i));
       const old = S.live.get(S.focus);
       if (old) old.classList.remove("lr-focus");

@@ -44,9 +44,18 @@ def finish_rating(store: Store, n: int) -> None:
     """Close round n's rate phase. Refused while the round has no image at all: closing it then would let
     `loop run --round` generate and go straight on to select and train, past images nobody has seen. (Images
     of the round made by `loop generate` outside the round's own generate phase, the ring buffer, count.)"""
-    if not store.phase_done(n, "generate") and not sum(store.tier_counts(round=n).values()):
-        from loop.errors import LoopError
+    from loop.errors import LoopError
 
+    started = store.phase(n, "generate")
+    if started is not None and started["status"] != "done":
+        # `loop run --round` began generating this round and has not finished (killed, or running now): closing
+        # the ratings now would let it make the rest and train on them unseen
+        made = sum(store.tier_counts(round=n).values())
+        raise LoopError(
+            f"round {n} is still generating ({made} image(s) so far; its generate phase has not finished); run "
+            f"`loop run --round` to finish it (it then waits for your ratings), and finish rating after that"
+        )
+    if not store.phase_done(n, "generate") and not sum(store.tier_counts(round=n).values()):
         raise LoopError(
             f"round {n} has no images yet, so there is nothing to finish rating; run `loop run --round` (it "
             f"generates, then waits for your ratings) or `loop generate`"

@@ -348,3 +348,22 @@ def test_finishing_the_rating_of_a_round_with_no_images_is_refused(ws, capsys):
     assert len(err.splitlines()) == 1 and "round 0 has no images yet" in err
     with ws.store() as store:
         assert not store.phase_done(0, "rate")
+
+
+def test_finishing_the_rating_while_the_round_is_still_generating_is_refused(ws, capsys):
+    # `loop run --round` killed mid-generate (or generating now): closing the ratings let the next run make the
+    # rest of the round and train on them unseen
+    from loop.bench.rate import add_images
+
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        store.begin_phase(0, "generate")
+        add_images(ws, store, 3, round=0)
+    assert entry(["rate", "--finish", "-w", str(ws.root)]) == 2
+    one_error(capsys, "round 0 is still generating (3 image(s) so far", "loop run --round")
+    with ws.store() as store:
+        assert not store.phase_done(0, "rate")
+        store.finish_phase(0, "generate")
+    assert entry(["rate", "--finish", "-w", str(ws.root)]) == 0  # once it has finished: closed
+    with ws.store() as store:
+        assert store.phase_done(0, "rate")

@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from loop.errors import LoopError
@@ -195,6 +196,7 @@ def recover(ws: Workspace, store, log=print) -> dict:
         image_id = store.add_image(sha256=sha, path=rel, params=meta, source=meta.get("source", "generated"), **cols)
         if store.image(image_id)["path"] == rel:  # the insert is ignored when another process added it meanwhile
             adopted += 1
+    removed += _drop_unrecorded_imports(ws, store, known, log)
     golden = resync_golden(ws, store)
     if removed or adopted or golden:
         log(
@@ -202,6 +204,37 @@ def recover(ws: Workspace, store, log=print) -> dict:
             + (f", brought {golden} image(s) of golden/ in line with their tier" if golden else "")
         )
     return {"removed": removed, "adopted": adopted, "golden": golden}
+
+
+IMPORT_GRACE_S = 60.0  # an import renames its copy and writes its row within milliseconds; older is a crash's
+
+
+def _drop_unrecorded_imports(ws: Workspace, store, known: set, log=print) -> int:
+    """Remove the copies in golden/ that an import renamed into place but was killed before recording.
+
+    `loop import` names its copy by the first 16 hex digits of its sha256 and writes the row right after the
+    rename, so a kill in between leaves a file no row knows, with nothing in it to rebuild the row from (tier and
+    source were on the command line). The original is still where it was imported from, so the copy goes and
+    the same import brings it back. Only copies older than IMPORT_GRACE_S: an import running now keeps its own.
+    Anything else in golden/ (a link of a UR image, a file someone put there) is left alone.
+    """
+    folder = ws.root / "golden"
+    if not folder.is_dir():
+        return 0
+    dropped, now = 0, time.time()
+    for f in sorted(folder.iterdir()):
+        stem = f.stem
+        if len(stem) != 16 or any(c not in "0123456789abcdef" for c in stem) or ws.rel(f) in known:
+            continue
+        if f.is_symlink() or not f.is_file() or now - f.stat().st_mtime < IMPORT_GRACE_S:
+            continue
+        sha = sha256_file(f)
+        if not sha.startswith(stem) or store.image_by_sha(sha):
+            continue  # not an import's copy, or the golden/ copy of an image the store has
+        f.unlink()
+        dropped += 1
+        log(f"removed {ws.rel(f)}: an import was cut short before recording it; run that import again")
+    return dropped
 
 
 def resync_golden(ws: Workspace, store) -> int:

@@ -295,3 +295,39 @@ def test_import_single_png_with_a1111_caption_and_no_tier(ws, tmp_path):
         assert row["prompt"] == "a blue ring, soft light" and row["tier"] is None and row["source"] == "a1111"
         assert store.db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0] == 0
         assert json.loads(row["params"])["original_name"] == "from_a1111.png"
+
+
+def test_recovery_drops_a_copy_an_import_was_killed_before_recording(ws, tmp_path):
+    """kill -9 between the rename into golden/ and the row: the copy has no row and nothing to rebuild one from;
+    the next command removes it (the original is still outside), and the same import brings it back."""
+    import hashlib
+    import os
+    import time
+
+    from loop.workspace import IMPORT_GRACE_S, recover
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (24, 24), (10, 200, 30)).save(src / "green.png")
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), (200, 10, 30)).save(buf, format="PNG")
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        import_images(ws, store, src, "UR", "mine", log=lambda m: None)  # a recorded import: its copy stays
+        data = (src / "green.png").read_bytes()
+        kept = ws.root / "golden" / f"{hashlib.sha256(data).hexdigest()[:16]}.png"
+        assert kept.is_file()
+        orphan = ws.root / "golden" / f"{hashlib.sha256(buf.getvalue()).hexdigest()[:16]}.png"
+        orphan.write_bytes(buf.getvalue())  # what the killed import left
+        mine = ws.root / "golden" / "my-notes.png"
+        mine.write_bytes(buf.getvalue())  # not an import's name: never touched
+        logs = []
+        recover(ws, store, logs.append)
+        assert orphan.exists()  # a minute's grace: an import running right now keeps its copy
+        old = time.time() - IMPORT_GRACE_S - 5
+        for f in (orphan, kept, mine):
+            os.utime(f, (old, old))
+        recover(ws, store, logs.append)
+        assert not orphan.exists() and kept.exists() and mine.exists()
+        assert any("an import was cut short" in m and orphan.name in m for m in logs)
+        assert store.image_by_sha(hashlib.sha256(data).hexdigest())

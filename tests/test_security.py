@@ -415,8 +415,12 @@ def test_odd_numbers_are_400s_not_500s(planted):
     for image_id in (b"99999999999999999999999", b"true"):
         body = b'{"rater": "eve", "ratings": [{"image_id": %s, "tier": "UR"}]}' % image_id
         assert asgi_call(app, b"/loop/api/rate", "POST", json_ct, body)[0] == 400, image_id
-    for body in (b'{"tab": "t", "image_id": 1.5}', b'{"tab": "t", "image_id": true}', b'{"image_id": 1}',
-                 b'{"tab": "%s", "image_id": 1}' % (b"x" * 200)):
+    for body in (
+        b'{"tab": "t", "image_id": 1.5}',
+        b'{"tab": "t", "image_id": true}',
+        b'{"image_id": 1}',
+        b'{"tab": "%s", "image_id": 1}' % (b"x" * 200),
+    ):
         assert asgi_call(app, b"/loop/api/claim", "POST", json_ct, body)[0] == 400, body
     assert asgi_request(app, b"/loop/api/changes?tab=" + b"y" * 100)[0] == 400
 

@@ -229,6 +229,32 @@ def _without_processes(argv: list[str], command: str = "generate") -> list[str]:
     return out
 
 
+LAUNCHED_ENV = "LOOP_LAUNCHED"  # set in the workers `--processes N` starts
+
+
+def die_with_parent() -> None:
+    """Have the kernel stop this process (SIGTERM) when its parent dies (Linux: prctl PR_SET_PDEATHSIG).
+
+    `--processes N` runs loop -> accelerate launch (torchrun's agent) -> N workers. A `loop` killed with kill -9
+    used to leave the agent and the workers running on their own, still generating or training (and recording a
+    unit nobody waits for). With this in the agent (set as it starts) and in each worker, the kill reaches all
+    of them: the agent stops its workers on SIGTERM, and a worker whose agent vanished stops by itself.
+    Elsewhere than Linux this does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _launch(processes: int, args: list[str]) -> int:
     """Run `python -m loop ARGS` in N processes through `accelerate launch` (torchrun underneath)."""
     import socket
@@ -244,7 +270,7 @@ def _launch(processes: int, args: list[str]) -> int:
         "-m", "loop", *args,
     ]  # fmt: skip
     _echo(f"launching {processes} processes: accelerate launch --num_processes {processes} -m loop {' '.join(args)}")
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env={**os.environ, LAUNCHED_ENV: "1"}, preexec_fn=die_with_parent)
 
 
 @app.command()
@@ -515,6 +541,8 @@ def show_config(workspace: WorkspaceOpt = Path("."), overrides: OverridesArg = N
 def entry(argv: list[str] | None = None) -> int:
     """Console-script entry: user errors print one line (traceback with --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get(LAUNCHED_ENV) and os.environ.get("LOCAL_RANK") is not None:
+        die_with_parent()  # a worker of `--processes N`: ends with its launcher (see die_with_parent)
     STATE["argv"] = argv
     STATE["launched"] = False
     try:

@@ -405,6 +405,13 @@ class Checkpoints:
         )
         if folder is None:
             return
+        from accelerate.utils import broadcast_object_list
+
+        # every process writes its part of a checkpoint (its RNG states, its generator) into one temporary folder,
+        # named with the main process's pid (recovery spares a live writer's temporary files). Each process's own
+        # pid gave the others' parts folders that were never renamed into place, so a resumed multi-process
+        # training lost their random states
+        self.writer = broadcast_object_list([os.getpid()])[0]
 
         # only the trainable tensors go into a checkpoint, not the whole frozen model (as diffusers' scripts do)
         def save_hook(models, weights, output_dir):
@@ -443,7 +450,7 @@ class Checkpoints:
     def save(self, step: int, gen: torch.Generator, ema: float, avg=None) -> None:
         """Write step_NNNNNN via a temporary folder renamed into place (all processes call this)."""
         final = self.folder / f"step_{step:06d}"
-        tmp = self.folder / f".step_{step:06d}{TMP_MARK}{os.getpid()}-0"
+        tmp = self.folder / f".step_{step:06d}{TMP_MARK}{self.writer}-0"
         if self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         self.acc.wait_for_everyone()
@@ -530,7 +537,8 @@ def fit(
             where, meta = found
             checkpoints.load(where, gen, avg)
             start, ema = meta["step"], meta["ema"]
-            checkpoints.log(f"resuming training from step {start} of {tc.steps} ({where.name})")
+            if accelerator.is_main_process:  # once, not once per process
+                checkpoints.log(f"resuming training from step {start} of {tc.steps} ({where.name})")
     unet.train()
     # train.compile: only the training step's forward (and so its backward) runs compiled; the base-target
     # forwards (BaseTargets, other batch sizes, adapters off) stay eager rather than compile a second graph

@@ -287,13 +287,20 @@ def test_kill_9_mid_training_then_run_again_resumes(ws):
     assert (ws.checkpoint(1) / "manifest.json").exists()
 
 
-def test_two_process_training_saves_the_same_format(ws):
+def test_two_process_training_saves_the_same_format_and_resumes_after_a_kill(ws, tmp_path):
+    import shutil
+
     cfg = load_config(ws.root, ["generate.steps=3"])
     _select(ws, cfg, n=4)
+    again = tmp_path / "again"
+    shutil.copytree(ws.root, again)  # the same selection, for the run that gets killed
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "loop", "train", "--processes", "2", "--unit", "0", "-w", str(ws.root),
-           "train.steps=6", "train.batch_size=2", "train.checkpoint_every=0"]  # fmt: skip
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    def cmd(root):
+        return [sys.executable, "-m", "loop", "train", "--processes", "2", "--unit", "0", "-w", str(root),
+                "train.steps=40", "train.batch_size=2", "train.checkpoint_every=4"]  # fmt: skip
+
+    out = subprocess.run(cmd(ws.root), env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     m = json.loads((ws.checkpoint(1) / "manifest.json").read_text())
     assert m["processes"] == 2
@@ -308,6 +315,45 @@ def test_two_process_training_saves_the_same_format(ws):
         assert keys == set(load_file(os.path.join(d, WEIGHTS)).keys())
     unit = _images(load_unit(ModelConfig(), ws.checkpoint(1), 1))
     assert np.abs(unit - _images(load_base(ModelConfig()))).mean() > 1e-3
+
+    # the same training killed with kill -9: the `loop` process only, as a crash or an OOM kill would
+    training = again / "checkpoints" / "unit_001" / ".training"
+    proc = subprocess.Popen(cmd(again), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(training.glob("step_*")):
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # its workers end with it (they used to go on training, and record the unit, on their own)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the workers of a killed `loop train --processes 2` are still running")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not (again / "checkpoints" / "unit_001" / "manifest.json").exists()
+    (step,) = training.glob("step_*")
+    # each process's part of the checkpoint is in it (the second's went to a folder never renamed into place)
+    assert {"gen_0.pt", "gen_1.pt", "random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in step.iterdir()}
+    out = subprocess.run(cmd(again), env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    said = out.stdout + out.stderr
+    assert said.count("resuming training from step") == 1, said[-2000:]
+    resumed, straight = load_file(again / "checkpoints" / "unit_001" / WEIGHTS), load_file(ws.checkpoint(1) / WEIGHTS)
+    assert resumed.keys() == straight.keys()
+    for k in straight:  # as if it had never been killed
+        torch.testing.assert_close(resumed[k], straight[k], atol=1e-5, rtol=1e-4)
 
 
 def test_an_unreadable_selected_image_is_left_out_and_the_manifest_says_so(ws):

@@ -77,8 +77,8 @@ def run_round(
         store.ensure_base_unit(cfg.model.base)
         if n is None:
             n = store.current_unit()
-            if n > 0 and _saved_not_recorded(store, n - 1):
-                n -= 1  # killed after unit n was saved, before round n-1 recorded it: close that round first
+            if n > 0 and _unit_made_round_open(store, n - 1):
+                n -= 1  # unit n exists but round n-1 is not closed: close that round first
         if store.unit(n) is None:
             raise_missing_unit(store, n)
         store.start_round(n)
@@ -108,17 +108,22 @@ def run_round(
                         f"`loop run --round` again. (`loop rate --auto`: the scripted rater, for demos.)"
                     )
                     return result
+            elif store.unit(n + 1) is not None:
+                # select or train, with unit n+1 already made: killed after the unit was saved (its row is
+                # written after its files, so it is complete), or trained by `loop train` while this round was
+                # open. Recorded as done; selecting again now would take images made since, and disagree with
+                # the manifest of what the unit learnt from
+                shutil.rmtree(ws.checkpoint(n + 1) / ".training", ignore_errors=True)
+                manifest = json.loads(store.unit(n + 1)["manifest"] or "{}")
+                if phase == "select":
+                    detail = {"images": len(manifest.get("images", [])), "strategy": manifest.get("strategy")}
+                else:
+                    detail = {"unit": n + 1, "final_loss": manifest.get("final_loss"), "steps": manifest.get("steps")}
+                log(f"{phase}: unit {n + 1} was already made; recorded as done for round {n}")
             elif phase == "select":
                 items = select(ws, store, cfg.select, n)
                 detail = {"images": len(items), "strategy": cfg.select.strategy}
                 log(f"select ({cfg.select.strategy}): {len(items)} image(s) for unit {n + 1}")
-            elif _saved_not_recorded(store, n):
-                # the unit's weights, manifest and row are written last thing in training, so it is complete;
-                # only clearing its resume checkpoints and recording the phase were cut short
-                shutil.rmtree(ws.checkpoint(n + 1) / ".training", ignore_errors=True)
-                manifest = json.loads(store.unit(n + 1)["manifest"] or "{}")
-                detail = {"unit": n + 1, "final_loss": manifest.get("final_loss"), "steps": manifest.get("steps")}
-                log(f"train: unit {n + 1} was saved before the interruption; the round is recorded as done")
             else:
                 manifest = train_lora(ws, store, cfg, parent=n, log=log)
                 detail = {"unit": n + 1, "final_loss": manifest.get("final_loss"), "steps": manifest.get("steps")}
@@ -131,10 +136,12 @@ def run_round(
         return result
 
 
-def _saved_not_recorded(store: Store, n: int) -> bool:
-    """Round n's training saved unit n+1 (its row is written after its files) but the phase is not done."""
-    row = store.phase(n, "train")
-    return row is not None and row["status"] != "done" and store.unit(n + 1) is not None
+def _unit_made_round_open(store: Store, n: int) -> bool:
+    """Unit n+1 exists while round n, which `loop run --round` began, has phases not recorded as done."""
+    phases = store.phases(n)
+    if store.unit(n + 1) is None or not phases:
+        return False
+    return not all(p in phases and phases[p]["status"] == "done" for p in PHASES)
 
 
 def raise_missing_unit(store: Store, n: int):

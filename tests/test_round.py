@@ -156,3 +156,29 @@ def test_scripted_rater_noise_follows_the_pixels_not_the_file(tmp_path):
     assert preference_score(other, "warm") == preference_score(rgb, "warm")
     assert score(other, rc) != a
     assert score(rgb, load_config(None, ["rate.noise=0"]).rate) == preference_score(rgb, "warm")
+
+
+@pytest.mark.slow
+def test_a_unit_trained_while_its_round_was_open_closes_that_round(ws, cfg):
+    # killed mid-select (selection.json written, the phase not recorded), then `loop train`, then `loop run
+    # --round`: it used to start round 1 with round 0 left open, and a later `run --round 0` selected again
+    # (taking round 1's images) and rewrote the selection next to a manifest that disagreed with it
+    from loop.train import train_unit
+
+    res = run_round(ws, cfg, auto_rate_=True, log=quiet, stop_after="select")
+    assert res.ran == ["generate", "rate", "select"]
+    with ws.store() as store:
+        store.db.execute("UPDATE phases SET status = 'running' WHERE round = 0 AND phase = 'select'")
+        store.db.commit()
+        train_unit(ws, store, cfg, parent=0, log=quiet)  # what `loop train` does
+    selection = (ws.checkpoint(1) / "selection.json").read_bytes()
+    logs = []
+    res = run_round(ws, cfg, auto_rate_=True, log=logs.append)
+    assert res.round == 0 and res.ran == ["select", "train"]
+    assert any("unit 1 was already made" in m for m in logs)
+    with ws.store() as store:
+        assert all(store.phase_done(0, p) for p in ("generate", "rate", "select", "train"))
+        assert store.db.execute("SELECT closed_at FROM rounds WHERE round = 0").fetchone()[0] is not None
+    assert (ws.checkpoint(1) / "selection.json").read_bytes() == selection  # not selected again
+    assert run_round(ws, cfg, 0, log=quiet).ran == []
+    assert run_round(ws, cfg, auto_rate_=True, log=quiet, stop_after="generate").round == 1  # on to round 1

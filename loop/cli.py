@@ -557,11 +557,11 @@ def entry(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if "--debug" in argv:
             raise
-        typer.echo(INTERRUPTED, err=True)
+        _say_interrupted()
         return 130
     except typer.Abort as e:
         if isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):  # typer < 0.24: Ctrl-C comes as Abort
-            typer.echo(INTERRUPTED, err=True)
+            _say_interrupted()
             return 130
         return 1
     except OSError as e:  # a path the system refused (a file where a folder should be, no permission, ...)
@@ -576,7 +576,7 @@ def entry(argv: list[str] | None = None) -> int:
             Abort = typer.Abort
         if isinstance(e, Abort):
             if isinstance(e.__cause__ or e.__context__, KeyboardInterrupt):
-                typer.echo(INTERRUPTED, err=True)
+                _say_interrupted()
                 return 130
             return 1
         if not (callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int)):
@@ -590,11 +590,17 @@ def entry(argv: list[str] | None = None) -> int:
         typer.echo(f"error: {msg.rstrip('.')}{hint}", err=True)
         return e.exit_code
     if rc == 130 and not STATE.get("launched"):  # typer >= 0.24 turns Ctrl-C into a silent exit code 130
-        typer.echo(INTERRUPTED, err=True)
+        _say_interrupted()
     return rc if isinstance(rc, int) else 0
 
 
 INTERRUPTED = "interrupted; run the same command again to continue (finished work is kept)"
+
+
+def _say_interrupted() -> None:
+    # on a terminal, Ctrl-C usually lands mid progress bar (no newline yet): start a line of its own
+    lead = "\n" if sys.stderr.isatty() else ""
+    typer.echo(lead + INTERRUPTED, err=True)
 
 
 def _os_message(e: OSError) -> str:

@@ -16,6 +16,7 @@ are one transaction, so an interrupted import leaves nothing half-done.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import math
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from loop.config import TIERS
 from loop.errors import LoopError
-from loop.workspace import TMP_MARK, atomic_write, sha256_bytes, unit_name
+from loop.workspace import TMP_MARK, atomic_write, sha256_bytes, unit_name, writer_alive
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 FORMATS = ("diffusers", "kohya")
@@ -292,6 +293,11 @@ def export_set(ws, store, which: str, out: Path, log=print) -> dict:
         raise LoopError(f"no images rated {label} to export; {hint} (`loop rate`, or `loop import DIR --tier UR`)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    # an export killed before its rename left its half-written folder here, outside the workspace where recovery
+    # looks: the next export to the same place removes it (unless its writer is still running)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}{TMP_MARK}*"):
+        if stale.is_dir() and not stale.is_symlink() and not writer_alive(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
     written, missing, damaged = 0, 0, 0
     try:

@@ -169,7 +169,7 @@ def recover(ws: Workspace, store, log=print) -> dict:
     removed = adopted = 0
     for folder in ("generations", "golden", "checkpoints", "cache"):
         for tmp in (ws.root / folder).rglob(f"*{TMP_MARK}*"):
-            if _writer_alive(tmp.name):  # another process (a generator running alongside) is writing it now
+            if writer_alive(tmp.name):  # another process (a generator running alongside) is writing it now
                 continue
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -255,7 +255,7 @@ def resync_golden(ws: Workspace, store) -> int:
     return fixed
 
 
-def _writer_alive(name: str) -> bool:
+def writer_alive(name: str) -> bool:
     """True when the temporary file's name carries the pid of a running process other than this one."""
     pid = name.split(TMP_MARK, 1)[-1].split("-", 1)
     if len(pid) < 2 or not pid[0].isdigit() or int(pid[0]) == os.getpid():

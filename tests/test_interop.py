@@ -331,3 +331,20 @@ def test_recovery_drops_a_copy_an_import_was_killed_before_recording(ws, tmp_pat
         assert not orphan.exists() and kept.exists() and mine.exists()
         assert any("an import was cut short" in m and orphan.name in m for m in logs)
         assert store.image_by_sha(hashlib.sha256(data).hexdigest())
+
+
+def test_an_export_removes_the_half_written_folder_a_killed_export_left(ws, tmp_path):
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        src = tmp_path / "src"
+        src.mkdir()
+        Image.new("RGB", (24, 24), (10, 20, 230)).save(src / "blue.png")
+        import_images(ws, store, src, "UR", "mine", log=lambda m: None)
+        out = tmp_path / "ds"
+        stale = tmp_path / ".ds.tmp-999999999-abc"  # a dead writer's (no such pid)
+        stale.mkdir()
+        (stale / "half.png").write_bytes(b"x")
+        other = tmp_path / ".other.tmp-999999999-abc"  # another export's: not ours to touch
+        other.mkdir()
+        export_set(ws, store, "golden", out, log=lambda m: None)
+    assert not stale.exists() and other.exists() and (out / "metadata.jsonl").is_file()

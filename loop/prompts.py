@@ -9,15 +9,16 @@ option, bytes that are not UTF-8, over 10,000 characters) is reported with its l
 other lines still run.
 
 The ring re-reads the file before every prompt, so edits are picked up without a restart, and keeps its
-position in the store: (index of the current line, that line's text, cycle, the line done before it). After
-an edit the position follows the line's text if it moved; if the line was deleted, the ring goes on with the
-line after the one it did last.
+position in the store: (index of the current line, that line's text, cycle, the line done before it, the
+lines that followed it). After an edit the position follows the line's text if it moved; if the line was
+deleted, the ring goes on with the line after the one it did last, or, if that went too, with the first of the
+lines that followed it that is still there.
 """
 
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loop.config import MAX_SEED
@@ -119,9 +120,14 @@ class RingPosition:
     text: str = ""  # that line's text, to find it again after an edit
     cycle: int = 0  # how many times the ring went round; image k of a line in cycle c uses seed + c*n + k
     after: str = ""  # the text of the line done before it, to find the place again if this line is deleted
+    # the texts of the lines that came after it (up to AHEAD), for when it and the line before are both deleted
+    ahead: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"index": self.index, "text": self.text, "cycle": self.cycle, "after": self.after}
+        return {"index": self.index, "text": self.text, "cycle": self.cycle, "after": self.after, "ahead": self.ahead}
+
+
+AHEAD = 32
 
 
 class Ring:
@@ -131,7 +137,7 @@ class Ring:
         self.path, self.store, self.key, self.log = Path(path), store, key, log
         # a new process layout (say 2 processes after 1) starts where the most recent ring stopped
         saved = store.get_state(key) or store.latest_state(key.split("/")[0] + "/") or {}
-        self.pos = RingPosition(**{k: saved[k] for k in ("index", "text", "cycle", "after") if k in saved})
+        self.pos = RingPosition(**{k: saved[k] for k in ("index", "text", "cycle", "after", "ahead") if k in saved})
         self._reported: set[str] = set()
         self.line: PromptLine | None = None  # the line current() last returned
         self._lines: list[PromptLine] = []  # the usable lines as current() last read them
@@ -155,9 +161,12 @@ class Ring:
                 pos.index = min((i for i, t in enumerate(texts) if t == pos.text), key=lambda i: abs(i - pos.index))
             elif pos.after and pos.after in texts:  # the line was deleted: go on after the line done before it
                 pos.index = texts.index(pos.after) + 1
+            elif any(t in texts for t in pos.ahead):  # it and the one before went: on to the first that follows
+                pos.index = texts.index(next(t for t in pos.ahead if t in texts))
             if pos.index >= len(lines):  # past the end: start the next cycle
                 pos.index, pos.cycle = 0, (pos.cycle + 1 if pos.text else pos.cycle)
         pos.text = lines[pos.index].text
+        pos.ahead = [ln.text for ln in lines[pos.index + 1 : pos.index + 1 + AHEAD]]
         self._lines = lines
         self.line = lines[pos.index]
         return self.line
@@ -170,6 +179,7 @@ class Ring:
         if self.pos.index >= len(lines):
             self.pos.index, self.pos.cycle = 0, self.pos.cycle + 1
         self.pos.text = lines[self.pos.index].text if lines[self.pos.index] else ""
+        self.pos.ahead = [ln.text for ln in lines[self.pos.index + 1 : self.pos.index + 1 + AHEAD] if ln]
         self.save()
 
     def save(self) -> None:

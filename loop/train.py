@@ -53,7 +53,7 @@ from loop.config import LoopConfig, to_yaml
 from loop.errors import LoopError
 from loop.models import load_base, pick_device
 from loop.store import Store
-from loop.workspace import TMP_MARK, Workspace, atomic_write, sha256_file, unit_name
+from loop.workspace import TMP_MARK, UMASK, Workspace, atomic_write, sha256_file, unit_name
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 EMBEDS = "learned_embeds.safetensors"
@@ -822,6 +822,7 @@ def save_lora(unet, folder: Path, text_encoder=None) -> Path:
     StableDiffusionPipeline.save_lora_weights(
         tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), **extra
     )
+    os.chmod(tmp / WEIGHTS, 0o666 & ~UMASK)  # diffusers writes it 0600; every other file here is plain mode
     (tmp / WEIGHTS).replace(folder / WEIGHTS)
     shutil.rmtree(tmp, ignore_errors=True)
     return folder / WEIGHTS

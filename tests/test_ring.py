@@ -92,6 +92,28 @@ def test_ring_follows_a_moved_line_and_survives_a_deleted_one(tmp_path):
         assert (again.current().text, again.pos.cycle) == ("zero", 1)
 
 
+def test_ring_goes_on_with_the_next_line_when_the_current_and_the_one_before_are_deleted(tmp_path):
+    from loop.store import Store
+
+    p = tmp_path / "prompts.txt"
+    p.write_text("circle\nsquare\nring\ntriangle\n", encoding="utf-8")
+    with Store(tmp_path / "x.db") as store:
+        ring = Ring(p, store, "ring/0of1", **QUIET)
+        ring.current()
+        ring.advance()
+        ring.current()
+        ring.advance()
+        assert ring.current().text == "ring"
+        p.write_text("circle\ntriangle\n", encoding="utf-8")  # "square" and "ring" deleted
+        assert (ring.current().text, ring.pos.cycle) == ("triangle", 0)  # not back to "circle" in cycle 1
+        # and after a restart too: the lines that followed are kept with the position (as saved on "ring")
+        store.set_state("ring/0of1", {"index": 2, "text": "ring", "cycle": 0, "after": "square",
+                                      "ahead": ["triangle"]})  # fmt: skip
+        p.write_text("circle\ntriangle\n", encoding="utf-8")
+        again = Ring(p, store, "ring/0of1", **QUIET)
+        assert (again.current().text, again.pos.cycle) == ("triangle", 0)
+
+
 def test_restart_continues_where_it_stopped(ws, cfg):
     ws.prompts_path.write_text("a circle --n 3\na square --n 3\n", encoding="utf-8")
     with ws.store() as store:

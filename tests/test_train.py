@@ -47,7 +47,10 @@ def test_only_adapter_weights_change_and_adapter_changes_output(tmp_path):
     assert np.abs(trained_img - before_img).mean() > 1e-3
 
     # save, then load into a fresh pipeline: the same image at the same seed
-    save_lora(unet, tmp_path)
+    saved = save_lora(unet, tmp_path)
+    from loop.workspace import UMASK
+
+    assert saved.stat().st_mode & 0o777 == 0o666 & ~UMASK  # a plain file's mode, as every other file (not 0600)
     fresh = load_base(ModelConfig())
     fresh.load_lora_weights(str(tmp_path))
     np.testing.assert_allclose(_image(fresh), trained_img, atol=1e-4)

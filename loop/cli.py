@@ -29,7 +29,7 @@ STATE = {"debug": False}
 WorkspaceOpt = Annotated[Path, typer.Option("-w", "--workspace", help="workspace folder", show_default=False)]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="config overrides, key=value", show_default=False)]
 # status, import, export and export-lora read no config; they take overrides as every command does (DESIGN.md),
-# so one wrapper can pass the same ones to all, and check them (a mistyped key is refused), nothing more
+# so one wrapper can pass the same ones to all, and check them (with configs/loop.yaml), nothing more
 CheckedOverrides = Annotated[
     Optional[list[str]],
     typer.Argument(help="config overrides, key=value (checked; not used here)", show_default=False),
@@ -41,7 +41,8 @@ def _open_checked(workspace: Path, overrides: list[str] | None):
     from loop.workspace import Workspace
 
     ws = Workspace.open(workspace)
-    load_config(ws.root, overrides)
+    if overrides:  # only then: without any, a broken configs/loop.yaml must not stop status, import or export
+        load_config(ws.root, overrides)
     return ws
 
 
@@ -160,7 +161,9 @@ def run(
             + ")"
         )
     else:
-        _echo(f"round {result.round} was already done; `loop run --round` starts round {result.round + 1}")
+        with ws.store() as store:
+            now = store.current_unit()
+        _echo(f"round {result.round} was already done; `loop run --round` goes on with round {now}")
 
 
 @app.command()
@@ -348,9 +351,10 @@ def rate(
         recover(ws, store, _echo)  # a rating killed mid-way may have left golden/ behind its ratings
         if auto or finish:
             from loop.rate.auto import auto_rate
-            from loop.round import finish_rating, rating_summary
+            from loop.round import check_can_finish_rating, finish_rating, rating_summary
 
             n = store.current_unit()
+            check_can_finish_rating(store, n)  # before the scripted rater rates anything
             if auto:
                 out = auto_rate(ws, store, cfg.rate, n, log=_echo)
                 left = f", left {out['skipped']} unreadable image(s) unrated" if out["skipped"] else ""

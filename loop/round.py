@@ -40,10 +40,11 @@ def rating_summary(store: Store, n: int) -> str:
     return f"{rated}/{total} rated (" + ", ".join(f"{t} {counts.get(t, 0)}" for t in TIERS) + ")"
 
 
-def finish_rating(store: Store, n: int) -> None:
-    """Close round n's rate phase. Refused while the round has no image at all: closing it then would let
-    `loop run --round` generate and go straight on to select and train, past images nobody has seen. (Images
-    of the round made by `loop generate` outside the round's own generate phase, the ring buffer, count.)"""
+def check_can_finish_rating(store: Store, n: int) -> None:
+    """LoopError if round n's ratings cannot be closed yet: while `loop run --round` is generating it (or was
+    killed doing so), or while the round has no image at all. Closing them then would let the next `loop run
+    --round` make images and go straight on to select and train, past images nobody has seen. (Images of the
+    round made by `loop generate` outside the round's own generate phase, the ring buffer, count.)"""
     from loop.errors import LoopError
 
     started = store.phase(n, "generate")
@@ -60,6 +61,11 @@ def finish_rating(store: Store, n: int) -> None:
             f"round {n} has no images yet, so there is nothing to finish rating; run `loop run --round` (it "
             f"generates, then waits for your ratings) or `loop generate`"
         )
+
+
+def finish_rating(store: Store, n: int) -> None:
+    """Close round n's rate phase (see check_can_finish_rating for when that is refused)."""
+    check_can_finish_rating(store, n)
     store.finish_phase(n, "rate", {"summary": rating_summary(store, n), "by": "person"})
 
 
@@ -88,7 +94,12 @@ def run_round(
                 continue
             t0 = time.time()
             store.begin_phase(n, phase)
-            if phase == "generate":
+            if phase == "generate" and store.phase_done(n, "rate"):
+                # the ratings were closed on images `loop generate` made (the ring buffer) before this round's own
+                # generate phase ran: images made now would go to select and train with nobody having seen them
+                detail = {"made": 0, "skipped": "rating was closed already"}
+                log(f"generate: skipped; round {n}'s rating was closed already, on the images it has")
+            elif phase == "generate":
                 detail = generate(ws, store, cfg, unit=n, round=n, log=log)
                 log(f"generate: {detail['made']} new image(s) in {ws.rel(ws.generations(n))}")
                 if cfg.select.strategy == "grow":

@@ -14,6 +14,11 @@ from loop.errors import LoopError
 QUICK = ["generate.steps=2", "generate.images_per_prompt=1", "generate.batch_size=2"]
 
 
+def sql_count(ws, query: str) -> int:
+    with ws.store() as store:
+        return store.db.execute(query).fetchone()[0]
+
+
 def one_error(capsys, *words) -> str:
     """The stderr of the command just run: exactly one line, `error: ...`, naming every word."""
     err = capsys.readouterr().err
@@ -361,6 +366,9 @@ def test_finishing_the_rating_while_the_round_is_still_generating_is_refused(ws,
         add_images(ws, store, 3, round=0)
     assert entry(["rate", "--finish", "-w", str(ws.root)]) == 2
     one_error(capsys, "round 0 is still generating (3 image(s) so far", "loop run --round")
+    assert entry(["rate", "--auto", "-w", str(ws.root)]) == 2  # refused before the scripted rater rates anything
+    one_error(capsys, "round 0 is still generating")
+    assert sql_count(ws, "SELECT COUNT(*) FROM ratings") == 0
     with ws.store() as store:
         assert not store.phase_done(0, "rate")
         store.finish_phase(0, "generate")

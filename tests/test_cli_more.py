@@ -89,3 +89,7 @@ def test_commands_that_read_no_config_still_take_and_check_overrides(ws, tmp_pat
         assert entry(argv) == 2, argv
         assert "unknown config key train.rnak=4" in capsys.readouterr().err
     assert not (tmp_path / "ds2").exists()  # refused before anything was written
+    # without overrides they read no config at all: a broken configs/loop.yaml does not stop them
+    (ws.root / "configs" / "loop.yaml").write_text("train: [unclosed\n")
+    assert entry(["status", *w]) == 0
+    assert entry(["export", "--out", str(tmp_path / "ds3"), *w]) == 0

@@ -182,3 +182,26 @@ def test_a_unit_trained_while_its_round_was_open_closes_that_round(ws, cfg):
     assert (ws.checkpoint(1) / "selection.json").read_bytes() == selection  # not selected again
     assert run_round(ws, cfg, 0, log=quiet).ran == []
     assert run_round(ws, cfg, auto_rate_=True, log=quiet, stop_after="generate").round == 1  # on to round 1
+
+
+@pytest.mark.slow
+def test_ratings_closed_on_ring_buffer_images_are_not_followed_by_more_images(ws, cfg):
+    # `loop generate` (the ring) made round 0's images, the person rated them and closed the ratings; `loop run
+    # --round` then generated a round's worth more and trained past them, unseen
+    from loop.generate import generate_ring
+    from loop.rate.auto import auto_rate
+    from loop.round import finish_rating
+
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        generate_ring(ws, store, cfg, unit=0, count=4, log=quiet)
+        auto_rate(ws, store, cfg.rate, 0, log=quiet)
+        finish_rating(store, 0)
+    logs = []
+    res = run_round(ws, cfg, log=logs.append)
+    assert res.ran == ["generate", "select", "train"]
+    assert any("generate: skipped" in m for m in logs)
+    with ws.store() as store:
+        assert len(store.images(round=0)) == 4  # no more
+        assert store.phase_done(0, "train")
+

@@ -204,4 +204,3 @@ def test_ratings_closed_on_ring_buffer_images_are_not_followed_by_more_images(ws
     with ws.store() as store:
         assert len(store.images(round=0)) == 4  # no more
         assert store.phase_done(0, "train")
-

@@ -69,6 +69,20 @@ def format_status(ws: Workspace) -> str:
                 f"{r['unit']:>4}  {parent:>6}  {r['method']:<8} {r['strategy']:<9} {r['images']:>6} "
                 f"{r['rated']:>6}  " + " ".join(f"{r[t]:>4}" for t in TIERS) + f"  {ur:>7}"
             )
+        imported = [
+            r[0]
+            for r in store.db.execute(
+                "SELECT t.tier FROM images i LEFT JOIN current_tiers t ON t.image_id = i.id WHERE i.unit IS NULL"
+            )
+        ]
+        if imported:  # `loop import`'s images: no unit made them, but a selection takes them like any other
+            tiers = {t: imported.count(t) for t in TIERS}
+            rated = len(imported) - imported.count(None)
+            lines.append(
+                f"{'-':>4}  {'-':>6}  {'imported':<8} {'':<9} {len(imported):>6} {rated:>6}  "
+                + " ".join(f"{tiers[t]:>4}" for t in TIERS)
+                + f"  {'-':>7}"
+            )
         if not rows:
             lines.append("  (no units yet: `loop run --round` starts with the base model as unit 0)")
         lines += ["", next_step(store) if rows else "next: `loop run --round`"]
@@ -79,7 +93,11 @@ def format_status(ws: Workspace) -> str:
 def ring_lines(store) -> list[str]:
     """Where each `loop generate --forever/--count` process stopped (its position in the prompt ring)."""
     out = []
-    for key, value, updated in store.db.execute("SELECT key, value, updated_at FROM state WHERE key LIKE 'ring/%'"):
+    rings = store.db.execute("SELECT key, value, updated_at FROM state WHERE key LIKE 'ring/%'").fetchall()
+    if rings:  # the process layout used last (`--processes N` keeps one ring per process): older ones are history
+        layout = max(rings, key=lambda r: r[2])[0].split("of")[-1]
+        rings = sorted((r for r in rings if r[0].split("of")[-1] == layout), key=lambda r: r[0])
+    for key, value, updated in rings:
         pos = json.loads(value)
         ago = time.time() - updated
         when = f"{ago / 60:.0f} min ago" if ago < 5400 else time.strftime("%Y-%m-%d %H:%M", time.localtime(updated))

@@ -93,3 +93,23 @@ def test_commands_that_read_no_config_still_take_and_check_overrides(ws, tmp_pat
     (ws.root / "configs" / "loop.yaml").write_text("train: [unclosed\n")
     assert entry(["status", *w]) == 0
     assert entry(["export", "--out", str(tmp_path / "ds3"), *w]) == 0
+
+
+def test_status_counts_imported_images_and_shows_the_last_process_layouts_rings(ws, tmp_path):
+    from loop.status import format_status
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (i * 90, 40, 40)).save(src / f"{i}.png")
+    assert entry(["import", str(src), "--tier", "UR", "-w", str(ws.root)]) == 0
+    with ws.store() as store:
+        store.set_state("ring/0of1", {"index": 0, "text": "a circle", "cycle": 3})
+        store.db.execute("UPDATE state SET updated_at = updated_at - 3600 WHERE key = 'ring/0of1'")
+        store.db.commit()
+        for k in (0, 1):  # a later `--processes 2` run
+            store.set_state(f"ring/{k}of2", {"index": k, "text": ["a square", "a ring"][k], "cycle": 5})
+    out = format_status(ws)
+    imported = next(ln.split() for ln in out.splitlines() if ln.split()[2:3] == ["imported"])
+    assert imported == ["-", "-", "imported", "3", "3", "3", "0", "0", "0", "0", "-"]  # images, rated, UR..N
+    assert "process 0 of 2" in out and "process 1 of 2" in out and "process 0 of 1" not in out

@@ -351,13 +351,18 @@ def test_a_claimed_image_is_refused_to_every_other_page_until_released_or_lapsed
     assert c.claim("tab-a2", 7, "alice") == "alice"  # alice's second page is another page
     assert c.claim("tab-b", 8, "bob") is None
     assert c.others("tab-a") == {8: "bob"} and c.others() == {7: "alice", 8: "bob"}
-    assert c.claim("tab-a", 9, "alice") is None  # moving the focus gives 7 back
+    assert c.claim("tab-a", 9, "alice") is None  # moving the focus on...
+    assert c.claim("tab-b", 7, "bob") == "alice"  # ...keeps 7 hers a few seconds (her rating may be on its way)
+    assert c.others("tab-b") == {7: "alice", 9: "alice"}
+    clock.now += 3.5
     assert c.claim("tab-b", 7, "bob") is None and c.held("tab-b") == 7
     clock.now += 6
     c.renew("tab-b")  # a poll keeps bob's claim; alice's page stopped polling
     clock.now += 6
     assert c.others() == {7: "bob"}  # alice's lapsed after 10 s
     assert c.claim("tab-a", None) is None and c.claim("tab-b", None) is None  # release
+    assert c.others() == {7: "bob"}  # (for the grace)
+    clock.now += 3.5
     assert c.others() == {}
     for bad in ("", None, 5, "x" * 65, "tab\n"):
         with pytest.raises(BadRequest, match="tab must be"):
@@ -378,3 +383,7 @@ def test_the_list_and_the_poll_name_the_other_pages_claims(h):
         h.claim("tab-a", "3", "alice")
     assert h.claim("tab-c", ids[2], 42)["ok"]  # a name that is not a string is shown as another rater
     assert h.images(tab="tab-a")["claims"][-1] == [ids[2], "another rater"]
+    # a rated image is nobody's to be sent to: refused, with its tier, whatever the claims
+    h.rate([(ids[2], "SR")], "carol")
+    out = h.claim("tab-d", ids[2], "dave")
+    assert out["ok"] is False and out["rated"] == ["SR", "carol"] and h.claims.held("tab-d") is None

@@ -929,10 +929,12 @@ def test_with_a_login_ratings_are_by_the_logged_in_user_whatever_the_body_says(g
     status, _, out = asgi_call(g["app"], b"/loop/api/meta", "GET", ann)
     assert status == 200 and b'"login":"ann"' in out.replace(b": ", b":")
     # a claim shows the login too, not the name in the body
-    claim = b'{"tab": "t-ann", "image_id": %d, "rater": "dave"}' % g["id"]
+    with g["ws"].store() as store:
+        (fresh,) = add_images(g["ws"], store, 1, seed=5)  # unrated: a rated image is nobody's to claim
+    claim = b'{"tab": "t-ann", "image_id": %d, "rater": "dave"}' % fresh
     assert asgi_call(g["app"], b"/loop/api/claim", "POST", ann + [JSON_CT], claim)[0] == 200
     status, _, out = asgi_call(g["app"], b"/loop/api/images?tab=t-bob", "GET", bob)
-    assert status == 200 and json.loads(out)["claims"] == [[g["id"], "ann"]]
+    assert status == 200 and json.loads(out)["claims"] == [[fresh, "ann"]]
     asgi_call(g["app"], b"/loop/api/claim", "POST", ann + [JSON_CT], b'{"tab": "t-ann", "image_id": null}')
 
 

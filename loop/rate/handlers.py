@@ -33,6 +33,9 @@ THUMB_MEMORY = 64 << 20  # thumbnail bytes kept in memory (tens of thousands of 
 PACE_WINDOW_S = 300.0  # pace = ratings per minute over the last five minutes
 MAX_RATER = 40
 CLAIM_TTL_S = 10.0  # a page renews its claim with every poll (2 s); a closed page's claim lapses after this
+# a page keeps the image it moved away from for this long: its rating of it may still be on the way to the
+# server, and another page must not be sent there meanwhile
+CLAIM_GRACE_S = 3.0
 MAX_TAB = 64
 
 
@@ -143,14 +146,16 @@ class Claims:
     Each page (a `tab`: a random token it makes when it opens, so one rater's two pages are two tabs) holds at
     most one claim: the image its focus is on. `claim` is atomic: it answers the name of the rater whose page
     already holds the image, or None when the claim is taken. A page renews its claim with every poll; a closed
-    page's claim lapses after CLAIM_TTL_S. Kept in memory only: a claim is a few seconds of intent, not data,
-    and a restarted server starts with none (the pages claim again at their next focus or poll).
+    page's claim lapses after CLAIM_TTL_S. The image a page moves away from stays its own for CLAIM_GRACE_S
+    more (its rating of it may still be on the way). Kept in memory only: a claim is a few seconds of intent,
+    not data, and a restarted server starts with none (the pages claim again at their next focus or poll).
     """
 
-    def __init__(self, ttl: float = CLAIM_TTL_S, clock=time.monotonic):
-        self.ttl, self.clock = ttl, clock
+    def __init__(self, ttl: float = CLAIM_TTL_S, clock=time.monotonic, grace: float = CLAIM_GRACE_S):
+        self.ttl, self.clock, self.grace = ttl, clock, grace
         self._lock = threading.Lock()
         self._tabs: dict[str, tuple[int, str, float]] = {}  # tab -> (image id, rater, expiry)
+        self._left: dict[int, tuple[str, str, float]] = {}  # image id -> (tab, rater, until): just moved away
 
     @staticmethod
     def check_tab(tab) -> str:
@@ -161,6 +166,18 @@ class Claims:
     def _expire(self, now: float) -> None:
         for tab in [t for t, (_, _, until) in self._tabs.items() if until <= now]:
             del self._tabs[tab]
+        for image_id in [i for i, (_, _, until) in self._left.items() if until <= now]:
+            del self._left[image_id]
+
+    def _holder(self, image_id: int, tab: str) -> str | None:
+        """Who holds image_id, if a page other than `tab` does (now, or just moved away from it)."""
+        for other, (held, who, _) in self._tabs.items():
+            if held == image_id and other != tab:
+                return who or "another rater"
+        left = self._left.get(image_id)
+        if left and left[0] != tab:
+            return left[1] or "another rater"
+        return None
 
     def claim(self, tab: str, image_id: int | None, rater: str = "") -> str | None:
         """Move `tab`'s claim to `image_id` (None: release it). Returns who holds the image when another page
@@ -169,16 +186,16 @@ class Claims:
         with self._lock:
             now = self.clock()
             self._expire(now)
-            if image_id is not None:
-                for other, (held, who, _) in self._tabs.items():
-                    if held == image_id and other != tab:
-                        self._tabs.pop(tab, None)
-                        return who or "another rater"
-            if image_id is None:
+            before = self._tabs.get(tab)
+            if before is not None and before[0] != image_id:
+                self._left[before[0]] = (tab, before[1], now + self.grace)
+            holder = None if image_id is None else self._holder(image_id, tab)
+            if image_id is None or holder is not None:
                 self._tabs.pop(tab, None)
             else:
                 self._tabs[tab] = (image_id, rater or "", now + self.ttl)
-            return None
+                self._left.pop(image_id, None)
+            return holder
 
     def renew(self, tab: str) -> None:
         with self._lock:
@@ -193,10 +210,12 @@ class Claims:
             return found[0] if found else None
 
     def others(self, tab: str | None = None) -> dict[int, str]:
-        """{image id: rater} of every live claim but `tab`'s."""
+        """{image id: rater} of every live claim but `tab`'s (images just moved away from included)."""
         with self._lock:
             self._expire(self.clock())
-            return {i: who or "another rater" for t, (i, who, _) in self._tabs.items() if t != tab}
+            out = {i: who or "another rater" for i, (t, who, _) in self._left.items() if t != tab}
+            out.update({i: who or "another rater" for t, (i, who, _) in self._tabs.items() if t != tab})
+            return out
 
 
 class RateHandlers:
@@ -283,9 +302,18 @@ class RateHandlers:
 
     def claim(self, tab: str, image_id: int | None, rater: str = "") -> dict:
         """Put `tab`'s claim on `image_id` (None: release it). ok is false when another page has its focus
-        there (`by` names its rater); `claims` lists the other pages' claims either way."""
+        there (`by` names its rater) or the image is rated (`rated`: [tier, rater]); `claims` lists the other
+        pages' claims either way."""
         if image_id is not None and (not isinstance(image_id, int) or isinstance(image_id, bool)):
             raise BadRequest(f"image_id must be an integer or null, got {image_id!r}"[:200])
+        if image_id is not None:  # rated since the page last looked: nobody is sent to a rated image
+            with self.lock:
+                row = self.db.execute(
+                    "SELECT tier, rater FROM current_tiers WHERE image_id = ?", (image_id,)
+                ).fetchone()
+            if row is not None:
+                self.claims.claim(tab, None)  # the page holds nothing now
+                return {"ok": False, "by": None, "rated": [row[0], row[1]], "claims": self._claims(tab)}
         by = self.claims.claim(tab, image_id, rater[:MAX_RATER] if isinstance(rater, str) else "")
         return {"ok": by is None, "by": by, "claims": self._claims(tab)}
 

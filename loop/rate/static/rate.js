@@ -109,7 +109,10 @@
       // claimed, so two raters never rate the same one by chance. claims: id -> rater of the other pages';
       // claimTarget: what this page asked for; claimed: what the server confirmed.
       tab: Math.random().toString(36).slice(2) + Date.now().toString(36),
-      claims: new Map(), claimTarget: undefined, claimed: null, claimGen: 0,
+      // claimRefused: an image this page's focus is on that another page holds (the poll claims it again
+      // once it is free).
+      claims: new Map(), claimTarget: undefined, claimed: null, claimGen: 0, claimRefused: null,
+      polling: false, pollTimer: 0,
     };
 
     // -- legend and tier buttons --------------------------------------------------------------------------
@@ -203,12 +206,14 @@
     }
 
     // Claim the image the focus is on (or release the claim when it is on a rated one, where nobody is sent).
-    // If another page claimed it first (both got there within one round trip), a focus the page placed moves on.
+    // If another page holds it (both got there within one round trip), or someone rated it since this page
+    // last looked, a focus the page placed moves on.
     async function sendClaim() {
       const id = S.ids.length && !rated(S.focus) ? S.ids[S.focus] : null;
       if (id === S.claimTarget) return;
       S.claimTarget = id;
       S.claimed = null;
+      S.claimRefused = null;
       const gen = ++S.claimGen;
       let r;
       try {
@@ -219,16 +224,41 @@
       }
       if (gen !== S.claimGen) return; // the focus moved on meanwhile; that claim is the one that counts
       setClaims(r.claims);
+      if (r.rated && !S.pending.get(id)) setTier(id, r.rated[0], r.rated[1]); // rated since the last poll
+      const here = S.ids[S.focus] === id;
       if (r.ok) {
         S.claimed = id;
+        if (here && S.auto && S.allDone) { // it was held by another page, which let it go: it is ours now
+          S.allDone = false;
+          routine(`on to #${id}, unrated`);
+        }
         return;
       }
-      if (S.auto && S.ids[S.focus] === id) {
+      if (!here) return;
+      const who = r.by || (r.rated ? r.rated[1] : "another rater");
+      if (r.rated) {
+        if (S.auto) {
+          S.claimTarget = undefined;
+          const j = nextUnrated(S.focus);
+          autoFocus(j);
+          routine(j < 0 ? "" : `${who} rated #${id} just now: on to #${S.ids[j]}`);
+        } else routine(`#${id} is ${r.rated[0]} by ${who}; a key overrides it`);
+        return;
+      }
+      S.claimRefused = id; // the poll claims it once the other page lets it go
+      if (!S.auto) {
+        routine(`${who} has #${id} open too; a key rates it all the same`);
+        return;
+      }
+      const j = nextUnrated(S.focus);
+      if (j >= 0) {
         S.claimTarget = undefined;
-        const j = nextUnrated(S.focus);
         autoFocus(j);
-        routine(j < 0 ? "" : `${r.by} is on #${id}: on to #${S.ids[j]}`);
-      } else if (S.ids[S.focus] === id) routine(`${r.by} has #${id} open too; a key rates it all the same`);
+        routine(`${who} is on #${id}: on to #${S.ids[j]}`);
+      } else {
+        autoFocus(-1); // nothing else is free: the focus stays, and a key does not rate their image
+        routine("");
+      }
     }
 
     function tileOf(id) {
@@ -289,7 +319,10 @@
       S.auto = true;
       S.allDone = i < 0;
       if (i >= 0) setFocus(i);
-      else if (S.detail) paintDetailTier();
+      else {
+        if (S.detail) paintDetailTier();
+        sendClaim(); // the focus stays on a rated image: give its claim back
+      }
     }
 
     // The focus moved by the rater: a key now rates this image even if someone else rated it.
@@ -299,6 +332,7 @@
       const id = S.ids[S.focus], tier = S.tier.get(id), by = S.by.get(id);
       if (tier && by !== S.rater && !S.pending.get(id)) routine(`#${id} is ${tier} by ${by}; a key overrides it`);
       else if (!tier && S.claims.has(id)) routine(`${S.claims.get(id)} has #${id} open too; a key rates it all the same`);
+      else routine("");
     }
 
     ui.scroll.addEventListener("scroll", () => requestAnimationFrame(render), { passive: true });
@@ -350,7 +384,7 @@
       S.auto = true;
       S.allDone = first < 0;
       setFocus(Math.max(0, first), false);
-      if (S.allDone && S.ids.length) routine("");
+      routine(""); // a message about the list before is stale now
       root.dataset.ready = "1";
       performance.mark("loop-rate-grid");
       const c = await refreshCounters();
@@ -387,19 +421,24 @@
         return;
       }
       const id = S.ids[S.focus];
+      // Only when someone else rated the image we are on or holds it: a focus on an image this page holds is
+      // never moved (the person may be looking at it). If their fresh ratings are near, leave them this stretch
+      // and go half way down the rest; else on to the next free image.
       const taken = rated(S.focus) && S.by.get(id) !== S.rater && !S.pending.get(id) || S.claims.has(id);
+      if (!taken) return;
       const near = fresh.filter((x) => Math.abs(x.i - S.focus) <= NEAR);
-      // They rate the image we are on or just ahead of it, or in step with us and we are the one to give way
-      // (by name, so exactly one of two raters moves): leave them this stretch and go half way down the rest.
-      const ahead = taken || near.some((x) => x.i >= S.focus);
-      if (!ahead && !near.some((x) => x.rater < S.rater)) return;
       const j = near.length ? spreadFrom(Math.max(S.focus, ...near.map((x) => x.i))) : nextUnrated(S.focus);
-      const who = near.length ? [...new Set(near.map((x) => x.rater))].join(", ") : S.by.get(id) || S.claims.get(id);
+      const names = near.length ? [...new Set(near.map((x) => x.rater))] : [S.by.get(id) || S.claims.get(id)];
       autoFocus(j);
-      routine(j < 0 ? "" : `${who} is rating here too: on to #${S.ids[j]}`);
+      routine(j < 0 ? "" : `${names.join(", ")} ${names.length > 1 ? "are" : "is"} rating here too: on to #${S.ids[j]}`);
     }
 
+    // One poll at a time: every POLL_MS, and at once when the page comes back into view (a claim lapses while
+    // it is hidden, and someone else may hold its image now).
     async function poll() {
+      clearTimeout(S.pollTimer);
+      if (S.polling) return;
+      S.polling = true;
       const gen = S.gen;
       try {
         if (!document.hidden && root.dataset.ready) {
@@ -413,17 +452,20 @@
               setTier(id, tier, rater);
             }
             if (S.failures === 0 && ui.status.classList.contains("lr-offline")) status("");
+            setClaims(r.claims); // before new images are placed: they must not go to one another page holds
             if (r.new.length) addImages(r.new);
             S.lastEvent = r.last_event;
             S.lastImage = r.last_image;
             renderCounters(r.counters);
-            setClaims(r.claims);
-            // no claim yet (the server did not answer), or ours lapsed (the page was hidden, the server
-            // restarted): claim the focus again
-            if (S.claimTarget === undefined || S.claimTarget === S.claimed && (r.mine ?? null) !== S.claimed) {
+            // no claim yet (the server did not answer), ours lapsed (the page was hidden, the server
+            // restarted), or the image another page held is free now: claim the focus again
+            const lapsed = S.claimTarget === S.claimed && (r.mine ?? null) !== S.claimed;
+            const freed = S.claimRefused !== null && S.ids[S.focus] === S.claimRefused && !S.claims.has(S.claimRefused);
+            if (S.claimTarget === undefined || lapsed || freed) {
               S.claimTarget = undefined;
               sendClaim();
             }
+            if (S.allDone) routine(""); // what is left, and whose page it is open on, may have changed
             if (fresh.length || S.allDone || S.auto && (rated(S.focus) || S.claims.has(S.ids[S.focus]))) {
               const at = new Map(S.ids.map((id, i) => [id, i]));
               steer(fresh.filter((id) => at.has(id)).map((id) => ({ i: at.get(id), rater: S.by.get(id) })));
@@ -434,9 +476,11 @@
         status("the server does not answer; ratings are kept here and sent when it is back", true);
         ui.status.classList.add("lr-offline");
       } finally {
-        setTimeout(poll, POLL_MS);
+        S.polling = false;
+        S.pollTimer = setTimeout(poll, POLL_MS);
       }
     }
+    document.addEventListener("visibilitychange", () => { if (!document.hidden && root.dataset.ready) poll(); });
 
     function addImages(rows) {
       // new images join the end of the unrated block, so they come up next without moving what is on screen
@@ -488,6 +532,12 @@
         // the page left the focus here because nothing is unrated: a key must not overwrite another's rating
         status(`everything shown is rated; #${id} is ${was} by ${wasBy}: click it or move to it with the arrows `
           + "to re-rate it", true, 6000);
+        return;
+      }
+      if (!was && S.auto && S.claims.has(id)) {
+        // the page left the focus on an image another page holds (nothing else is free): theirs to rate
+        status(`#${id} is open on ${S.claims.get(id)}'s page; click it or move to it with the arrows to rate it `
+          + "anyway", true, 6000);
         return;
       }
       S.ratedSinceLoad++;
@@ -825,7 +875,7 @@
       ui.q.value = first.q || "";
       paintFinish();
       await load(list);
-      setTimeout(poll, POLL_MS);
+      S.pollTimer = setTimeout(poll, POLL_MS);
     }
 
     // a closed page gives its claim back at once (it would lapse by itself after a few seconds)

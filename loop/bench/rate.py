@@ -329,7 +329,7 @@ def screenshots(browser, out_img: Path) -> None:
             app.state.handlers.claim("bobs-page", ids[15], "bob")  # and has his focus on the next one
             page.wait_for_function("LoopRate.idle()")
             page.wait_for_function(f"LoopRate.state.claims.has({ids[15]})")  # one poll: all of that arrives
-            # bob's ratings just ahead steer alice's focus past them; she picks ids[5] (the image with a parent)
+            # she moves to ids[5] herself (the image with a parent), as the detail view below shows it
             page.keyboard.press("Home")
             for _ in range(5):
                 page.keyboard.press("ArrowRight")

@@ -482,7 +482,7 @@ def test_detail_view_fits_a_narrow_screen_with_a_very_long_prompt(site, browser)
     from playwright.sync_api import expect
 
     ws, url = site
-    ids = add(ws, 2, round=24)
+    ids = add(ws, 2, round=26)
     long = "a very long prompt, " * 220  # 4,400 characters
     sql(
         ws,
@@ -490,7 +490,7 @@ def test_detail_view_fits_a_narrow_screen_with_a_very_long_prompt(site, browser)
         long,
         ids[0],
     )
-    page = open_page(browser, url, 24)
+    page = open_page(browser, url, 26)
     for width, height in ((400, 800), (1200, 860)):
         page.set_viewport_size({"width": width, "height": height})
         page.keyboard.press("Enter")

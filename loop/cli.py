@@ -37,13 +37,11 @@ CheckedOverrides = Annotated[
 
 
 def _open_checked(workspace: Path, overrides: list[str] | None):
-    from loop.config import load_config
     from loop.workspace import Workspace
 
-    ws = Workspace.open(workspace)
     if overrides:  # only then: without any, a broken configs/loop.yaml must not stop status, import or export
-        load_config(ws.root, overrides)
-    return ws
+        return _open(workspace, overrides, model=False)[0]
+    return Workspace.open(workspace)
 
 
 UnitOpt = Annotated[Optional[int], typer.Option("--unit", help="unit number (default: the current unit)")]

@@ -4,31 +4,47 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 from loop.config import TIERS
 from loop.store import PHASES, Store
 from loop.workspace import Workspace
 
 
+def _row(counts: Counter, **head) -> dict:
+    """A table row: `head` (unit, parent, method, strategy), then images, rated, each tier and the UR rate."""
+    total = sum(counts.values())
+    rated = total - counts.get(None, 0)
+    return {
+        **head,
+        "images": total,
+        "rated": rated,
+        **{t: counts.get(t, 0) for t in TIERS},
+        "ur_rate": counts.get("UR", 0) / rated if rated else None,
+    }
+
+
 def unit_rows(store: Store) -> list[dict]:
-    rows = []
-    for u in store.units():
-        counts = store.tier_counts(unit=u["unit"])
-        total = sum(counts.values())
-        rated = total - counts.get(None, 0)
-        rows.append(
-            {
-                "unit": u["unit"],
-                "parent": u["parent"],
-                "method": u["method"] or "base",
-                "strategy": u["strategy"] or "-",
-                "images": total,
-                "rated": rated,
-                **{t: counts.get(t, 0) for t in TIERS},
-                "ur_rate": counts.get("UR", 0) / rated if rated else None,
-            }
+    return [
+        _row(
+            store.tier_counts(unit=u["unit"]),
+            unit=u["unit"],
+            parent=u["parent"],
+            method=u["method"] or "base",
+            strategy=u["strategy"] or "-",
         )
-    return rows
+        for u in store.units()
+    ]
+
+
+def imported_row(store: Store) -> dict | None:
+    """`loop import`'s images: no unit made them, but a selection takes them like any other (no UR rate: that
+    measures a unit)."""
+    sql = "SELECT t.tier FROM images i LEFT JOIN current_tiers t ON t.image_id = i.id WHERE i.unit IS NULL"
+    counts = Counter(r[0] for r in store.db.execute(sql))
+    if not counts:
+        return None
+    return {**_row(counts, unit="-", parent=None, method="imported", strategy=""), "ur_rate": None}
 
 
 def next_step(store: Store) -> str:
@@ -62,26 +78,13 @@ def format_status(ws: Workspace) -> str:
             + "  UR rate"
         )
         lines.append(head)
-        for r in rows:
+        imported = imported_row(store)
+        for r in rows + ([imported] if imported else []):
             parent = "-" if r["parent"] is None else str(r["parent"])
             ur = "-" if r["ur_rate"] is None else f"{r['ur_rate']:.1%}"
             lines.append(
                 f"{r['unit']:>4}  {parent:>6}  {r['method']:<8} {r['strategy']:<9} {r['images']:>6} "
                 f"{r['rated']:>6}  " + " ".join(f"{r[t]:>4}" for t in TIERS) + f"  {ur:>7}"
-            )
-        imported = [
-            r[0]
-            for r in store.db.execute(
-                "SELECT t.tier FROM images i LEFT JOIN current_tiers t ON t.image_id = i.id WHERE i.unit IS NULL"
-            )
-        ]
-        if imported:  # `loop import`'s images: no unit made them, but a selection takes them like any other
-            tiers = {t: imported.count(t) for t in TIERS}
-            rated = len(imported) - imported.count(None)
-            lines.append(
-                f"{'-':>4}  {'-':>6}  {'imported':<8} {'':<9} {len(imported):>6} {rated:>6}  "
-                + " ".join(f"{tiers[t]:>4}" for t in TIERS)
-                + f"  {'-':>7}"
             )
         if not rows:
             lines.append("  (no units yet: `loop run --round` starts with the base model as unit 0)")

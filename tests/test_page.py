@@ -575,14 +575,20 @@ def settled(page):
     )
 
 
+def alice_and_bob(browser, url, round):
+    """alice's page, then bob's, on the same round, each settled on an image of its own."""
+    a = open_page(browser, url, round, rater="alice")
+    settled(a)
+    b = open_page(browser, url, round, rater="bob")
+    settled(b)
+    return a, b
+
+
 @browser_test
 def test_two_raters_at_a_human_pace_never_rate_the_same_image(site, browser):
     ws, url = site
     ids = add(ws, 12, round=30)
-    a = open_page(browser, url, 30, rater="alice")
-    settled(a)
-    b = open_page(browser, url, 30, rater="bob")
-    settled(b)
+    a, b = alice_and_bob(browser, url, 30)
     assert focus_id(a) == ids[0] and focus_id(b) == ids[1]  # bob's page skips the image alice has open
     # and shows where alice is
     b.wait_for_selector(f".lr-tile.lr-claimed[data-id='{ids[0]}']", timeout=8000)
@@ -607,10 +613,7 @@ def test_two_raters_at_a_human_pace_never_rate_the_same_image(site, browser):
 def test_a_closed_page_gives_its_image_back(site, browser):
     ws, url = site
     ids = add(ws, 4, round=31)
-    a = open_page(browser, url, 31, rater="alice")
-    settled(a)
-    b = open_page(browser, url, 31, rater="bob")
-    settled(b)
+    a, b = alice_and_bob(browser, url, 31)
     b.wait_for_selector(f".lr-tile.lr-claimed[data-id='{ids[0]}']", timeout=8000)
     a.context.close()
     # the page says so as it closes (else the claim lapses within seconds); bob's next poll shows it free
@@ -646,10 +649,7 @@ def test_a_page_is_never_sent_to_an_image_just_rated_elsewhere(site, browser):
     # alice rates #1 and moves on; bob's page, not yet told (its poll is 2 s away), wraps round to #1 next
     ws, url = site
     ids = add(ws, 3, round=33)
-    a = open_page(browser, url, 33, rater="alice")
-    settled(a)
-    b = open_page(browser, url, 33, rater="bob")
-    settled(b)
+    a, b = alice_and_bob(browser, url, 33)
     a.keyboard.press("3")
     settled(a)
     assert focus_id(a) == ids[2]
@@ -670,10 +670,7 @@ def test_a_key_never_rates_the_image_another_page_holds_unless_picked(site, brow
 
     ws, url = site
     ids = add(ws, 2, round=34)
-    a = open_page(browser, url, 34, rater="alice")
-    settled(a)
-    b = open_page(browser, url, 34, rater="bob")
-    settled(b)
+    a, b = alice_and_bob(browser, url, 34)
     a.keyboard.press("1")  # alice rates #1; #2 is bob's: nothing is left for her
     a.wait_for_function("LoopRate.state.allDone", timeout=8000)
     idle(a)
@@ -697,10 +694,7 @@ def test_a_key_never_rates_the_image_another_page_holds_unless_picked(site, brow
 def test_the_focus_stays_on_the_image_a_rater_holds_while_another_rates_nearby(site, browser):
     ws, url = site
     ids = add(ws, 40, round=35)
-    a = open_page(browser, url, 35, rater="alice")
-    settled(a)
-    b = open_page(browser, url, 35, rater="bob")
-    settled(b)
+    a, b = alice_and_bob(browser, url, 35)
     assert focus_id(b) != ids[0]
     b.keyboard.press("4")
     idle(b)
@@ -714,10 +708,7 @@ def test_the_focus_stays_on_the_image_a_rater_holds_while_another_rates_nearby(s
 def test_a_picked_image_another_page_held_is_claimed_once_it_is_let_go(site, browser):
     ws, url = site
     ids = add(ws, 4, round=36)
-    a = open_page(browser, url, 36, rater="alice")
-    settled(a)
-    b = open_page(browser, url, 36, rater="bob")
-    settled(b)
+    a, b = alice_and_bob(browser, url, 36)
     b.keyboard.press("Home")  # bob picks alice's #1: his page cannot claim it while she has it open
     b.wait_for_function(f"LoopRate.state.claimRefused === {ids[0]}", timeout=8000)
     a.context.close()  # alice leaves

@@ -173,11 +173,9 @@ class Claims:
         """Who holds image_id, if a page other than `tab` does (now, or just moved away from it)."""
         for other, (held, who, _) in self._tabs.items():
             if held == image_id and other != tab:
-                return who or "another rater"
+                return who
         left = self._left.get(image_id)
-        if left and left[0] != tab:
-            return left[1] or "another rater"
-        return None
+        return left[1] if left and left[0] != tab else None
 
     def claim(self, tab: str, image_id: int | None, rater: str = "") -> str | None:
         """Move `tab`'s claim to `image_id` (None: release it). Returns who holds the image when another page
@@ -193,7 +191,7 @@ class Claims:
             if image_id is None or holder is not None:
                 self._tabs.pop(tab, None)
             else:
-                self._tabs[tab] = (image_id, rater or "", now + self.ttl)
+                self._tabs[tab] = (image_id, rater or "another rater", now + self.ttl)
                 self._left.pop(image_id, None)
             return holder
 
@@ -213,8 +211,8 @@ class Claims:
         """{image id: rater} of every live claim but `tab`'s (images just moved away from included)."""
         with self._lock:
             self._expire(self.clock())
-            out = {i: who or "another rater" for i, (t, who, _) in self._left.items() if t != tab}
-            out.update({i: who or "another rater" for t, (i, who, _) in self._tabs.items() if t != tab})
+            out = {i: who for i, (t, who, _) in self._left.items() if t != tab}
+            out.update({i: who for t, (i, who, _) in self._tabs.items() if t != tab})
             return out
 
 
@@ -304,9 +302,10 @@ class RateHandlers:
         """Put `tab`'s claim on `image_id` (None: release it). ok is false when another page has its focus
         there (`by` names its rater) or the image is rated (`rated`: [tier, rater]); `claims` lists the other
         pages' claims either way."""
-        if image_id is not None and (not isinstance(image_id, int) or isinstance(image_id, bool)):
-            raise BadRequest(f"image_id must be an integer or null, got {image_id!r}"[:200])
-        if image_id is not None:  # rated since the page last looked: nobody is sent to a rated image
+        if image_id is not None:
+            if not isinstance(image_id, int) or isinstance(image_id, bool):
+                raise BadRequest(f"image_id must be an integer or null, got {image_id!r}"[:200])
+            # rated since the page last looked: nobody is sent to a rated image
             with self.lock:
                 row = self.db.execute(
                     "SELECT tier, rater FROM current_tiers WHERE image_id = ?", (image_id,)

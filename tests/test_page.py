@@ -610,6 +610,41 @@ def test_two_raters_at_a_human_pace_never_rate_the_same_image(site, browser):
 
 
 @browser_test
+def test_three_raters_in_a_random_order_rate_every_image_once(site, browser):
+    # as above, but three pages, a random one at each turn, sometimes pausing past a poll or not waiting for the
+    # server: whatever the interleaving, no image gets a second rater and none is left out
+    import random
+
+    ws, url = site
+    ids = add(ws, 20, round=37)
+    rnd = random.Random(5)
+    pages = [open_page(browser, url, 37, rater=name) for name in ("alice", "bob", "carol")]
+    errors = []
+    for page in pages:
+        page.on("pageerror", lambda e: errors.append(str(e)))
+    for _ in range(80):
+        page = rnd.choice(pages)
+        settled(page)
+        if rnd.random() < 0.3:
+            page.wait_for_timeout(rnd.choice([100, 600, 2100]))
+            settled(page)
+        if not page.evaluate("LoopRate.state.allDone"):
+            page.keyboard.press(rnd.choice("12345"))
+        if rnd.random() < 0.5:
+            idle(page)
+        if len(sql(ws, "SELECT image_id FROM current_tiers WHERE image_id >= ?", ids[0])) == len(ids):
+            break
+    for page in pages:
+        idle(page)
+    raters = sql(ws, "SELECT image_id, COUNT(*) FROM ratings WHERE image_id >= ? GROUP BY image_id", ids[0])
+    assert sorted(i for i, _ in raters) == ids  # every image rated
+    assert all(n == 1 for _, n in raters), raters  # and none twice
+    assert errors == []
+    for page in pages:
+        page.context.close()
+
+
+@browser_test
 def test_a_closed_page_gives_its_image_back(site, browser):
     ws, url = site
     ids = add(ws, 4, round=31)

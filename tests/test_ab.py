@@ -36,6 +36,7 @@ def test_pairs_share_prompt_and_seed_across_units_and_votes_are_checked(ws):
             a, b = store.image(p["left"]["id"]), store.image(p["right"]["id"])
             assert a["unit"] != b["unit"] and (a["prompt"], a["seed"]) == (b["prompt"], b["seed"])
             assert "unit" not in p["left"] and "unit" not in p["right"], "blind: the units are not sent"
+            assert p["left"]["url"] == f"/loop/image/{p['left']['id']}", "nor named by the file's path"
         ab.vote({"left": ids[(1, 0)], "right": ids[(0, 0)], "winner": "left"})
         with pytest.raises(BadRequest):  # same unit on both sides
             ab.vote({"left": ids[(1, 0)], "right": ids[(1, 1)], "winner": "left"})
@@ -102,7 +103,11 @@ def test_compare_tab_votes_by_keyboard_and_renders_the_grid(tmp_path):
                     "n => document.querySelector('#loop-ab .ab')?.parentElement.dataset.votes == n",
                     arg=str(["ArrowLeft", "ArrowRight", "ArrowDown"].index(key) + 1),
                 )
-                assert before  # a pair was showing when the key was pressed
+                assert before and "unit_" not in before  # a pair was showing, its URL not naming the unit
+            # a key held down (auto-repeat) is not a vote per repeat
+            page.evaluate("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'ArrowLeft', repeat: true}))")
+            page.wait_for_timeout(500)
+            assert page.evaluate("document.querySelector('#loop-ab .ab').parentElement.dataset.votes") == "3"
             expect(page.locator(".ab-rank")).to_be_visible()
             expect(page.locator(".ab-rank")).to_contain_text("unit 1")
             page.get_by_role("button", name="Render the probe grid").click()

@@ -345,14 +345,14 @@ def test_keys_after_the_last_unrated_image_never_overwrite_finished_ratings(site
     page = open_page(browser, url, 20, rater="frank")
     status = page.locator(".lr-status")
     assert focus_id(page) == ids[1]
-    for k in "5555":  # three unrated, then one key too many: it corrects frank's own last rating only
+    for k in "5552":  # three unrated, then one key too many: it changes nothing, not even frank's own rating
         page.keyboard.press(k)
     idle(page)
     assert focus_id(page) == ids[3]
-    expect(status).to_contain_text("everything shown is rated")
+    expect(status).to_contain_text(f"everything shown is rated; #{ids[3]} is N by you")
     assert sql(ws, "SELECT tier, rater FROM current_tiers WHERE image_id = ?", ids[0]) == [("SSR", "dave")]
-    frank = sql(ws, "SELECT image_id FROM ratings WHERE rater = 'frank' AND image_id >= ? ORDER BY id", ids[0])
-    assert frank == [(ids[1],), (ids[2],), (ids[3],), (ids[3],)]
+    frank = sql(ws, "SELECT image_id, tier FROM ratings WHERE rater = 'frank' AND image_id >= ? ORDER BY id", ids[0])
+    assert frank == [(ids[1], "N"), (ids[2], "N"), (ids[3], "N")]
     # new images arrive while everything is rated: the first of them takes the focus, and keys rate them
     new = add(ws, 2, round=20, seed=7)
     page.wait_for_function("id => LoopRate.state.ids[LoopRate.state.focus] === id", arg=new[0], timeout=8000)
@@ -755,3 +755,60 @@ def test_a_picked_image_another_page_held_is_claimed_once_it_is_let_go(site, bro
     c.wait_for_selector(f".lr-tile.lr-claimed[data-id='{ids[0]}']", timeout=8000)
     b.context.close()
     c.context.close()
+
+
+@browser_test
+def test_the_focus_frame_sits_on_its_tile_far_down_the_grid_and_stays_in_view_on_resize(site, browser):
+    ws, url = site
+    add(ws, 120, round=38)
+    page = open_page(browser, url, 38, rater="frank")
+    page.keyboard.press("End")  # the last tile, rows down: the frame must be drawn where that tile is
+
+    def where():
+        """The focused tile's drawn box, its slot (the canvas plus its translate), and the visible grid."""
+        return page.evaluate(
+            """() => {
+              const f = document.querySelector('.lr-tile.lr-focus'), c = document.querySelector('.lr-canvas');
+              const [tx, ty] = f.style.translate.split(' ').map(parseFloat), side = f.offsetWidth;
+              const b = f.getBoundingClientRect(), cb = c.getBoundingClientRect();
+              const v = document.querySelector('.lr-scroll').getBoundingClientRect();
+              return {cx: b.x + b.width / 2, cy: b.y + b.height / 2, top: b.top, bottom: b.bottom,
+                      sx: cb.x + tx + side / 2, sy: cb.y + ty + side / 2, vtop: v.top, vbottom: v.bottom,
+                      cols: LoopRate.state.cols};
+            }"""
+        )
+
+    w = where()
+    # scaled about its own centre: drawn centred on its slot, not pushed away in proportion to its offset
+    assert abs(w["cx"] - w["sx"]) < 1.5 and abs(w["cy"] - w["sy"]) < 1.5, w
+    assert w["vtop"] - 8 <= w["top"] and w["bottom"] <= w["vbottom"] + 8, w  # and on screen
+    # a narrower window re-flows the grid: the focused tile is still in view
+    page.keyboard.press("Home")
+    for _ in range(6):
+        page.keyboard.press("PageDown")
+    before = focus_id(page)
+    page.set_viewport_size({"width": 520, "height": 860})
+    page.wait_for_function("c => LoopRate.state.cols !== c", arg=w["cols"])
+    page.wait_for_timeout(100)
+    w = where()
+    assert focus_id(page) == before
+    assert w["vtop"] - 8 <= w["top"] and w["bottom"] <= w["vbottom"] + 8, w
+    page.context.close()
+
+
+@browser_test
+def test_enter_after_clicking_a_button_opens_the_detail_view_instead_of_pressing_it_again(site, browser):
+    ws, url = site
+    ids = add(ws, 3, round=39)
+    page = open_page(browser, url, 39, rater="frank")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".lr-detail:not([hidden])")
+    page.click(".lr-d-tiers button >> nth=1")  # SSR with the mouse, in the detail view
+    idle(page)
+    page.keyboard.press("Enter")  # Enter is the detail view's key: it does not press the SSR button again
+    idle(page)
+    page.keyboard.press("Escape")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".lr-detail:not([hidden])")
+    assert sql(ws, "SELECT image_id, tier FROM ratings WHERE image_id >= ?", ids[0]) == [(ids[0], "SSR")]
+    page.context.close()

@@ -11,6 +11,7 @@ from loop.cli import entry
 from loop.errors import LoopError
 from loop.rate.handlers import BadRequest, Forbidden, NotFound, RateHandlers, golden_path, safe_file, thumb_path
 from loop.rate.page import BasicAuth, build_app, close_app, parse_auth
+from loop.workspace import Workspace
 
 
 @pytest.fixture
@@ -174,6 +175,21 @@ def test_finish_closes_the_rate_phase_of_the_current_round(h):
     assert out["round"] == 0 and not out["already"] and "0/2 rated" in out["summary"]
     assert h.store.phase_done(0, "rate")
     assert h.finish()["already"]
+
+
+def test_finish_refuses_a_round_that_is_over_and_counters_name_the_current_one(h):
+    # a page open since round 0: unit 1 appears (round 1 starts); its button still said "round 0"
+    _add(h, 2, round=0)
+    h.store.add_unit(1, parent=0, path="checkpoints/unit_001", base="embedded", method="lora", strategy="converge",
+                     manifest={})  # fmt: skip
+    _add(h, 3, round=1, seed=5)
+    assert h.counters(round=0)["current_round"] == 1  # what the page's button follows
+    with pytest.raises(BadRequest, match=r"^nothing closed: round 0 is over \(unit 1 exists\), round 1 is"):
+        h.finish(round=0)
+    assert not h.store.phase_done(1, "rate")  # round 1, unseen, stays open
+    with pytest.raises(BadRequest, match="round must be an integer"):
+        h.finish(round="1")
+    assert h.finish(round=1)["round"] == 1 and h.store.phase_done(1, "rate")
 
 
 @pytest.fixture
@@ -387,3 +403,50 @@ def test_the_list_and_the_poll_name_the_other_pages_claims(h):
     h.rate([(ids[2], "SR")], "carol")
     out = h.claim("tab-d", ids[2], "dave")
     assert out["ok"] is False and out["rated"] == ["SR", "carol"] and h.claims.held("tab-d") is None
+
+
+LOCAL = "http://127.0.0.1"  # without a login the page answers loopback Hosts only
+
+
+def test_thumbnail_urls_name_the_workspace_so_another_ones_cached_pictures_never_show(tmp_path):
+    from starlette.testclient import TestClient
+
+    apps, tokens = {}, {}
+    for name in ("a", "b"):  # two workspaces whose first image has the same id, served one after the other
+        ws = Workspace.init(tmp_path / name)
+        with ws.store() as store:
+            store.ensure_base_unit("embedded")
+            (i,) = add_images(ws, store, 1, seed=ord(name))
+        _, apps[name] = build_app(ws, warm=0)
+        tokens[name] = TestClient(apps[name], base_url=LOCAL).get("/loop/api/images?round=0").json()["w"]
+    try:
+        assert tokens["a"] != tokens["b"] and len(tokens["a"]) == 16
+        a, b = TestClient(apps["a"], base_url=LOCAL), TestClient(apps["b"], base_url=LOCAL)
+        got = a.get(f"/loop/thumb/{i}?w={tokens['a']}")
+        assert got.status_code == 200 and "immutable" in got.headers["cache-control"]
+        stale = b.get(f"/loop/thumb/{i}?w={tokens['a']}")  # a page of workspace a, now talking to b's server
+        assert stale.status_code == 404 and "reload it" in stale.json()["error"]
+        bare = b.get(f"/loop/thumb/{i}")  # no token: served, but never cached for good
+        assert bare.status_code == 200 and "immutable" not in bare.headers["cache-control"]
+    finally:
+        for app in apps.values():
+            close_app(app)
+    _, again = build_app(Workspace(tmp_path / "a"), warm=0)  # a restart keeps the token: the cache stays good
+    try:
+        assert TestClient(again, base_url=LOCAL).get("/loop/api/images").json()["w"] == tokens["a"]
+    finally:
+        close_app(again)
+
+
+def test_a_pixel_bomb_in_generations_is_a_404_thumbnail_not_a_page_that_cannot_start(h):
+    (i,) = _add(h, 1)
+    path = h.ws.root / h.store.image(i)["path"]
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 100  # the 32x32 image is now a "bomb" to PIL (over twice the limit), as real ones are
+    try:
+        assert path.exists()
+        assert h.warm_thumbs() == 0  # skipped, not raised
+        with pytest.raises(NotFound, match="DecompressionBombError"):
+            h.thumb(i)
+    finally:
+        Image.MAX_IMAGE_PIXELS = old

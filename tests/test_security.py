@@ -623,6 +623,7 @@ GUARDED = [  # (method, path): every kind of route the app has; {id}, {rel} fill
     ("POST", "/loop/api/finish"),
     ("POST", "/loop/api/ab/vote"),
     ("GET", "/loop/thumb/{id}"),
+    ("GET", "/loop/image/{id}"),
     ("GET", "/loop/files/{rel}"),
     ("GET", "/loop/files/../loop.db"),
     ("GET", "/no/such/route"),
@@ -678,6 +679,8 @@ def test_a_good_login_opens_every_route(guarded):
             "/loop/api/images?round=0": 200,
             "/loop/api/image/{id}": 200,
             "/loop/thumb/{id}": 200,
+            "/loop/image/{id}": 200,
+            "/loop/image/999999": 404,
             "/loop/files/{rel}": 200,
             "/loop/files/../loop.db": 403,  # the login opens the routes, not the workspace
             "/gradio_api/file={abs}": 403,
@@ -975,3 +978,28 @@ def test_without_a_login_only_this_machine_and_the_page_itself_are_answered(plan
     status, got, _ = asgi_call(planted["app"], path, method, headers + [JSON_CT], body)
     assert status == want, (method, path, headers, status)
     assert "access-control-allow-origin" not in got
+
+
+def test_a_port_left_in_time_wait_can_be_served_again_and_a_live_one_cannot():
+    from loop.rate.page import check_port
+
+    # a server that closes a connection first leaves it in TIME_WAIT on its port for about a minute: what a page
+    # leaves behind after Ctrl+C. The restart on that port must work (the open page retries that address).
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's (asyncio's) listening socket has
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+    port = lst.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = lst.accept()
+    conn.close()  # the server side closes first: its end goes to TIME_WAIT
+    time.sleep(0.1)
+    client.close()
+    lst.close()
+    check_port("127.0.0.1", port)
+    # another program listening there: one clear line
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        with pytest.raises(LoopError, match=r"cannot listen on 127\.0\.0\.1:\d+ .*choose another with --port"):
+            check_port("127.0.0.1", busy.getsockname()[1])

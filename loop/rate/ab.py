@@ -63,8 +63,9 @@ class ABVotes:
         r = self.rng.choice([r for r in rows if r["votes"] == least])
         sides = [(r["a_id"], r["a_path"]), (r["b_id"], r["b_path"])]
         self.rng.shuffle(sides)
-        return {"left": {"id": sides[0][0], "url": f"/loop/files/{sides[0][1]}"},
-                "right": {"id": sides[1][0], "url": f"/loop/files/{sides[1][1]}"}}  # fmt: skip
+        # by id, not by path: /loop/files/generations/unit_001/... would show the unit on a hover or in a new tab
+        return {"left": {"id": sides[0][0], "url": f"/loop/image/{sides[0][0]}"},
+                "right": {"id": sides[1][0], "url": f"/loop/image/{sides[1][0]}"}}  # fmt: skip
 
     def vote(self, body: dict) -> dict:
         try:

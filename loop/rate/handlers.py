@@ -216,6 +216,21 @@ class Claims:
             return out
 
 
+def workspace_token(ws: Workspace, store: Store) -> str:
+    """Names this workspace's database, in thumbnail URLs: they are cached by the browser for a year, and keyed
+    by image id only they would show another workspace's pictures when it is served on the same port (7860 is
+    everyone's default), or after loop.db is rebuilt. A random id kept in the database (a rebuilt one gets a new
+    one), with the workspace's path (a copied workspace diverges from its original)."""
+    import hashlib
+    import uuid
+
+    got = store.get_state("workspace")
+    if not got or not isinstance(got.get("id"), str):
+        got = {"id": uuid.uuid4().hex}
+        store.set_state("workspace", got)
+    return hashlib.sha256(f"{got['id']}:{ws.root.resolve()}".encode()).hexdigest()[:16]
+
+
 class RateHandlers:
     """The page's operations over one workspace; safe to call from many threads."""
 
@@ -223,6 +238,7 @@ class RateHandlers:
         self.ws = ws
         self.store = store
         self.db = store.db
+        self.token = workspace_token(ws, store)
         self.lock = threading.RLock()
         self._counters: dict[tuple, dict] = {}
         self._thumbs: dict[int, bytes] = {}
@@ -293,6 +309,7 @@ class RateHandlers:
             "last_event": last_event,
             "last_image": last_image,
             "claims": self._claims(tab),
+            "w": self.token,  # for the thumbnail URLs (see workspace_token)
         }
 
     def _claims(self, tab: str | None) -> list[list]:
@@ -375,7 +392,8 @@ class RateHandlers:
                 f"WHERE r.undoes IS NULL AND r.created_at > ?{scope}",
                 [now - PACE_WINDOW_S, *args],
             ).fetchall()
-            phase_closed = self.store.phase_done(self.store.current_unit(), "rate")
+            current = self.store.current_unit()
+            phase_closed = self.store.phase_done(current, "rate")
         total = sum(tiers.values())
         out = {
             "total": total,
@@ -386,6 +404,7 @@ class RateHandlers:
             "pace_by_rater": {
                 name: _pace([r[1] for r in recent if r[0] == name], now) for name in sorted({r[0] for r in recent})
             },
+            "current_round": current,  # the round "Finish rating" closes (a new unit starts the next one)
             "rate_closed": phase_closed,
         }
         with self.lock:
@@ -502,12 +521,21 @@ class RateHandlers:
                 return {"image_id": None}
             return {"image_id": image_id, **sync_golden(self.ws, self.store, image_id)}
 
-    def finish(self) -> dict:
-        """Close the rate phase of the current round, so `loop run --round` goes on to select and train."""
+    def finish(self, round: int | None = None) -> dict:
+        """Close the rate phase of the current round, so `loop run --round` goes on to select and train.
+        `round`: the round the page's button named; refused if the current round has moved on since (a page
+        open since before a new unit must not close a round nobody has seen)."""
         from loop.round import finish_rating, rating_summary  # imports the generator; only needed here
 
+        if round is not None and (not isinstance(round, int) or isinstance(round, bool)):
+            raise BadRequest(f"round must be an integer, got {round!r}"[:200])
         with self.lock:
             n = self.store.current_unit()
+            if round is not None and round != n:
+                raise BadRequest(
+                    f"nothing closed: round {round} is over (unit {n} exists), round {n} is the one being rated "
+                    f"now; look at its images, then finish round {n}"
+                )
             already = self.store.phase_done(n, "rate")
             if not already:
                 try:
@@ -527,9 +555,17 @@ class RateHandlers:
         safe_file(self.ws, row["path"])  # the image itself must be a served file
         try:
             out = make_thumb(self.ws, row["sha256"], row["path"])
-        except (OSError, ValueError) as e:  # gone or not an image since it was listed: a 404, not a 500
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # gone, or not an image (or a pixel
+            # bomb) since it was listed: a 404, not a 500, and never a page that cannot start (warm_thumbs)
             raise NotFound(f"no thumbnail for image {image_id}: {e.__class__.__name__}") from None
         return safe_file(self.ws, out.relative_to(self.ws.root).as_posix())  # and so must the thumbnail: no link out
+
+    def image_file(self, image_id: int) -> Path:
+        with self.lock:
+            row = self.store.image(int(image_id))
+        if row is None:
+            raise NotFound(f"no image with id {image_id}")
+        return safe_file(self.ws, row["path"])
 
     def cached_thumb(self, image_id: int) -> bytes | None:
         return self._thumbs.get(image_id)
@@ -559,8 +595,9 @@ class RateHandlers:
         made = 0
         for row in rows:
             try:
-                made += not thumb_path(self.ws, row["sha256"]).exists()
+                new = not thumb_path(self.ws, row["sha256"]).exists()
                 self.thumb_bytes(row["id"])
+                made += new
             except (OSError, Forbidden, NotFound):
                 pass  # a missing or unreadable file: the page shows the gap, the route says why
         return made

@@ -293,8 +293,8 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
 
     @app.post("/loop/api/finish")
     async def finish(request: Request):
-        await _json_body(request)
-        return ok(await run_in_threadpool(h.finish))
+        body = await _json_body(request)
+        return ok(await run_in_threadpool(h.finish, body.get("round")))
 
     ab = app.state.ab = ABVotes(h.store, h.lock)
 
@@ -313,10 +313,22 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
         return ok({**r, "html": ranking_html(r)})
 
     @app.get("/loop/thumb/{image_id}")
-    async def thumb(image_id: str):
+    async def thumb(image_id: str, request: Request):
         i = _image_id(image_id)
+        # ?w= names the workspace (workspace_token): with it the URL can be cached for good; another workspace's
+        # (a page left open while another workspace took the port) gets a 404, never this one's picture
+        w = request.query_params.get("w")
+        if w is not None and w != h.token:
+            raise NotFound("this page was opened on another workspace (or before loop.db was replaced): reload it")
         data = h.cached_thumb(i) or await run_in_threadpool(h.thumb_bytes, i)  # memory first: no thread hop
-        return Response(data, media_type="image/webp", headers=IMMUTABLE)
+        headers = IMMUTABLE if w is not None else {**IMMUTABLE, "Cache-Control": "private, no-cache"}
+        return Response(data, media_type="image/webp", headers=headers)
+
+    @app.get("/loop/image/{image_id}")
+    def image_file(image_id: str):
+        """An image's file by id (the blind A/B pair: its path would name the unit)."""
+        path = h.image_file(_image_id(image_id))
+        return FileResponse(path, headers={**IMMUTABLE, "Cache-Control": "private, no-cache"})
 
     @app.get("/loop/files/{rel:path}")
     def files(rel: str):
@@ -514,6 +526,21 @@ class BackgroundServer:
         self.thread.join(timeout=30)
 
 
+def check_port(host: str, port: int) -> None:
+    """One clear line if another program listens on host:port, before loading anything. SO_REUSEADDR, as
+    uvicorn's own socket has: without it the connections a page left behind (TIME_WAIT, about 60 s after a
+    Ctrl+C or a kill) would refuse a restart on the same port, which is the address the open page retries."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host.strip("[]"), port))  # still refused next to a live listener
+        except OSError as e:
+            raise LoopError(f"cannot listen on {host}:{port} ({e.strerror}); choose another with --port") from None
+
+
 def serve(
     ws: Workspace,
     cfg: LoopConfig | None = None,
@@ -523,20 +550,13 @@ def serve(
     log=print,
 ) -> None:
     """Serve the page until Ctrl+C. Anything but a loopback address needs auth."""
-    import socket
-
     import uvicorn
 
     if not is_loopback(host) and not auth:
         raise LoopError(
             f"serving on {host} exposes your ratings to the network; add --auth user:password or --auth-file FILE"
         )
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host.strip("[]"), port))
-        except OSError as e:
-            raise LoopError(f"cannot listen on {host}:{port} ({e.strerror}); choose another with --port") from None
+    check_port(host, port)
     _, app = build_app(ws, cfg, auth)
     everywhere = host in ("0.0.0.0", "::")
     where = "every interface" if everywhere else ("this machine only" if is_loopback(host) else host)

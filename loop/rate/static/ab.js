@@ -29,7 +29,13 @@ window.LoopAB = (function () {
     let pair = null, busy = false;
 
     async function next() {
-      const r = await fetch("/loop/api/ab/pair");
+      let r;
+      try {
+        r = await fetch("/loop/api/ab/pair");
+      } catch (e) { // the server is away: keep the pair shown; the next vote (or key) tries again
+        status.textContent = "the server is not answering; votes are not saved until it is back";
+        return false;
+      }
       let data = {};
       try { data = await r.json(); } catch (e) { /* not JSON */ }
       if (!r.ok) {
@@ -42,25 +48,34 @@ window.LoopAB = (function () {
       imgs.left.src = data.left.url; imgs.right.src = data.right.url;
       showPair(true);
       status.textContent = "";
+      return true;
     }
     async function showRanking() {
-      const r = await fetch("/loop/api/ab/ranking");
-      if (r.ok) ranking.innerHTML = (await r.json()).html;
+      try {
+        const r = await fetch("/loop/api/ab/ranking");
+        if (r.ok) ranking.innerHTML = (await r.json()).html;
+      } catch (e) { /* the server is away: the ranking shown stays until the next vote */ }
     }
     async function vote(winner) {
       if (!pair || busy) return;
       busy = true; // one vote at a time; the next pair is showing before the next key counts
       let votes = null;
       try {
-        const r = await fetch("/loop/api/ab/vote", {
-          method: "POST", headers: { "Content-Type": "application/json" },
-          body: JSON.stringify({ left: pair.left.id, right: pair.right.id, winner: winner,
-                                 rater: localStorage.getItem("loop.rater") || "anonymous" }),
-        });
-        const data = await r.json();
+        let r, data = {};
+        try {
+          r = await fetch("/loop/api/ab/vote", {
+            method: "POST", headers: { "Content-Type": "application/json" },
+            body: JSON.stringify({ left: pair.left.id, right: pair.right.id, winner: winner,
+                                   rater: localStorage.getItem("loop.rater") || "anonymous" }),
+          });
+          try { data = await r.json(); } catch (e) { /* not JSON */ }
+        } catch (e) { // not sent: the same pair stays, so the vote can be given again
+          status.textContent = "not saved: the server is not answering; vote again when it is back";
+          return;
+        }
         if (r.ok) votes = data.votes;
-        await next();
-        status.textContent = r.ok ? `saved (${data.votes} votes)` : (data.error || "not saved");
+        const moved = await next();
+        if (moved !== false) status.textContent = r.ok ? `saved (${data.votes} votes)` : (data.error || "not saved");
       } finally {
         busy = false;
         if (votes !== null) root.dataset.votes = String(votes);
@@ -74,7 +89,7 @@ window.LoopAB = (function () {
       const t = e.target;
       if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA")) return;
       const w = { ArrowLeft: "left", "1": "left", ArrowRight: "right", "2": "right", ArrowDown: "tie", "0": "tie" }[e.key];
-      if (w) { e.preventDefault(); vote(w); }
+      if (w) { e.preventDefault(); if (!e.repeat) vote(w); } // a held key is one vote, not one per repeat
     }
     document.addEventListener("keydown", onKey);
     next(); showRanking();

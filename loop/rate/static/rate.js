@@ -22,7 +22,8 @@
   const qs = (o) => Object.entries(o).filter(([, v]) => v !== null && v !== undefined && v !== "" && v !== false)
     .map(([k, v]) => `${encodeURIComponent(k)}=${encodeURIComponent(v === true ? 1 : v)}`).join("&");
   const encPath = (p) => p.split("/").map(encodeURIComponent).join("/");
-  const thumbUrl = (id) => `loop/thumb/${id}`;
+  let wsToken = ""; // the workspace's token from the list (see workspace_token): cached thumbnails stay its own
+  const thumbUrl = (id) => `loop/thumb/${id}` + (wsToken ? `?w=${encodeURIComponent(wsToken)}` : "");
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   const el = (tag, cls, text) => {
     const e = document.createElement(tag);
@@ -146,8 +147,18 @@
       ui.scroll.style.height = Math.max(320, window.innerHeight - top - 16) + "px";
       const cols = Math.max(1, Math.floor((ui.scroll.clientWidth - GAP) / STEP));
       const left = Math.max(GAP, Math.floor((ui.scroll.clientWidth - cols * STEP + GAP) / 2));
-      if (cols !== S.cols || left !== S.left) { S.cols = cols; S.left = left; clearTiles(); }
+      const moved = cols !== S.cols || left !== S.left;
+      if (moved) { S.cols = cols; S.left = left; clearTiles(); }
       ui.canvas.style.height = GAP + Math.ceil(S.ids.length / S.cols) * STEP + "px";
+      if (moved && S.ids.length) reveal(S.focus); // a narrower window moves the focused tile: keep it in view
+      else render();
+    }
+
+    // Scroll just enough for tile i to be in view, and draw.
+    function reveal(i) {
+      const y = GAP + Math.floor(i / S.cols) * STEP, top = ui.scroll.scrollTop, h = ui.scroll.clientHeight;
+      if (y - GAP < top) ui.scroll.scrollTop = y - GAP;
+      else if (y + STEP > top + h) ui.scroll.scrollTop = y + STEP - h;
       render();
     }
 
@@ -172,7 +183,9 @@
       const t = el("div", "lr-tile");
       t._id = id;
       t.dataset.id = id;
-      t.style.transform = `translate(${S.left + (i % S.cols) * STEP}px, ${GAP + Math.floor(i / S.cols) * STEP}px)`;
+      // the `translate` property, not `transform`: the focus's `scale` then grows the tile about its own centre
+      // (after a transform: translate() it would scale the offset too, drawing the frame ever further off)
+      t.style.translate = `${S.left + (i % S.cols) * STEP}px ${GAP + Math.floor(i / S.cols) * STEP}px`;
       const img = el("img");
       img.alt = "";
       img.draggable = false;
@@ -180,7 +193,7 @@
       img.addEventListener("load", () => { if (img.naturalWidth < TILE) img.classList.add("lr-pixel"); });
       img.addEventListener("error", () => t.classList.add("lr-missing")); // no broken-image icon: say so
       img.src = thumbUrl(id);
-      t.append(img, el("span", "lr-badge"), el("span", "lr-by"), el("span", "lr-missing-label", "file missing"));
+      t.append(img, el("span", "lr-badge"), el("span", "lr-by"), el("span", "lr-missing-label", "file missing or unreadable"));
       paintTile(t, id);
       if (i === S.focus) t.classList.add("lr-focus");
       ui.canvas.append(t);
@@ -273,7 +286,7 @@
       if (t) paintTile(t, id);
     }
 
-    function setFocus(i, reveal = true) {
+    function setFocus(i, show = true) {
       if (!S.ids.length) {
         sendClaim(); // an empty list (filters): give back the claim on an image no longer shown
         return;
@@ -282,12 +295,7 @@
       const old = S.live.get(S.focus);
       if (old) old.classList.remove("lr-focus");
       S.focus = i;
-      if (reveal) {
-        const y = GAP + Math.floor(i / S.cols) * STEP, top = ui.scroll.scrollTop, h = ui.scroll.clientHeight;
-        if (y - GAP < top) ui.scroll.scrollTop = y - GAP;
-        else if (y + STEP > top + h) ui.scroll.scrollTop = y + STEP - h;
-        render();
-      }
+      if (show) reveal(i);
       const t = S.live.get(i);
       if (t) t.classList.add("lr-focus");
       if (S.detail) loadDetail();
@@ -326,9 +334,10 @@
     }
 
     // The focus moved by the rater: a key now rates this image even if someone else rated it.
-    function goTo(i, reveal = true) {
-      setFocus(i, reveal);
+    function goTo(i, show = true) {
+      setFocus(i, show);
       S.auto = false;
+      S.stickyUntil = 0; // a warning held about the image before is stale once the rater moves
       const id = S.ids[S.focus], tier = S.tier.get(id), by = S.by.get(id);
       if (tier && by !== S.rater && !S.pending.get(id)) routine(`#${id} is ${tier} by ${by}; a key overrides it`);
       else if (!tier && S.claims.has(id)) routine(`${S.claims.get(id)} has #${id} open too; a key rates it all the same`);
@@ -372,6 +381,7 @@
       S.lastEvent = r.last_event;
       S.lastImage = r.last_image;
       S.claims = new Map(r.claims || []);
+      wsToken = r.w || "";
       S.focus = 0;
       S.ratedSinceLoad = 0;
       ui.scroll.scrollTop = 0;
@@ -510,6 +520,11 @@
       if (who) ui.counters.append(el("span", "lr-raters", ` · ${who}`));
       if (S.meta) {
         S.meta.rate_closed = c.rate_closed;
+        if (c.current_round !== undefined && c.current_round !== S.meta.current_round) {
+          S.meta.current_round = c.current_round; // a new unit: the button now closes the next round
+          const r = String(c.current_round);
+          if (![...ui.round.options].some((o) => o.value === r)) ui.round.append(new Option(`round ${r}`, r));
+        }
         paintFinish();
       }
     }
@@ -528,9 +543,11 @@
       const id = S.ids[S.focus];
       const was = S.tier.get(id) || "", wasBy = S.by.get(id) || "";
       const theirs = !!was && wasBy !== S.rater && !S.pending.get(id);
-      if (theirs && S.auto) {
-        // the page left the focus here because nothing is unrated: a key must not overwrite another's rating
-        status(`everything shown is rated; #${id} is ${was} by ${wasBy}: click it or move to it with the arrows `
+      if (was && S.auto && (theirs || S.allDone)) {
+        // the page left the focus here because nothing is unrated: a key must not overwrite a finished rating,
+        // another's or the rater's own (one key too many after the last image, or a rater faster than generation)
+        const whose = theirs ? wasBy : "you";
+        status(`everything shown is rated; #${id} is ${was} by ${whose}: click it or move to it with the arrows `
           + "to re-rate it", true, 6000);
         return;
       }
@@ -772,6 +789,13 @@
     $(".lr-d-next").addEventListener("click", () => goTo(S.focus + 1));
     ui.detail.addEventListener("click", (e) => { if (e.target === ui.detail) closeDetail(); });
 
+    // A button clicked with the mouse lets the keyboard focus go, so Enter next opens the detail view (as the
+    // legend says) instead of pressing that button again (Finish, or a tier chip: a second rating).
+    root.addEventListener("click", (e) => {
+      const b = e.target.closest && e.target.closest("button");
+      if (b && e.detail > 0) b.blur();
+    });
+
     // -- keys ---------------------------------------------------------------------------------------------
     function onKey(e) {
       if (!root.isConnected) { document.removeEventListener("keydown", onKey); return; }
@@ -827,7 +851,7 @@
       const n = S.meta.current_round;
       if (!S.meta.rate_closed && !confirm(`Close the rating of round ${n}? \`loop run --round\` then selects and trains.`)) return;
       try {
-        const r = await call("POST", API + "finish", {});
+        const r = await call("POST", API + "finish", { round: n });
         S.meta.rate_closed = true;
         paintFinish();
         status(r.already ? `round ${r.round} was already closed: ${r.summary}`

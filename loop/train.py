@@ -435,14 +435,18 @@ class Checkpoints:
     def latest(self) -> tuple[Path, dict] | None:
         if self.folder is None or not self.folder.exists():
             return None
-        found = []
+        found, other = [], []
         for d in self.folder.glob("step_*"):
             info = d / "loop.json"
             if info.exists():
                 meta = json.loads(info.read_text())
-                if meta.get("fingerprint") == self.fingerprint:
-                    found.append((meta["step"], d, meta))
+                (found if meta.get("fingerprint") == self.fingerprint else other).append((meta["step"], d, meta))
         if not found:
+            if other and self.acc.is_main_process:
+                step, d, _ = max(other, key=lambda x: x[0])
+                self.log(f"the checkpoint at step {step} ({d.parent.name}/{d.name}) was made with other train "
+                         "settings or another selection: training starts over from step 0 (the old checkpoint is "
+                         "replaced at the first new one)")  # fmt: skip
             return None
         step, d, meta = max(found, key=lambda x: x[0])
         return d, meta
@@ -461,6 +465,8 @@ class Checkpoints:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             atomic_write(tmp / "loop.json", json.dumps({"fingerprint": self.fingerprint, "step": step, "ema": ema}))
+            if final.exists():  # one of other settings (see latest): a rename cannot replace a folder with files
+                shutil.rmtree(final)
             tmp.replace(final)
             for old in self.folder.glob("step_*"):  # keep the newest only
                 if old != final:

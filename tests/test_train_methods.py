@@ -259,6 +259,28 @@ def test_resume_continues_from_the_checkpoint_and_matches_a_straight_run(ws, tmp
         torch.testing.assert_close(resumed[k], straight[k], atol=1e-5, rtol=1e-4)
 
 
+def test_a_checkpoint_of_other_settings_is_said_and_replaced_not_a_crash_at_its_step(ws):
+    over = ["generate.steps=3", "train.steps=10", "train.batch_size=2", "train.checkpoint_every=4"]
+    cfg = load_config(ws.root, over)
+    _select(ws, cfg, n=3)
+    with ws.store() as store:
+        assert train_unit(ws, store, cfg, parent=0, stop_after=5, **QUIET) == {"stopped_at": 5}
+    # the person changes a train setting before running again: the step-4 checkpoint does not fit it
+    cfg = load_config(ws.root, [*over, "train.lr=2e-4"])
+    logs = []
+    with ws.store() as store:
+        assert train_unit(ws, store, cfg, parent=0, stop_after=5, log=logs.append) == {"stopped_at": 5}
+    said = [m for m in logs if "was made with other train settings" in m]
+    assert said and "starts over from step 0" in said[0] and not any("resuming" in m for m in logs)
+    steps = sorted(p.name for p in (ws.checkpoint(1) / ".training").glob("step_*"))
+    assert steps == ["step_000004"]  # the new one, where the old one was
+    logs.clear()
+    with ws.store() as store:
+        train_unit(ws, store, cfg, parent=0, log=logs.append)  # and the new settings resume from it
+    assert any("resuming training from step 4" in m for m in logs)
+    assert (ws.checkpoint(1) / WEIGHTS).exists()
+
+
 def test_kill_9_mid_training_then_run_again_resumes(ws):
     cfg = load_config(ws.root, ["generate.steps=3"])
     _select(ws, cfg, n=3)

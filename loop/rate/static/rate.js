@@ -483,7 +483,7 @@
           }
         }
       } catch (e) {
-        status("the server does not answer; ratings are kept here and sent when it is back", true);
+        status("the server does not answer; your ratings are kept in this page (keep it open) and sent when it is back", true);
         ui.status.classList.add("lr-offline");
       } finally {
         S.polling = false;

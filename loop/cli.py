@@ -131,6 +131,7 @@ def run(
 ) -> None:
     """Advance unit N to N+1 (N defaults to the current unit); resumable."""
     from loop.round import run_round
+    from loop.workspace import work_lock
 
     if not round_:
         raise LoopError("say which: `loop run --round [N]` advances round N (the current one by default)")
@@ -148,7 +149,8 @@ def run(
         if n < 0:
             raise LoopError(f"round number must be 0 or more, got {n}")
     ws, cfg = _open(workspace, args)
-    result = run_round(ws, cfg, n, auto_rate_=auto_rate, log=_echo)
+    with work_lock(ws, "run --round"):
+        result = run_round(ws, cfg, n, auto_rate_=auto_rate, log=_echo)
     if result.status == "waiting":
         _echo(result.message)
         raise typer.Exit(3)
@@ -382,15 +384,17 @@ def train(
 ) -> None:
     """Train unit N+1 from the selection of round N (default: the current unit); resumes after a kill."""
     from loop.train import train_unit
+    from loop.workspace import work_lock
 
     if processes < 1:
         raise LoopError(f"--processes must be 1 or more, got {processes}")
     if processes > 1:
-        rc = _launch(processes, ["train"] + _without_processes(STATE.get("argv", sys.argv[1:]), "train"))
+        with work_lock(_open(workspace, overrides)[0], "train"):  # the workers run under this one
+            rc = _launch(processes, ["train"] + _without_processes(STATE.get("argv", sys.argv[1:]), "train"))
         STATE["launched"] = True  # the processes said what happened (an interrupt included)
         raise typer.Exit(rc)
     ws, cfg = _open(workspace, overrides)
-    with ws.store() as store:
+    with work_lock(ws, "train"), ws.store() as store:
         n = store.current_unit() if unit is None else unit
         m = train_unit(ws, store, cfg, parent=n, log=_echo)
     if m:  # only the main process reports

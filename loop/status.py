@@ -8,7 +8,7 @@ from collections import Counter
 
 from loop.config import TIERS
 from loop.store import PHASES, Store
-from loop.workspace import Workspace
+from loop.workspace import Workspace, lock_holder
 
 
 def _row(counts: Counter, **head) -> dict:
@@ -89,6 +89,9 @@ def format_status(ws: Workspace) -> str:
         if not rows:
             lines.append("  (no units yet: `loop run --round` starts with the base model as unit 0)")
         lines += ["", next_step(store) if rows else "next: `loop run --round`"]
+        busy = lock_holder(ws)
+        if busy:  # not "continue it": it is being continued right now
+            lines.append(f"working now: {busy}; wait for it before running `loop run --round` or `loop train`")
         lines += ring_lines(store)
         return "\n".join(lines)
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from loop.errors import LoopError
@@ -267,3 +268,56 @@ def writer_alive(name: str) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+LOCK_FILE = ".loop.lock"
+
+
+@contextmanager
+def work_lock(ws: Workspace, what: str):
+    """One `loop run --round` or `loop train` per workspace at a time: two would generate the same images twice
+    and train the same unit into one checkpoint folder. An OS lock (flock) on LOCK_FILE, so a killed holder
+    frees it at once; the file names the holder for the message. The workers of `--processes N` (and ranks
+    above 0 of an `accelerate launch`) run under their launcher's lock."""
+    import fcntl
+
+    if os.environ.get("LOOP_LAUNCHED") or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    f = open(ws.root / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            who = f.read().strip() or "another loop command"
+            raise LoopError(
+                f"{who} is working on this workspace now; wait for it to end (or stop it), then run this again"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"`loop {what}` (pid {os.getpid()})")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        f.close()
+
+
+def lock_holder(ws: Workspace) -> str | None:
+    """Who holds work_lock now ("`loop run --round` (pid N)"), or None."""
+    import fcntl
+
+    path = ws.root / LOCK_FILE
+    if not path.exists():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another loop command"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None

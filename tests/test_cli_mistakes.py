@@ -375,3 +375,34 @@ def test_finishing_the_rating_while_the_round_is_still_generating_is_refused(ws,
     assert entry(["rate", "--finish", "-w", str(ws.root)]) == 0  # once it has finished: closed
     with ws.store() as store:
         assert store.phase_done(0, "rate")
+
+
+def test_a_second_run_or_train_on_a_busy_workspace_is_refused_and_status_says_who_works(ws, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom loop.workspace import Workspace, work_lock\n"
+         "with work_lock(Workspace(sys.argv[1]), 'run --round'):\n    print('held', flush=True)\n    time.sleep(60)",
+         str(ws.root)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "LOOP_LAUNCHED": "", "RANK": "0"},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for argv in (["run", "--round"], ["train"]):
+            assert entry([*argv, "-w", str(ws.root)]) == 2
+            err = one_error(capsys, "is working on this workspace now", "wait for it")
+            assert f"`loop run --round` (pid {holder.pid})" in err
+        assert entry(["status", "-w", str(ws.root)]) == 0
+        assert f"working now: `loop run --round` (pid {holder.pid})" in capsys.readouterr().out
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # killed, it holds nothing: the next run may go on
+    from loop.workspace import lock_holder
+
+    assert lock_holder(ws) is None
+    assert entry(["status", "-w", str(ws.root)]) == 0
+    assert "working now" not in capsys.readouterr().out

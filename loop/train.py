@@ -31,6 +31,7 @@ from the last one. Weights are written before manifest.json, which marks the uni
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -669,7 +670,15 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
     sel_path = out / "selection.json"
     if not sel_path.exists():
         raise LoopError(f"no selection for unit {unit} at {ws.rel(sel_path)}; run `loop run --round {parent}` first")
-    selection = json.loads(sel_path.read_text())["images"]
+    sel_doc = json.loads(sel_path.read_text())
+    selection = sel_doc["images"]
+    # the unit records the strategy its selection was made with: select.* given now (after the select phase was
+    # done) cannot change what this unit learns from, only the next round's selection
+    strategy = sel_doc.get("strategy") or cfg.select.strategy
+    if strategy != cfg.select.strategy:
+        log(f"the selection for unit {unit} was made with select.strategy={strategy} (selection.json); "
+            f"select.strategy={cfg.select.strategy} applies from the next round")  # fmt: skip
+        cfg = dataclasses.replace(cfg, select=dataclasses.replace(cfg.select, strategy=strategy))
     if not selection:
         raise LoopError(f"the selection for unit {unit} is empty; rate some images higher, then select again")
     t0 = time.time()
@@ -762,7 +771,7 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             "base_model": cfg.model.base,
             "method": tc.method,
             "start": tc.start,
-            "strategy": cfg.select.strategy,
+            "strategy": strategy,
             "modifier_token": token or None,
             "text_encoder_lora": te_lora,
             # the images it learnt from: the selection less any that could not be read (named in left_out)
@@ -783,7 +792,7 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             path=ws.rel(out),
             base=cfg.model.base,
             method=tc.method,
-            strategy=cfg.select.strategy,
+            strategy=strategy,
             manifest={k: v for k, v in manifest.items() if k != "images"},
         )
         ckpt.clear()

@@ -398,11 +398,11 @@ def test_the_unit_records_the_strategy_its_selection_was_made_with(ws):
     cfg = load_config(ws.root, ["generate.steps=3", "train.steps=2", "train.batch_size=2"])
     _select(ws, cfg, n=2)
     sel = ws.checkpoint(1) / "selection.json"
-    sel.write_text(json.dumps({**json.loads(sel.read_text()), "strategy": "golden"}))  # select done as golden
+    sel.write_text(json.dumps({**json.loads(sel.read_text()), "strategy": "converge"}))  # select done as converge
     logs = []
-    with ws.store() as store:  # then run on with select.strategy=converge (the default) given
+    with ws.store() as store:  # then run on with select.strategy=golden (the default)
         m = train_unit(ws, store, cfg, parent=0, log=logs.append)
         row = store.unit(1)
-    assert m["strategy"] == "golden" and row["strategy"] == "golden"
-    assert json.loads((ws.checkpoint(1) / "manifest.json").read_text())["config"]["select"]["strategy"] == "golden"
-    assert any("made with select.strategy=golden" in x and "applies from the next round" in x for x in logs)
+    assert m["strategy"] == "converge" and row["strategy"] == "converge"
+    assert json.loads((ws.checkpoint(1) / "manifest.json").read_text())["config"]["select"]["strategy"] == "converge"
+    assert any("made with select.strategy=converge" in x and "applies from the next round" in x for x in logs)

@@ -210,12 +210,28 @@ def generate(
             pos = out["position"]
             where = f"line {pos['lineno']} of {ws.prompts_path.name}, cycle {pos['cycle']}"
             what = "stopped cleanly" if out["stopped"] else "done"
+            if out["stopped"] and count is not None:
+                what = f"stopped cleanly before {count}"
             _echo(f"{what}: made {out['made']} image(s) with unit {out['unit']}; the ring is at {where}")
+            if out["stopped"] and count is not None:
+                _interrupted()  # --forever ends this way by design; --count K did not make its K
             return
         n = store.current_unit() if unit is None else unit
         out = one_pass(ws, store, cfg, unit=n, log=_echo, stop=stop)
     what = "stopped cleanly; run the same command to finish the pass" if out["stopped"] else "done"
     _echo(f"{what}: made {out['made']} image(s) with unit {n} in {ws.rel(ws.generations(n))}")
+    if out["stopped"]:
+        _interrupted()
+
+
+def _interrupted() -> None:
+    """Exit 130 (interrupted, as the README says) after a command said itself how far it got. The workers of
+    `--processes N` end with 0: accelerate reports any other code as a crashed process; their launcher, which
+    got the same Ctrl-C, exits 130."""
+    if os.environ.get(LAUNCHED_ENV):
+        return
+    STATE["said"] = True
+    raise typer.Exit(130)
 
 
 def _without_processes(argv: list[str], command: str = "generate") -> list[str]:
@@ -309,6 +325,10 @@ def vary(
                 f"no variation of image {parent['id']} ({parent['path']}) was made (see the line above); "
                 "restore or re-import the image, or vary another one"
             )
+    if stop and len(ids) < n:
+        _echo(f"stopped cleanly: made {len(ids)} of {n} variation(s) of image {parent['id']} "
+              f"({parent['sha256'][:12]}) with unit {u}")  # fmt: skip
+        _interrupted()
     _echo(f"made {len(ids)} variation(s) of image {parent['id']} ({parent['sha256'][:12]}) with unit {u}")
 
 
@@ -551,6 +571,7 @@ def entry(argv: list[str] | None = None) -> int:
         die_with_parent()  # a worker of `--processes N`: ends with its launcher (see die_with_parent)
     STATE["argv"] = argv
     STATE["launched"] = False
+    STATE["said"] = False
     try:
         rc = app(args=argv, standalone_mode=False, prog_name="loop")
     except LoopError as e:
@@ -595,7 +616,9 @@ def entry(argv: list[str] | None = None) -> int:
         hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
         typer.echo(f"error: {msg.rstrip('.')}{hint}", err=True)
         return e.exit_code
-    if rc == 130 and not STATE.get("launched"):  # typer >= 0.24 turns Ctrl-C into a silent exit code 130
+    if (
+        rc == 130 and not STATE.get("launched") and not STATE.get("said")
+    ):  # typer >= 0.24 turns Ctrl-C into a silent exit code 130
         _say_interrupted()
     return rc if isinstance(rc, int) else 0
 

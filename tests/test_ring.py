@@ -215,6 +215,28 @@ def test_sigterm_stops_a_real_generator_cleanly(ws):
         assert store.get_state("ring/0of1") is not None
 
 
+@pytest.mark.parametrize("args", [["--count", "400"], []], ids=["count", "one-pass"])
+def test_ctrl_c_before_the_count_or_the_pass_is_done_exits_130_and_says_how_far(ws, args):
+    # `loop generate --count K && loop rate --finish` must not go on after K was not reached
+    ws.prompts_path.write_text("a circle --n 200\na square --n 200\n", encoding="utf-8")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "loop", "generate", *args, "-w", str(ws.root), "generate.batch_size=4",
+           "generate.steps=12"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(ws.generations(0).glob("*.png"))) < 4:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "stopped cleanly" in out and "interrupted;" not in out  # said once, by the command itself
+
+
 def test_variations_record_their_parent(ws, cfg):
     ws.prompts_path.write_text("a circle --n 1\n", encoding="utf-8")
     with ws.store() as store:

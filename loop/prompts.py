@@ -139,7 +139,7 @@ class Ring:
         saved = store.get_state(key) or store.latest_state(key.split("/")[0] + "/") or {}
         self.pos = RingPosition(**{k: saved[k] for k in ("index", "text", "cycle", "after", "ahead") if k in saved})
         self._reported: set[str] = set()
-        self.line: PromptLine | None = None  # the line current() last returned
+        self.line: PromptLine | None = None  # the line the ring is on (current() or advance() set it)
         self._lines: list[PromptLine] = []  # the usable lines as current() last read them
 
     def current(self) -> PromptLine | None:
@@ -178,7 +178,8 @@ class Ring:
         self.pos.index += 1
         if self.pos.index >= len(lines):
             self.pos.index, self.pos.cycle = 0, self.pos.cycle + 1
-        self.pos.text = lines[self.pos.index].text if lines[self.pos.index] else ""
+        self.line = lines[self.pos.index]  # the line the ring is on now (the message "the ring is at line N")
+        self.pos.text = self.line.text if self.line else ""
         self.pos.ahead = [ln.text for ln in lines[self.pos.index + 1 : self.pos.index + 1 + AHEAD] if ln]
         self.save()
 

@@ -42,6 +42,7 @@ def test_ring_goes_round_in_order_with_new_seeds_each_cycle(ws, cfg):
         assert out["made"] == 5
         assert made(store) == [("a circle", 0), ("a circle", 1), ("a square", 0), ("a circle", 2), ("a circle", 3)]
         assert out["position"]["cycle"] == 1 and out["position"]["text"] == "a square"
+        assert out["position"]["lineno"] == 4  # the line it is on, as the message says (not the one just done)
 
 
 def test_ring_picks_up_edits_without_a_restart(ws, cfg, monkeypatch):

@@ -369,7 +369,7 @@ def import_images(ws, store, src: Path, tier: str | None, source: str, log=print
     label = (source or "").strip() or "import"
     files, rel_to = source_files(src, ws.root)
 
-    imported = skipped = duplicates = retiered = 0
+    imported = skipped = duplicates = retiered = uncaptioned = 0
     for f in files:
         name = f.relative_to(rel_to).as_posix()
         try:
@@ -428,12 +428,21 @@ def import_images(ws, store, src: Path, tier: str | None, source: str, log=print
                 dest.unlink(missing_ok=True)  # no file without its row
             raise
         imported += 1
+        uncaptioned += not caption
     rated = f", rated {tier}" if tier else ""
     now = f" ({retiered} of them unrated until now: rated {tier})" if retiered else ""
     log(
         f"imported {imported} image(s) into {ws.root / 'golden'}{rated}; "
         f"{duplicates} already there{now}, {skipped} skipped (not readable images)"
     )
+    if uncaptioned:
+        # a unit trains on each image with its caption; the empty one is what classifier-free guidance's
+        # unconditional branch (and train.uncond_preservation) uses, so these teach the look without words
+        log(
+            f"warning: {uncaptioned} imported image(s) have no caption (no NAME.txt or NAME.caption beside them, "
+            "no PNG parameters): they train with the empty caption. To caption an image, put NAME.txt beside "
+            "it before importing"
+        )
     out = {"imported": imported, "skipped": skipped, "duplicates": duplicates}
     if retiered:  # (only then: callers compare the plain counts)
         out["retiered"] = retiered

@@ -254,6 +254,12 @@ def test_import_keeps_good_images_and_skips_bad_ones(ws, tmp_path):
         assert len(skipped) == 3
         for name in ("empty.png", "notes.png", "trunc.png"):
             assert sum(m.startswith(f"skipped {name}:") for m in skipped) == 1, skipped
+        # the photo has no caption file and no PNG parameters: said once, with what to do
+        assert [m for m in logs if m.startswith("warning:")] == [
+            "warning: 1 imported image(s) have no caption (no NAME.txt or NAME.caption beside them, no PNG "
+            "parameters): they train with the empty caption. To caption an image, put NAME.txt beside it before "
+            "importing"
+        ]
 
         rows = store.images()
         assert len(rows) == 2

@@ -31,6 +31,7 @@ from loop.errors import LoopError
 from loop.workspace import TMP_MARK, atomic_write, sha256_bytes, unit_name, writer_alive
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
+EMBEDS = "learned_embeds.safetensors"  # as loop.train writes it (not imported: training pulls in torch models)
 FORMATS = ("diffusers", "kohya")
 KEEP_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # stored byte for byte
 CAPTION_EXTS = (".txt", ".caption")
@@ -79,7 +80,37 @@ def export_lora(ws, store, unit: int, fmt: str, out: Path | None = None, log=pri
     atomic_write(out, data)
     shape = "".join(f", {k} {summary[k]}" for k in ("rank", "alpha") if summary.get(k) is not None)
     log(f"exported unit {unit} to {out} ({fmt}, {summary['modules']} modules{shape})")
-    return {"unit": unit, "format": fmt, "path": str(out), "bytes": len(data), **summary}
+    result = {"unit": unit, "format": fmt, "path": str(out), "bytes": len(data), **summary}
+    embeds = ws.checkpoint(unit) / EMBEDS
+    if embeds.is_file():  # custom_diffusion's modifier token: its embedding row learnt too, and every caption had it
+        result["embedding"] = _export_embedding(embeds, out, fmt, log)
+    return result
+
+
+def _export_embedding(src: Path, out: Path, fmt: str, log=print) -> str:
+    """The modifier token's embedding beside the LoRA file, as a textual-inversion file: diffusers' own
+    ({token: vector}, for `pipe.load_textual_inversion(path)`) or AUTOMATIC1111's ({"emb_params": vector}, whose
+    trigger word is the file's name; ComfyUI reads it as `embedding:NAME`)."""
+    from safetensors.torch import save
+
+    tensors, _ = _read_safetensors(src)
+    token, vector = next(iter(tensors.items()))
+    if fmt == "diffusers":
+        dest = out.with_name(f"{out.stem}_embedding.safetensors")
+        atomic_write(dest, save({token: vector.contiguous()}))
+        log(
+            f"modifier token {token}: its embedding is in {dest}; load it with pipe.load_textual_inversion(path) "
+            f"and write {token} in prompts, as the unit was trained"
+        )
+    else:
+        word = re.sub(r"[^A-Za-z0-9_]", "", token) or "token"
+        dest = out.with_name(f"{out.stem}_{word}.safetensors")
+        atomic_write(dest, save({"emb_params": vector.contiguous()}))
+        log(
+            f"modifier token {token}: its embedding is in {dest}; put it in AUTOMATIC1111's embeddings/ folder "
+            f"(ComfyUI: models/embeddings) and write {dest.stem} in prompts where the unit was trained with {token}"
+        )
+    return str(dest)
 
 
 def _units_with_weights(ws) -> list[int]:

@@ -156,6 +156,19 @@ def test_custom_diffusion_unit_reloads_in_a_fresh_process(ws, tmp_path):
     assert np.abs(fresh["images"] - base).mean() > 1e-3, "the unit's weights must reach the fresh process"
     here = _images(load_unit(ModelConfig(), folder, 1), "<new1> a circle")
     np.testing.assert_allclose(fresh["images"], here, atol=1e-4)
+    # export-lora takes the token's embedding along, in each format's textual-inversion file, loadable as such
+    from loop.interop import export_lora
+
+    want = load_file(folder / EMBEDS)["<new1>"]
+    with ws.store() as store:
+        for fmt, token in (("diffusers", None), ("kohya", "unit_001_kohya_new1")):
+            r = export_lora(ws, store, 1, fmt, out=tmp_path / f"unit_001_{fmt}.safetensors", log=lambda m: None)
+            pipe = load_base(ModelConfig())
+            pipe.load_textual_inversion(r["embedding"], token=token)
+            word = token or "<new1>"
+            row = pipe.tokenizer.convert_tokens_to_ids(word)
+            got = pipe.text_encoder.get_input_embeddings().weight[row]
+            torch.testing.assert_close(got, want[0].to(got.dtype), atol=1e-6, rtol=1e-5)
 
 
 def test_from_parent_starts_from_the_parents_adapter(ws, tmp_path):

@@ -121,6 +121,9 @@ class SelectConfig:
     outside_share: float = 0.2  # at least this share of a set comes from outside the loop (imports, unit 0)
     ancestor_cap: float = 0.5  # grow: at most this share of the set may descend from one ancestor
     variations: int = 4  # grow: img2img variations per image of the set, each round
+    # grow: at most this many variations a round (0: no limit), the images added to the set last first. The set
+    # grows each round, and with it the variations (4 per image: 24, 100, 472, 2252 images to rate by round 4)
+    variations_max: int = 0
     explore_share: float = 0.2  # longtail: share of each round's images that explore beyond the current taste
     # longtail: a UR image this far from all earlier UR images is a novel hit (cosine distance on cheap features
     # centred on the base model's mean feature; see loop/metrics.py)
@@ -147,6 +150,7 @@ class SelectConfig:
             _check(0 <= v < 1, f"select.{key}", v, "must be in [0, 1)")
         _check(0 < self.ancestor_cap <= 1, "select.ancestor_cap", self.ancestor_cap, "must be in (0, 1]")
         _check(self.variations >= 0, "select.variations", self.variations, "must be >= 0")
+        _check(self.variations_max >= 0, "select.variations_max", self.variations_max, "must be >= 0 (0: no limit)")
         _check(0 < self.novel_distance < 2, "select.novel_distance", self.novel_distance, "must be in (0, 2)")
         _check(
             len(self.tier_weights) == 5 and all(w > 0 for w in self.tier_weights),

@@ -28,12 +28,24 @@ def grow_variations(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=pr
     """Variations of each image of the current set by unit n, up to `select.variations` per image."""
     if cfg.select.variations <= 0:
         return 0
-    made = 0
-    for item in choose(ws, store, cfg.select, n):
-        have = sum(1 for c in store.children(item["id"]) if c["unit"] == n)
-        want = cfg.select.variations - have
+    sc = cfg.select
+    todo: dict[int, list] = {}  # variations still wanted -> the images that want that many
+    budget = sc.variations_max or None
+    items = sorted(choose(ws, store, sc, n), key=lambda it: -it["id"])  # the images added last first
+    have = {it["id"]: sum(1 for c in store.children(it["id"]) if c["unit"] == n) for it in items}  # a rerun resumes
+    planned = sum(have.values())  # made already this round: they count against the cap
+    for item in items:
+        want = sc.variations - have[item["id"]]
+        if budget is not None:
+            want = min(want, budget - planned)
         if want > 0:
-            made += len(vary(ws, store, cfg, [store.image(item["id"])], want, unit=n, log=log))
+            todo.setdefault(want, []).append(store.image(item["id"]))
+            planned += want
+    if planned > 500 and not sc.variations_max:
+        log(f"grow: {planned} variations this round (the set grows each round); select.variations_max=N caps them")
+    made = 0
+    for want, parents in todo.items():  # one model load and one progress bar per group, not per image
+        made += len(vary(ws, store, cfg, parents, want, unit=n, log=log))
     log(f"grow: {made} variation(s) of the set")
     return made
 

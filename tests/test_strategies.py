@@ -210,3 +210,31 @@ def test_grow_makes_variations_of_the_set_once(ws, cfg, tmp_path):
         kids = store.children(seed["id"])
     assert (made, again) == (2, 0)
     assert len(kids) == 2 and all(k["prompt"] == "a circle" for k in kids)
+
+
+def test_grow_variations_max_caps_a_round_newest_images_first(ws, tmp_path):
+    from PIL import Image
+
+    from loop.interop import import_images
+    from loop.strategies import grow_variations
+
+    seed_dir = tmp_path / "seeds"
+    seed_dir.mkdir()
+    for k, colour in enumerate([(200, 40, 30), (30, 200, 40), (30, 40, 200)]):
+        Image.new("RGB", (32, 32), colour).save(seed_dir / f"s{k}.png")
+        (seed_dir / f"s{k}.txt").write_text("a circle")
+    over = ["generate.steps=2", "select.strategy=grow", "select.variations=2", "select.variations_max=3"]
+    cfg = load_config(ws.root, over)
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        import_images(ws, store, seed_dir, "UR", "seed", **QUIET)
+        made = grow_variations(ws, store, cfg, 0, **QUIET)
+        seeds = [r["id"] for r in store.db.execute("SELECT id FROM images WHERE source = 'seed' ORDER BY id")]
+        kids = {i: len(store.children(i)) for i in seeds}
+        # a rerun (the cap reached) makes none; without the cap, the rest of the 2 each
+        again = grow_variations(ws, store, cfg, 0, **QUIET)
+        rest = grow_variations(ws, store, load_config(ws.root, over[:-1]), 0, **QUIET)
+    assert made == 3 and kids == {seeds[2]: 2, seeds[1]: 1, seeds[0]: 0}
+    assert again == 0 and rest == 3
+    with pytest.raises(LoopError, match="select.variations_max"):
+        load_config(ws.root, ["select.variations_max=-1"])

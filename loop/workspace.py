@@ -146,6 +146,9 @@ class Workspace:
                 (ws.root / name).mkdir(exist_ok=True)
             return ws
         if not (ws.root / "configs").is_dir():
+            above = next((p for p in ws.root.parents if (p / "loop.db").is_file() and (p / "configs").is_dir()), None)
+            if above is not None:  # inside a workspace's folder (generations/, say): `loop init .` would nest one
+                raise LoopError(f"{ws.root} is inside the workspace {above}; run there, or add `-w {above}`")
             raise LoopError(
                 f"{ws.root} is not a loop workspace (no loop.db, no configs/); run `loop init {root}` first"
             )

@@ -406,3 +406,13 @@ def test_a_second_run_or_train_on_a_busy_workspace_is_refused_and_status_says_wh
     assert lock_holder(ws) is None
     assert entry(["status", "-w", str(ws.root)]) == 0
     assert "working now" not in capsys.readouterr().out
+
+
+def test_a_command_run_inside_a_workspace_folder_names_the_workspace_instead_of_init(ws, capsys):
+    with ws.store():
+        pass  # the workspace has its database
+    inner = ws.root / "generations"
+    assert entry(["status", "-w", str(inner)]) == 2
+    err = one_error(capsys, f"is inside the workspace {ws.root}", f"-w {ws.root}")
+    assert "loop init" not in err  # following that would make a workspace inside this one
+    assert not (inner / "configs").exists()

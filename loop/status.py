@@ -72,18 +72,21 @@ def format_status(ws: Workspace) -> str:
     with ws.store() as store:
         rows = unit_rows(store)
         lines = [f"workspace {ws.root}", ""]
+        imported = imported_row(store)
+        every = rows + ([imported] if imported else [])
+        mw = max([len("method")] + [len(str(r["method"])) for r in every])  # custom_diffusion is 16 wide
+        sw = max([len("strategy")] + [len(str(r["strategy"])) for r in every])
         head = (
-            f"{'unit':>4}  {'parent':>6}  {'method':<8} {'strategy':<9} {'images':>6} {'rated':>6}  "
+            f"{'unit':>4}  {'parent':>6}  {'method':<{mw}} {'strategy':<{sw}} {'images':>6} {'rated':>6}  "
             + " ".join(f"{t:>4}" for t in TIERS)
             + "  UR rate"
         )
         lines.append(head)
-        imported = imported_row(store)
-        for r in rows + ([imported] if imported else []):
+        for r in every:
             parent = "-" if r["parent"] is None else str(r["parent"])
             ur = "-" if r["ur_rate"] is None else f"{r['ur_rate']:.1%}"
             lines.append(
-                f"{r['unit']:>4}  {parent:>6}  {r['method']:<8} {r['strategy']:<9} {r['images']:>6} "
+                f"{r['unit']:>4}  {parent:>6}  {r['method']:<{mw}} {r['strategy']:<{sw}} {r['images']:>6} "
                 f"{r['rated']:>6}  " + " ".join(f"{r[t]:>4}" for t in TIERS) + f"  {ur:>7}"
             )
         if not rows:

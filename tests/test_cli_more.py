@@ -113,3 +113,20 @@ def test_status_counts_imported_images_and_shows_the_last_process_layouts_rings(
     imported = next(ln.split() for ln in out.splitlines() if ln.split()[2:3] == ["imported"])
     assert imported == ["-", "-", "imported", "3", "3", "3", "0", "0", "0", "0", "-"]  # images, rated, UR..N
     assert "process 0 of 2" in out and "process 1 of 2" in out and "process 0 of 1" not in out
+
+
+def test_status_columns_stay_aligned_with_a_custom_diffusion_unit(ws):
+    from loop.status import format_status
+
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        store.add_unit(1, parent=0, path="checkpoints/unit_001", base="embedded", method="custom_diffusion",
+                       strategy="converge", manifest={})  # fmt: skip
+    lines = format_status(ws).splitlines()
+    head = next(ln for ln in lines if ln.lstrip().startswith("unit"))
+    rows = [ln for ln in lines if ln[:4].strip().isdigit()]
+    assert len(rows) == 2
+    end = head.index("images") + len("images") - 1
+    for ln in rows:  # every row as long as the heading, its image count ending under "images"
+        assert len(ln) == len(head), (head, ln)
+        assert ln[end].isdigit() and ln[end + 1] == " ", (head, ln)

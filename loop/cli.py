@@ -106,6 +106,7 @@ def init(
                 f"warning: {len(readable)} seed images; grow starts from 1-5, and every one becomes a UR seed "
                 "(ctrl-C now and give fewer if that was not meant)"
             )
+    existed = (Path(directory) / "loop.db").is_file()
     ws = Workspace.init(directory)
     if seed_images is not None:
         from loop.interop import import_images
@@ -115,6 +116,13 @@ def init(
         if not r["imported"] and not r["duplicates"]:
             raise LoopError(f"no readable image in {seed_images}; give a folder with 1-5 PNG or JPEG images")
         _echo(f"{r['imported']} seed image(s) in golden/, rated UR; grow from them with select.strategy=grow")
+    if existed and seed_images is None:  # init lays out what is missing and never touches what is there
+        with ws.store() as store:
+            trained = sum(1 for u in store.units() if u["unit"] > 0)
+            images = store.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        _echo(f"{ws.root} is a workspace already ({images} image(s), {trained} trained unit(s)); nothing in it "
+              "was changed")  # fmt: skip
+        return
     _echo(f"workspace ready at {ws.root}; edit configs/prompts.txt, then `loop run --round -w {directory}`")
 
 

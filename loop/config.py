@@ -336,7 +336,10 @@ def load_config(workspace: Path | None = None, overrides: list[str] | None = Non
         try:
             user = OmegaConf.load(yaml_path)
         except Exception as e:  # yaml syntax errors come in several types
-            raise LoopError(f"{yaml_path} is not valid YAML: {str(e).splitlines()[0]}") from e
+            mark = getattr(e, "problem_mark", None)  # where the parser gave up (PyYAML's MarkedYAMLError)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise LoopError(f"{yaml_path} is not valid YAML{where}: {what}") from e
         if user is not None and not OmegaConf.is_dict(user):
             raise LoopError(f"{yaml_path} must hold a mapping of sections (model:, generate:, ...), not a list")
         sources.append((str(yaml_path), user or OmegaConf.create()))

@@ -416,3 +416,29 @@ def test_a_command_run_inside_a_workspace_folder_names_the_workspace_instead_of_
     err = one_error(capsys, f"is inside the workspace {ws.root}", f"-w {ws.root}")
     assert "loop init" not in err  # following that would make a workspace inside this one
     assert not (inner / "configs").exists()
+
+
+@pytest.mark.parametrize(
+    "text, where, what",
+    [
+        ("train:\n  rank: 4\n  lr 1e-4: x: y\n", "(line 3, column 13)", "mapping values are not allowed"),
+        ("train:\n  rank: 4\ntrain:\n  lr: 1\n", "(line 3, column 1)", "found duplicate key train"),
+    ],
+    ids=["syntax", "duplicate-section"],
+)
+def test_a_broken_loop_yaml_says_where(ws, capsys, text, where, what):
+    ws.root.joinpath("configs", "loop.yaml").write_text(text)
+    assert entry(["run", "--round", "-w", str(ws.root)]) == 2
+    one_error(capsys, f"loop.yaml is not valid YAML {where}: {what}")
+
+
+def test_init_on_an_existing_workspace_says_so_and_changes_nothing(tmp_path, capsys):
+    w = tmp_path / "w"
+    assert entry(["init", str(w)]) == 0
+    assert "workspace ready" in capsys.readouterr().out
+    (w / "configs" / "prompts.txt").write_text("my own prompt\n")
+    assert entry(["init", str(w)]) == 0
+    assert (
+        "is a workspace already (0 image(s), 0 trained unit(s)); nothing in it was changed" in capsys.readouterr().out
+    )
+    assert (w / "configs" / "prompts.txt").read_text() == "my own prompt\n"

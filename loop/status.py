@@ -47,7 +47,7 @@ def imported_row(store: Store) -> dict | None:
     return {**_row(counts, unit="-", parent=None, method="imported", strategy=""), "ur_rate": None}
 
 
-def next_step(store: Store) -> str:
+def next_step(store: Store, ws: Workspace | None = None) -> str:
     n = store.current_unit()
     phases = store.phases(n)
     done = [p for p in PHASES if p in phases and phases[p]["status"] == "done"]
@@ -65,7 +65,12 @@ def next_step(store: Store) -> str:
             f"round {n}: waiting for ratings ({unrated} of {sum(counts.values())} unrated); rate with `loop rate`, "
             f"close with `loop rate --finish`, then `loop run --round`"
         )
-    return f"round {n}: {todo} not finished; `loop run --round` continues it"
+    kept = ""
+    if todo == "train" and ws is not None:  # an interrupted training's checkpoint: where the next run resumes
+        steps = [int(p.name[5:]) for p in (ws.checkpoint(n + 1) / ".training").glob("step_*") if p.name[5:].isdigit()]
+        if steps:
+            kept = f" (a checkpoint at step {max(steps)} is kept: it resumes from there if train.* is unchanged)"
+    return f"round {n}: {todo} not finished{kept}; `loop run --round` continues it"
 
 
 def format_status(ws: Workspace) -> str:
@@ -91,7 +96,7 @@ def format_status(ws: Workspace) -> str:
             )
         if not rows:
             lines.append("  (no units yet: `loop run --round` starts with the base model as unit 0)")
-        lines += ["", next_step(store) if rows else "next: `loop run --round`"]
+        lines += ["", next_step(store, ws) if rows else "next: `loop run --round`"]
         busy = lock_holder(ws)
         if busy:  # not "continue it": it is being continued right now
             lines.append(f"working now: {busy}; wait for it before running `loop run --round` or `loop train`")

@@ -254,6 +254,15 @@ def test_resume_continues_from_the_checkpoint_and_matches_a_straight_run(ws, tmp
     assert out == {"stopped_at": 9}
     steps = sorted(p.name for p in (ws.checkpoint(1) / ".training").glob("step_*"))
     assert steps == ["step_000008"]
+    if not ema:  # status says where the next run resumes (round 0's train phase, begun and not finished)
+        from loop.status import next_step
+
+        with ws.store() as store:
+            store.begin_phase(0, "train")
+            for phase in ("generate", "rate", "select"):
+                store.finish_phase(0, phase, {})
+            said = next_step(store, ws)
+        assert "train not finished (a checkpoint at step 8 is kept" in said, said
     logs = []
     with ws.store() as store:
         train_unit(ws, store, cfg, parent=0, log=logs.append)

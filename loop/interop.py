@@ -427,6 +427,10 @@ def import_images(ws, store, src: Path, tier: str | None, source: str, log=print
                 sync_golden(ws, store, found[0]["id"])  # a UR generated image joins golden/
                 log(f"{name}: already here as image {found[0]['id']} ({found[0]['path']}), unrated: rated {tier}")
                 retiered += 1
+            elif tier is not None and store.tier_of(found[0]["id"]) != tier:
+                # a rating people made (or an earlier import's) is not overwritten by an import; say so
+                log(f"{name}: already here as image {found[0]['id']}, rated {store.tier_of(found[0]['id'])}; "
+                    f"--tier {tier} not applied (re-rate it on the rating page)")  # fmt: skip
             continue
         caption, caption_from = _sidecar_caption(f)
         if caption is None:

@@ -280,6 +280,11 @@ def test_import_keeps_good_images_and_skips_bad_ones(ws, tmp_path):
         # again: nothing new, the two counted as duplicates, the bad ones skipped again
         again = import_images(ws, store, src, "UR", "my photos", log=lambda m: None)
         assert again == {"imported": 0, "skipped": 3, "duplicates": 2}
+        # again with another tier: their ratings stand, and each says so
+        said = []
+        import_images(ws, store, src / "good.png", "N", "my photos", log=said.append)
+        assert store.tier_of(red["id"]) == "UR"
+        assert any(m.startswith("good.png: already here as image") and "--tier N not applied" in m for m in said)
         assert len(store.images()) == 2
         assert store.db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0] == 2
         assert len(list((ws.root / "golden").iterdir())) == 2

@@ -88,7 +88,12 @@ def check_units(ws, units: list[int]) -> list[int]:
     for u in units:
         u = int(u)
         if u < 0 or (u > 0 and not (ws.checkpoint(u) / WEIGHTS).exists()):
-            why = "is not a unit number" if u < 0 else f"has no weights at checkpoints/{unit_name(u)}/{WEIGHTS}"
+            if u < 0:
+                why = "is not a unit number"
+            elif not ws.checkpoint(u).is_dir():
+                why = "does not exist"
+            else:
+                why = f"has no weights at checkpoints/{unit_name(u)}/{WEIGHTS}"
             have = ", ".join(map(str, units_with_weights(ws)))
             raise LoopError(f"unit {u} {why}; units that can be compared here: {have}")
         if u not in out:

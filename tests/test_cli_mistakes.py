@@ -220,6 +220,8 @@ def test_compare_units_over_a_huge_or_backwards_range(ws, capsys):
     assert entry(["compare", "--units", "3..1", "-w", str(ws.root)]) == 2
     line = one_error(capsys, "3..1", "--units 1..3")
     assert "loop compare 0 1" not in line
+    assert entry(["compare", "--units", "0..5", "-w", str(ws.root)]) == 2  # units that were never made
+    one_error(capsys, "unit 1 does not exist; units that can be compared here: 0")
 
 
 def test_export_lora_of_a_unit_that_does_not_exist(ws, capsys):

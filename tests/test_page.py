@@ -170,6 +170,21 @@ def test_undo_takes_back_the_last_rating(site, browser):
 
 
 @browser_test
+def test_a_key_right_after_undo_re_rates_the_undone_image_before_the_server_answers(site, browser):
+    ws, url = site
+    ids = add(ws, 3, round=40)
+    page = open_page(browser, url, 40, rater="frank")
+    press_at_once(page, "12z3")  # all four before any answer (a slow link): "3" is for the image just undone
+    idle(page)
+    assert sql(ws, "SELECT image_id, tier FROM current_tiers WHERE image_id >= ?", ids[0]) == [
+        (ids[0], "UR"),
+        (ids[1], "SR"),
+    ]
+    assert focus_id(page) == ids[2]  # and on to the next unrated one, not pulled back by the undo's answer
+    page.context.close()
+
+
+@browser_test
 def test_two_raters_at_once_lose_nothing_and_see_each_other(site, browser):
     ws, url = site
     ids = add(ws, 40, round=4)

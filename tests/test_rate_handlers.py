@@ -126,6 +126,9 @@ def test_counters_per_tier_per_rater_and_pace(h):
     assert c["pace"] == pytest.approx(4 * 60 / 10, rel=0.01)  # 4 ratings in (at least) ten seconds
     assert set(c["pace_by_rater"]) == {"alice", "bob"}
     assert h.counters(round=1)["total"] == 0
+    h.undo("bob")  # a rating taken back is no work done
+    c = h.counters(round=0)
+    assert c["pace"] == pytest.approx(3 * 60 / 10, rel=0.01) and set(c["pace_by_rater"]) == {"alice"}
 
 
 def test_detail_has_metadata_lineage_and_history(h):

@@ -389,7 +389,9 @@ class RateHandlers:
             now = time.time()
             recent = self.db.execute(
                 "SELECT r.rater, r.created_at FROM ratings r JOIN images i ON i.id = r.image_id "
-                f"WHERE r.undoes IS NULL AND r.created_at > ?{scope}",
+                # ratings, not undos, and not undone since: a rating taken back is no work done
+                f"WHERE r.undoes IS NULL AND r.created_at > ?{scope} "
+                "AND NOT EXISTS (SELECT 1 FROM ratings u WHERE u.undoes = r.id)",
                 [now - PACE_WINDOW_S, *args],
             ).fetchall()
             current = self.store.current_unit()

@@ -113,6 +113,9 @@
       // claimRefused: an image this page's focus is on that another page holds (the poll claims it again
       // once it is free).
       claims: new Map(), claimTarget: undefined, claimed: null, claimGen: 0, claimRefused: null,
+      // the images this page rated, newest last: an undo goes back to the newest at once, before the server
+      // answers (a key pressed meanwhile must land on that image, not on the next one)
+      myRatings: [],
       polling: false, pollTimer: 0,
     };
 
@@ -567,6 +570,8 @@
       S.timings.push(timing);
       if (S.timings.length > 2000) S.timings.splice(0, 1000);
       S.queue.push({ kind: "rate", id, tier, rater: S.rater, timing });
+      S.myRatings.push(id);
+      if (S.myRatings.length > 2000) S.myRatings.splice(0, 1000);
       pump();
       if (advance) autoFocus(nextUnrated(S.focus)); // the next unrated image, or stay if there is none
       else if (S.detail) paintDetailTier();
@@ -576,7 +581,10 @@
 
     function undo() {
       if (!requireRater()) return;
-      S.queue.push({ kind: "undo", rater: S.rater });
+      const guess = S.myRatings.pop(); // the server decides (the rater's newest rating, from any page)
+      S.queue.push({ kind: "undo", rater: S.rater, guess });
+      const i = guess === undefined ? -1 : S.ids.indexOf(guess);
+      if (i >= 0) { setFocus(i); S.auto = false; S.allDone = false; } // back on it now, to re-rate it
       pump();
     }
 
@@ -596,9 +604,11 @@
           S.queue.splice(0, n);
           if (r.image_id === null) status("nothing of yours to undo");
           else {
-            setTier(r.image_id, r.tier, r.rater);
+            if (!S.pending.get(r.image_id)) setTier(r.image_id, r.tier, r.rater); // (unless re-rated since)
             const i = S.ids.indexOf(r.image_id);
-            if (i >= 0) { setFocus(i); S.auto = false; S.allDone = false; } // back on it, to re-rate it
+            if (i >= 0 && r.image_id !== head.guess) { // not the one the page went back to: go there
+              setFocus(i); S.auto = false; S.allDone = false;
+            }
             status(`undone: #${r.image_id} is now ${r.tier ? `${r.tier} by ${r.rater}` : "unrated"}`);
           }
           refreshCounters(); // now, not at the next poll

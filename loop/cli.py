@@ -624,9 +624,8 @@ def entry(argv: list[str] | None = None) -> int:
         hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
         typer.echo(f"error: {msg.rstrip('.')}{hint}", err=True)
         return e.exit_code
-    if (
-        rc == 130 and not STATE.get("launched") and not STATE.get("said")
-    ):  # typer >= 0.24 turns Ctrl-C into a silent exit code 130
+    said = STATE.get("launched") or STATE.get("said")  # the processes, or the command itself, said it already
+    if rc == 130 and not said:  # typer >= 0.24 turns Ctrl-C into a silent exit code 130
         _say_interrupted()
     return rc if isinstance(rc, int) else 0
 

@@ -444,3 +444,17 @@ def test_init_on_an_existing_workspace_says_so_and_changes_nothing(tmp_path, cap
         "is a workspace already (0 image(s), 0 trained unit(s)); nothing in it was changed" in capsys.readouterr().out
     )
     assert (w / "configs" / "prompts.txt").read_text() == "my own prompt\n"
+
+
+def test_status_after_rating_closed_on_generated_images_says_select_and_train_come_next(ws, capsys):
+    from loop.bench.rate import add_images
+
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        add_images(ws, store, 2, round=0)  # made by `loop generate` (the ring), not by `loop run --round`
+    assert entry(["rate", "--finish", "-w", str(ws.root)]) == 0
+    capsys.readouterr()
+    assert entry(["status", "-w", str(ws.root)]) == 0
+    out = capsys.readouterr().out
+    assert "round 0: rating closed on its 2 image(s); `loop run --round` selects and trains unit 1" in out
+    assert "generates (or finishes)" not in out

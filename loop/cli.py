@@ -392,6 +392,10 @@ def rate(
                 )
             finish_rating(store, n)
             _echo(f"round {n}: rating closed ({rating_summary(store, n)}); `loop run --round` goes on")
+            counts = store.tier_counts(round=n)
+            if not any(c for t, c in counts.items() if t is not None):  # closed, but nobody looked at the round
+                _echo(f"warning: none of round {n}'s {sum(counts.values())} image(s) is rated: unit {n + 1} learns "
+                      "only from earlier rounds and imports (`loop rate` first, if that was not meant)")  # fmt: skip
             return
     from loop.rate.page import serve
 

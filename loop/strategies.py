@@ -101,7 +101,7 @@ def explore(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=print) -> 
     ).fetchone()[0]
     count = max(1, round(share / (1 - share) * passed))
     renderers = {n: Renderer(ws, store, cfg, n, round=n)}  # unit 0 (the "base" kind) is loaded when first needed
-    made = 0
+    made, kinds = 0, {}
     for kind, job in exploration_jobs(lines, cfg, count, n, renderers[n].native):
         unit = 0 if kind == "base" else n
         if unit not in renderers:
@@ -112,5 +112,7 @@ def explore(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=print) -> 
         image = r.render([job])[0]
         r.write(job, image, exploration=True, explore=kind)
         made += 1
-    log(f"longtail: {made} exploration image(s) ({', '.join(EXPLORE_KINDS)})")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    what = ", ".join(f"{k} {kinds[k]}" for k in EXPLORE_KINDS if k in kinds)  # only the kinds made this time
+    log(f"longtail: {made} exploration image(s)" + (f" ({what})" if what else ""))
     return made

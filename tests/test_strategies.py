@@ -177,10 +177,14 @@ def test_exploration_images_are_marked_and_resumable(ws, cfg):
     with ws.store() as store:
         store.ensure_base_unit("embedded")
         generate(ws, store, cfg, unit=0, round=0, **QUIET)
-        made = explore(ws, store, cfg, 0, **QUIET)
-        again = explore(ws, store, cfg, 0, **QUIET)
+        said = []
+        made = explore(ws, store, cfg, 0, log=said.append)
+        again = explore(ws, store, cfg, 0, log=said.append)
         rows = store.db.execute("SELECT * FROM images ORDER BY id").fetchall()
     assert made == 8 and again == 0, "explore_share 0.5 of 8 pass images; a rerun makes nothing new"
+    # each kind with its count, and only the kinds made (the rerun made none)
+    assert said == ["longtail: 8 exploration image(s) (mutate 2, recombine 2, seed 2, cfg 1, base 1)",
+                    "longtail: 0 exploration image(s)"]  # fmt: skip
     ex = [r for r in rows if is_exploration(r)]
     assert len(ex) == 8 and len(rows) == 16
     kinds = {json.loads(r["params"])["explore"] for r in ex}

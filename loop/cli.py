@@ -220,14 +220,16 @@ def generate(
             what = "stopped cleanly" if out["stopped"] else "done"
             if out["stopped"] and count is not None:
                 what = f"stopped cleanly before {count}"
-            _echo(f"{what}: made {out['made']} image(s) with unit {out['unit']}; the ring is at {where}")
+            who = f"process {rank + 1} of {world}: " if world > 1 else ""  # each process says its own share
+            _echo(f"{who}{what}: made {out['made']} image(s) with unit {out['unit']}; the ring is at {where}")
             if out["stopped"] and count is not None:
                 _interrupted()  # --forever ends this way by design; --count K did not make its K
             return
         n = store.current_unit() if unit is None else unit
         out = one_pass(ws, store, cfg, unit=n, log=_echo, stop=stop)
     what = "stopped cleanly; run the same command to finish the pass" if out["stopped"] else "done"
-    _echo(f"{what}: made {out['made']} image(s) with unit {n} in {ws.rel(ws.generations(n))}")
+    who = f"process {rank + 1} of {world}: " if world > 1 else ""
+    _echo(f"{who}{what}: made {out['made']} image(s) with unit {n} in {ws.rel(ws.generations(n))}")
     if out["stopped"]:
         _interrupted()
 

@@ -304,3 +304,6 @@ def test_two_processes_split_seeds_without_overlap(ws, mode):
         by = {json.loads(r["params"]).get("process") for r in rows}
         assert by == {"0/2", "1/2"}, "both processes made images"
         files_match_rows(ws, store)
+    # each process says its own share, and which process it is
+    said = [ln for ln in out.stdout.splitlines() if "made" in ln and "image(s)" in ln]
+    assert sorted(ln.split(":")[0] for ln in said) == ["process 1 of 2", "process 2 of 2"], out.stdout

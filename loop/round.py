@@ -87,6 +87,7 @@ def run_round(
                 n -= 1  # unit n exists but round n-1 is not closed: close that round first
         if store.unit(n) is None:
             raise_missing_unit(store, n)
+        check_from_parent(store, cfg, n)  # now, not after generating and rating a whole round
         store.start_round(n)
         result = RoundResult(round=n, status="done")
         for phase in PHASES:
@@ -145,6 +146,34 @@ def run_round(
             if stop_after == phase:
                 break
         return result
+
+
+def check_from_parent(store: Store, cfg: LoopConfig, n: int) -> None:
+    """train.start=from_parent continues unit n's adapter, so it needs that adapter's method and shape: a
+    LoopError naming what differs, before the round starts (training would find it only at its end)."""
+    from loop.errors import LoopError
+
+    if cfg.train.start != "from_parent" or n == 0 or store.unit(n + 1) is not None:
+        return
+    parent = (json.loads(store.unit(n)["manifest"] or "{}").get("config") or {}).get("train") or {}
+    tc = cfg.train
+    keys = ("method", "rank", "target_modules", "text_encoder_lora")
+    differ = [k for k in keys if k in parent and parent[k] != getattr(tc, k)]
+    if tc.method == "custom_diffusion":  # its modules are fixed (attn2.to_k, attn2.to_v)
+        differ = [k for k in differ if k != "target_modules"]
+    if differ:
+        theirs = " ".join(f"train.{k}={_plain_value(parent[k])}" for k in differ)
+        ours = ", ".join(f"{k} {_plain_value(getattr(tc, k))}" for k in differ)
+        raise LoopError(
+            f"train.start=from_parent continues unit {n}'s adapter, made with {theirs} (asked: {ours}); "
+            f"give {theirs}, or train.start=from_base"
+        )
+
+
+def _plain_value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(map(str, v)) + "]"
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _unit_made_round_open(store: Store, n: int) -> bool:

@@ -459,3 +459,18 @@ def test_status_after_rating_closed_on_generated_images_says_select_and_train_co
     out = capsys.readouterr().out
     assert "round 0: rating closed on its 2 image(s); `loop run --round` selects and trains unit 1" in out
     assert "generates (or finishes)" not in out
+
+
+def test_from_parent_with_another_method_or_rank_is_refused_before_the_round_starts(ws, capsys):
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        train = {"method": "lora", "rank": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+                 "text_encoder_lora": False}  # fmt: skip
+        store.add_unit(1, parent=0, path="checkpoints/unit_001", base="embedded", method="lora",
+                       strategy="golden", manifest={"config": {"train": train}})  # fmt: skip
+    w = ["-w", str(ws.root)]
+    assert entry(["run", "--round", *w, "train.start=from_parent", "train.rank=4"]) == 2
+    one_error(capsys, "continues unit 1's adapter, made with train.rank=8 (asked: rank 4)", "train.start=from_base")
+    assert entry(["run", "--round", *w, "train.start=from_parent", "train.method=custom_diffusion"]) == 2
+    one_error(capsys, "made with train.method=lora (asked: method custom_diffusion)")
+    assert sql_count(ws, "SELECT COUNT(*) FROM images WHERE round = 1") == 0  # nothing generated first

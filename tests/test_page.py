@@ -534,6 +534,8 @@ def test_a_missing_file_shows_a_placeholder(site, browser):
     expect(tile).to_have_class(re.compile("lr-missing"))
     expect(tile.locator(".lr-missing-label")).to_be_visible()
     expect(page.locator(f'.lr-tile[data-id="{ids[0]}"] .lr-missing-label')).to_be_hidden()
+    page.keyboard.press("ArrowRight")  # onto it: the status line says there is nothing to look at
+    expect(page.locator(".lr-status")).to_contain_text(f"#{ids[1]}: its file is missing or unreadable")
     page.context.close()
 
 

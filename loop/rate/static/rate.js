@@ -194,7 +194,10 @@
       img.draggable = false;
       img.decoding = "async";
       img.addEventListener("load", () => { if (img.naturalWidth < TILE) img.classList.add("lr-pixel"); });
-      img.addEventListener("error", () => t.classList.add("lr-missing")); // no broken-image icon: say so
+      img.addEventListener("error", () => { // no broken-image icon: say so, and in the status line if it is the focus
+        t.classList.add("lr-missing");
+        if (S.ids[S.focus] === id) warnMissing(id);
+      });
       img.src = thumbUrl(id);
       t.append(img, el("span", "lr-badge"), el("span", "lr-by"), el("span", "lr-missing-label", "file missing or unreadable"));
       paintTile(t, id);
@@ -301,8 +304,15 @@
       if (show) reveal(i);
       const t = S.live.get(i);
       if (t) t.classList.add("lr-focus");
+      if (t && t.classList.contains("lr-missing")) warnMissing(S.ids[i]);
       if (S.detail) loadDetail();
       sendClaim();
+    }
+
+    // The focus is on an image whose file cannot be shown: rating it blind is the rater's call, said once here.
+    function warnMissing(id) {
+      status(`#${id}: its file is missing or unreadable, so there is nothing to look at; a key still rates it`,
+        true, 4000);
     }
 
     const rated = (i) => !!S.tier.get(S.ids[i]);
@@ -338,9 +348,9 @@
 
     // The focus moved by the rater: a key now rates this image even if someone else rated it.
     function goTo(i, show = true) {
+      S.stickyUntil = 0; // a warning held about the image before is stale once the rater moves
       setFocus(i, show);
       S.auto = false;
-      S.stickyUntil = 0; // a warning held about the image before is stale once the rater moves
       const id = S.ids[S.focus], tier = S.tier.get(id), by = S.by.get(id);
       if (tier && by !== S.rater && !S.pending.get(id)) routine(`#${id} is ${tier} by ${by}; a key overrides it`);
       else if (!tier && S.claims.has(id)) routine(`${S.claims.get(id)} has #${id} open too; a key rates it all the same`);

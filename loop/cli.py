@@ -17,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import typer  # noqa: E402
 
 from loop.errors import LoopError  # noqa: E402
+from loop.workspace import LAUNCHED_ENV  # noqa: E402  (set in the workers `--processes N` starts)
 
 app = typer.Typer(
     add_completion=False,
@@ -106,7 +107,7 @@ def init(
                 f"warning: {len(readable)} seed images; grow starts from 1-5, and every one becomes a UR seed "
                 "(ctrl-C now and give fewer if that was not meant)"
             )
-    existed = (Path(directory) / "loop.db").is_file()
+    existed = Workspace(directory).db_path.is_file()
     ws = Workspace.init(directory)
     if seed_images is not None:
         from loop.interop import import_images
@@ -256,9 +257,6 @@ def _without_processes(argv: list[str], command: str = "generate") -> list[str]:
         elif not a.startswith("--processes="):
             out.append(a)
     return out
-
-
-LAUNCHED_ENV = "LOOP_LAUNCHED"  # set in the workers `--processes N` starts
 
 
 def die_with_parent() -> None:

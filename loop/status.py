@@ -54,11 +54,12 @@ def next_step(store: Store, ws: Workspace | None = None) -> str:
     if len(done) == len(PHASES):
         return f"round {n} is closed; `loop run --round` starts round {n + 1}"
     todo = next(p for p in PHASES if p not in done)
-    if todo == "generate" and store.phase_done(n, "rate"):  # rated and closed on `loop generate`'s images
-        made = len(store.images(round=n))
-        return f"round {n}: rating closed on its {made} image(s); `loop run --round` selects and trains unit {n + 1}"
     if todo == "generate":
         made = len(store.images(round=n))
+        if "rate" in done:  # rated and closed on `loop generate`'s images
+            return (
+                f"round {n}: rating closed on its {made} image(s); `loop run --round` selects and trains unit {n + 1}"
+            )
         state = f"has {made} image(s) so far" if made else "not started"
         return f"round {n}: generate {state}; `loop run --round` generates (or finishes) with unit {n}"
     if todo == "rate":

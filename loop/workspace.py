@@ -274,6 +274,7 @@ def writer_alive(name: str) -> bool:
 
 
 LOCK_FILE = ".loop.lock"
+LAUNCHED_ENV = "LOOP_LAUNCHED"  # set in the workers `loop ... --processes N` starts (loop.cli._launch)
 
 
 @contextmanager
@@ -284,7 +285,7 @@ def work_lock(ws: Workspace, what: str):
     above 0 of an `accelerate launch`) run under their launcher's lock."""
     import fcntl
 
-    if os.environ.get("LOOP_LAUNCHED") or os.environ.get("RANK", "0") != "0":
+    if os.environ.get(LAUNCHED_ENV) or os.environ.get("RANK", "0") != "0":
         yield
         return
     f = open(ws.root / LOCK_FILE, "a+")

@@ -592,6 +592,16 @@ def settled(page):
     )
 
 
+def all_rated(ws, ids) -> bool:
+    return len(sql(ws, "SELECT image_id FROM current_tiers WHERE image_id >= ?", ids[0])) == len(ids)
+
+
+def assert_each_rated_once(ws, ids):
+    counts = sql(ws, "SELECT image_id, COUNT(*) FROM ratings WHERE image_id >= ? GROUP BY image_id", ids[0])
+    assert sorted(i for i, _ in counts) == ids  # every image rated
+    assert all(n == 1 for _, n in counts), counts  # and none twice
+
+
 def alice_and_bob(browser, url, round):
     """alice's page, then bob's, on the same round, each settled on an image of its own."""
     a = open_page(browser, url, round, rater="alice")
@@ -615,11 +625,9 @@ def test_two_raters_at_a_human_pace_never_rate_the_same_image(site, browser):
         if not page.evaluate("LoopRate.state.allDone"):
             page.keyboard.press("12345"[k % 5])
         idle(page)
-        if len(sql(ws, "SELECT image_id FROM current_tiers WHERE image_id >= ?", ids[0])) == len(ids):
+        if all_rated(ws, ids):
             break
-    counts = sql(ws, "SELECT image_id, COUNT(*) FROM ratings WHERE image_id >= ? GROUP BY image_id", ids[0])
-    assert sorted(i for i, _ in counts) == ids  # every image rated
-    assert all(n == 1 for _, n in counts), counts  # and none twice
+    assert_each_rated_once(ws, ids)
     raters = dict(sql(ws, "SELECT rater, COUNT(*) FROM ratings WHERE image_id >= ? GROUP BY rater", ids[0]))
     assert raters == {"alice": 6, "bob": 6}
     a.context.close()
@@ -649,13 +657,11 @@ def test_three_raters_in_a_random_order_rate_every_image_once(site, browser):
             page.keyboard.press(rnd.choice("12345"))
         if rnd.random() < 0.5:
             idle(page)
-        if len(sql(ws, "SELECT image_id FROM current_tiers WHERE image_id >= ?", ids[0])) == len(ids):
+        if all_rated(ws, ids):
             break
     for page in pages:
         idle(page)
-    raters = sql(ws, "SELECT image_id, COUNT(*) FROM ratings WHERE image_id >= ? GROUP BY image_id", ids[0])
-    assert sorted(i for i, _ in raters) == ids  # every image rated
-    assert all(n == 1 for _, n in raters), raters  # and none twice
+    assert_each_rated_once(ws, ids)
     assert errors == []
     for page in pages:
         page.context.close()

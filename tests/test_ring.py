@@ -191,23 +191,30 @@ def test_a_stop_flag_discards_the_batch_in_flight(ws, cfg):
         files_match_rows(ws, store)
 
 
-def test_sigterm_stops_a_real_generator_cleanly(ws):
-    ws.prompts_path.write_text("a circle --n 40\na square --n 40\n", encoding="utf-8")  # whole batches of 4
+def _signal_a_generator(ws, args, sig, after: int) -> tuple[int, str]:
+    """`loop generate ARGS` in a process of its own, sent `sig` once it has written `after` images; its exit
+    status and output."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "loop", "generate", "--forever", "-w", str(ws.root),
-           "generate.batch_size=4", "generate.steps=12"]  # fmt: skip
+    cmd = [sys.executable, "-m", "loop", "generate", *args, "-w", str(ws.root), "generate.batch_size=4",
+           "generate.steps=12"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and len(list(ws.generations(0).glob("*.png"))) < 6:
+        while time.time() < deadline and len(list(ws.generations(0).glob("*.png"))) < after:
             time.sleep(0.2)
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out
+    return proc.returncode, out
+
+
+def test_sigterm_stops_a_real_generator_cleanly(ws):
+    ws.prompts_path.write_text("a circle --n 40\na square --n 40\n", encoding="utf-8")  # whole batches of 4
+    rc, out = _signal_a_generator(ws, ["--forever"], signal.SIGTERM, after=6)
+    assert rc == 0, out
     assert "stopped cleanly" in out
     with ws.store() as store:
         n = store.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
@@ -220,21 +227,8 @@ def test_sigterm_stops_a_real_generator_cleanly(ws):
 def test_ctrl_c_before_the_count_or_the_pass_is_done_exits_130_and_says_how_far(ws, args):
     # `loop generate --count K && loop rate --finish` must not go on after K was not reached
     ws.prompts_path.write_text("a circle --n 200\na square --n 200\n", encoding="utf-8")
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "loop", "generate", *args, "-w", str(ws.root), "generate.batch_size=4",
-           "generate.steps=12"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list(ws.generations(0).glob("*.png"))) < 4:
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, out
+    rc, out = _signal_a_generator(ws, args, signal.SIGINT, after=4)
+    assert rc == 130, out
     assert "stopped cleanly" in out and "interrupted;" not in out  # said once, by the command itself
 
 

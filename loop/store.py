@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS ratings (
     rater TEXT NOT NULL,
     undoes INTEGER REFERENCES ratings(id),                    -- set on undo events
     created_at REAL NOT NULL,
+    client_key TEXT,  -- the page's key for this event: a resent event (same key) is stored once; see _migrate
     CHECK ((tier IS NULL) = (undoes IS NOT NULL))
 );
 CREATE INDEX IF NOT EXISTS ratings_image ON ratings(image_id);
@@ -116,6 +117,7 @@ class Store:
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.execute("PRAGMA busy_timeout=30000")
             self.db.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as e:
             self.db.close()
             if isinstance(e, sqlite3.OperationalError):  # locked, read-only, a folder in its place: not corruption
@@ -126,6 +128,24 @@ class Store:
                 f"{self.path} is not a loop database ({e}); move it aside (for example "
                 f"`mv {self.path} {self.path}.bad`), then `loop init {self.path.parent}` starts a new one"
             ) from e
+
+    def _migrate(self) -> None:
+        """Bring a database made by an earlier version up to SCHEMA (columns added since; nothing removed).
+
+        ratings.client_key: the rating page sends each rating and undo with a key it makes, and keeps its queue
+        in the browser until the server answers, so a page reloaded or closed before the answer sends the same
+        events again; the unique key makes that resend a no-op instead of a second event."""
+        def has_column() -> bool:
+            return any(r[1] == "client_key" for r in self.db.execute("PRAGMA table_info(ratings)"))
+
+        if not has_column():  # checked first: opening a current database takes no write lock
+            with self.tx():  # BEGIN IMMEDIATE: of two processes opening an old database, one adds the column
+                if not has_column():
+                    self.db.execute("ALTER TABLE ratings ADD COLUMN client_key TEXT")
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'ratings_client_key'").fetchone():
+            self.db.execute(
+                "CREATE UNIQUE INDEX IF NOT EXISTS ratings_client_key ON ratings(client_key) WHERE client_key IS NOT NULL"
+            )
 
     def close(self) -> None:
         self.db.close()
@@ -217,28 +237,48 @@ class Store:
             )
             return cur.lastrowid
 
-    def rate_many(self, items: list[tuple[int, str]], rater: str) -> list[int]:
-        """Append one event per (image id, tier), in order, in one transaction; returns the event ids."""
-        now = time.time()
-        with self.tx():
-            return [
-                self.db.execute(
-                    "INSERT INTO ratings (image_id, tier, rater, created_at) VALUES (?, ?, ?, ?)", (i, t, rater, now)
-                ).lastrowid
-                for i, t in items
-            ]
+    def rate_many(self, items: list[tuple[int, str]], rater: str, keys: list[str | None] | None = None) -> list[int]:
+        """Append one event per (image id, tier), in order, in one transaction; returns the event ids.
 
-    def undo(self, rater: str) -> int | None:
-        """Cancel this rater's newest effective rating; returns the image id it applied to, or None."""
+        `keys`: one client key (or None) per item; an item whose key is stored already is not stored again (a
+        page resending what it could not see committed) and its existing event's id is returned."""
+        now = time.time()
+        keys = keys if keys is not None else [None] * len(items)
+        out = []
         with self.tx():
+            for (i, t), key in zip(items, keys, strict=True):
+                old = self._event_with_key(key)
+                if old is not None:
+                    out.append(old["id"])
+                    continue
+                out.append(
+                    self.db.execute(
+                        "INSERT INTO ratings (image_id, tier, rater, created_at, client_key) VALUES (?, ?, ?, ?, ?)",
+                        (i, t, rater, now, key),
+                    ).lastrowid
+                )
+        return out
+
+    def _event_with_key(self, key: str | None) -> sqlite3.Row | None:
+        if key is None:
+            return None
+        return self.db.execute("SELECT id, image_id FROM ratings WHERE client_key = ?", (key,)).fetchone()
+
+    def undo(self, rater: str, key: str | None = None) -> int | None:
+        """Cancel this rater's newest effective rating; returns the image id it applied to, or None. `key`: as
+        in rate_many (an undo resent with a stored key undoes nothing more and returns its image id)."""
+        with self.tx():
+            old = self._event_with_key(key)
+            if old is not None:
+                return old["image_id"]
             row = self.db.execute(
                 "SELECT id, image_id FROM effective_ratings WHERE rater = ? ORDER BY id DESC LIMIT 1", (rater,)
             ).fetchone()
             if row is None:
                 return None
             self.db.execute(
-                "INSERT INTO ratings (image_id, tier, rater, undoes, created_at) VALUES (?, NULL, ?, ?, ?)",
-                (row["image_id"], rater, row["id"], time.time()),
+                "INSERT INTO ratings (image_id, tier, rater, undoes, created_at, client_key) VALUES (?, NULL, ?, ?, ?, ?)",
+                (row["image_id"], rater, row["id"], time.time(), key),
             )
             return row["image_id"]
 

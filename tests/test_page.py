@@ -835,3 +835,78 @@ def test_enter_after_clicking_a_button_opens_the_detail_view_instead_of_pressing
     page.wait_for_selector(".lr-detail:not([hidden])")
     assert sql(ws, "SELECT image_id, tier FROM ratings WHERE image_id >= ?", ids[0]) == [(ids[0], "SSR")]
     page.context.close()
+
+
+def stored_queues(page) -> list:
+    return page.evaluate(
+        "Object.keys(localStorage).filter(k => k.startsWith('loop.queue.')).map(k => JSON.parse(localStorage[k]))"
+    )
+
+
+@browser_test
+def test_ratings_not_yet_saved_survive_a_reload_and_are_stored_once(site, browser):
+    """The server stores a batch but its answer is lost, then cannot be reached; the rater reloads. The new page
+    sends what the old one held, and the keys keep the batch the server had already stored from a second copy."""
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 6, round=41)
+    page = open_page(browser, url, 41)
+    sent = []
+
+    def answer_lost_then_away(route):
+        sent.append([r["image_id"] for r in route.request.post_data_json["ratings"]])
+        if len(sent) == 1:
+            route.fetch()  # reaches the server, which stores it; the page never hears back
+        route.abort()
+
+    page.route("**/loop/api/rate", answer_lost_then_away)
+    settled(page)
+    page.keyboard.press("1")
+    page.wait_for_function("LoopRate.state.failures > 0")
+    page.keyboard.press("2")
+    page.keyboard.press("3")
+    assert sql(ws, "SELECT image_id, tier FROM ratings WHERE image_id >= ?", ids[0]) == [(ids[0], "UR")]
+    page.wait_for_function("JSON.parse(localStorage[`loop.queue.${LoopRate.state.tab}`]).items.length === 3")
+    page.on("dialog", lambda d: d.accept())  # "leave the page? changes may not be saved"
+    page.reload()
+    page.wait_for_selector(".lr[data-ready='1'] .lr-tile")
+    # the new page shows them at once, pending, and sends them as soon as the server answers again
+    expect(page.locator(f'.lr-tile[data-id="{ids[2]}"]')).to_have_attribute("data-tier", "SR")
+    page.unroute("**/loop/api/rate")
+    idle(page)
+    rows = sql(ws, "SELECT image_id, tier, rater FROM ratings WHERE image_id >= ? ORDER BY id", ids[0])
+    assert rows == [(ids[0], "UR", "alice"), (ids[1], "SSR", "alice"), (ids[2], "SR", "alice")]
+    assert stored_queues(page) == []
+    assert focus_id(page) in ids[3:]  # on to an image nobody rated (the old page's claim may still hold ids[3])
+    page.context.close()
+
+
+@browser_test
+def test_a_page_adopts_only_gone_pages_unsent_ratings_of_its_own_workspace(site, browser):
+    from playwright.sync_api import expect
+
+    ws, url = site
+    ids = add(ws, 4, round=42)
+    page = open_page(browser, url, 42)
+    token = page.evaluate("LoopRate.state.meta.w")
+    assert token
+    now = page.evaluate("Date.now()")
+
+    def record(w, beat, closed, image_id, tier, key):
+        item = {"kind": "rate", "id": image_id, "tier": tier, "rater": "carol", "key": key}
+        return {"w": w, "beat": beat, "closed": closed, "items": [item]}
+
+    records = {
+        "crashed": record(token, now - 60_000, False, ids[0], "UR", "crashedpage0001"),  # no heartbeat: adopted
+        "live": record(token, now + 3_600_000, False, ids[1], "N", "livepage000001"),  # a page still open: not
+        "elsewhere": record("another-workspace", now - 60_000, True, ids[2], "N", "otherws0000001"),  # not ours
+    }
+    page.evaluate("rs => { for (const [k, r] of Object.entries(rs)) localStorage['loop.queue.' + k] = JSON.stringify(r) }", records)
+    page.wait_for_function("!localStorage['loop.queue.crashed']", timeout=10_000)  # the next poll adopts it
+    expect(page.locator(".lr-status")).to_contain_text("sending 1 rating a page closed before they were saved")
+    idle(page)
+    assert sql(ws, "SELECT image_id, tier, rater FROM ratings WHERE image_id >= ?", ids[0]) == [(ids[0], "UR", "carol")]
+    left = page.evaluate("Object.keys(localStorage).filter(k => k.startsWith('loop.queue.')).sort()")
+    assert left == ["loop.queue.elsewhere", "loop.queue.live"]
+    page.context.close()

@@ -453,3 +453,18 @@ def test_a_pixel_bomb_in_generations_is_a_404_thumbnail_not_a_page_that_cannot_s
             h.thumb(i)
     finally:
         Image.MAX_IMAGE_PIXELS = old
+
+
+def test_a_batch_resent_with_its_keys_is_stored_once_and_a_bad_key_is_refused(h):
+    a, b = _add(h, 2)
+    first = h.rate([(a, "UR", "key0001a"), (b, "N", "key0001b")], "alice")
+    again = h.rate([(a, "UR", "key0001a"), (b, "N", "key0001b")], "alice")
+    assert again["events"] == first["events"] and again["images"][a]["tier"] == "UR"
+    assert h.undo("alice", key="undo0001") == h.undo("alice", key="undo0001")
+    assert h.db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0] == 3
+    for bad in ("short", "x" * 65, "has space", 12345678, "ключключ"):
+        with pytest.raises(BadRequest, match="key must be"):
+            h.rate([(a, "R", bad)], "alice")
+    with pytest.raises(BadRequest, match="key must be"):
+        h.undo("alice", key="../../x")
+    assert h.db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0] == 3  # nothing written by a refused call

@@ -2,7 +2,7 @@ import sqlite3
 
 import pytest
 
-from loop.store import Store
+from loop.store import SCHEMA, Store
 
 
 @pytest.fixture
@@ -85,3 +85,38 @@ def test_atomic_write_gives_files_the_umask_mode_not_mkstemps_0600(tmp_path):
     assert path.read_bytes() == b"data"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~UMASK
     assert [p.name for p in path.parent.iterdir()] == ["b.png"]  # no temporary file left
+
+
+def test_a_rating_or_undo_resent_with_its_key_is_stored_once(store):
+    i, j = _img(store, 1), _img(store, 2)
+    first = store.rate_many([(i, "SR"), (j, "N")], "alice", keys=["k" * 10, "m" * 10])
+    # the page did not see the answer and sends the batch again, with one new rating behind it
+    again = store.rate_many([(i, "SR"), (j, "N"), (i, "UR")], "alice", keys=["k" * 10, "m" * 10, "n" * 10])
+    assert again[:2] == first
+    assert store.tier_of(i) == "UR"
+    assert store.undo("alice", key="u" * 10) == i
+    assert store.undo("alice", key="u" * 10) == i  # resent: nothing more is undone
+    assert store.tier_of(i) == "SR" and store.tier_of(j) == "N"
+    rows = store.db.execute("SELECT image_id, tier FROM ratings ORDER BY id").fetchall()
+    assert [tuple(r) for r in rows] == [(i, "SR"), (j, "N"), (i, "UR"), (i, None)]
+    store.rate_many([(i, "R"), (j, "R")], "bob")  # no keys (loop rate --auto, scripts): every call stores
+    store.rate_many([(i, "R")], "bob")
+    assert store.db.execute("SELECT COUNT(*) FROM ratings WHERE rater = 'bob'").fetchone()[0] == 3
+
+
+def test_a_database_from_before_rating_keys_gets_the_column_and_keeps_its_ratings(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    old_schema = "\n".join(line for line in SCHEMA.splitlines() if "client_key" not in line)
+    db.executescript(old_schema)
+    db.execute("INSERT INTO images (sha256, path, created_at) VALUES ('a', 'generations/unit_000/a.png', 0)")
+    db.execute("INSERT INTO ratings (image_id, tier, rater, created_at) VALUES (1, 'SSR', 'alice', 0)")
+    db.commit()
+    db.close()
+    with Store(path) as s:
+        assert s.tier_of(1) == "SSR"
+        s.rate_many([(1, "UR")], "alice", keys=["abcdefgh"])
+        s.rate_many([(1, "UR")], "alice", keys=["abcdefgh"])
+        assert s.db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0] == 2
+    with Store(path) as s:  # opened again: nothing to add
+        assert s.tier_of(1) == "UR"

@@ -57,6 +57,15 @@ def check_tier(tier) -> str:
     return tier
 
 
+def check_key(key) -> str | None:
+    """A rating's or undo's client key (see Store.rate_many): absent, or a short ASCII token."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 8 <= len(key) <= 64 or not key.isascii() or not key.isalnum():
+        raise BadRequest(f"key must be 8 to 64 letters and digits, got {str(key)[:70]!r}")
+    return key
+
+
 def check_rater(rater) -> str:
     name = str(rater or "").strip()
     if not name or len(name) > MAX_RATER or any(ord(c) < 32 for c in name):
@@ -263,6 +272,7 @@ class RateHandlers:
             "rounds": sorted(set(rounds) | {n}),
             "units": sorted(units),
             "tiers": list(TIERS),
+            "w": self.token,  # the page keeps unsent ratings under it (see rate.js, saveQueue)
         }
 
     @staticmethod
@@ -493,32 +503,35 @@ class RateHandlers:
         return None
 
     # -- writing ---------------------------------------------------------------------------------------------
-    def rate(self, items: list[tuple[int, str]], rater: str) -> dict:
-        """Append one rating event per (image id, tier), in order, in one transaction; then sync golden/.
+    def rate(self, items: list[tuple], rater: str) -> dict:
+        """Append one rating event per (image id, tier[, key]), in order, in one transaction; then sync golden/.
 
         A batch is what the page queued over a few seconds: an id that no longer exists is reported under
-        `missing` and the rest are stored, rather than one stale id costing the others."""
+        `missing` and the rest are stored, rather than one stale id costing the others. A rating whose key is
+        stored already (the page sent it before and did not see the answer) is not stored again."""
         rater = check_rater(rater)
-        items = [(int(i), check_tier(t)) for i, t in items]
+        items = [(int(it[0]), check_tier(it[1]), check_key(it[2] if len(it) > 2 else None)) for it in items]
         if not items:
             raise BadRequest("no ratings given; send at least one {image_id, tier}")
         with self.lock:
-            ids = {i for i, _ in items}
+            ids = {i for i, _, _ in items}
             marks = ",".join("?" * len(ids))
             found = {r[0] for r in self.db.execute(f"SELECT id FROM images WHERE id IN ({marks})", list(ids))}
             missing = sorted(ids - found)
             if not found:
                 raise NotFound(f"no image with id {missing[0]}")
-            items = [(i, t) for i, t in items if i in found]
-            events = self.store.rate_many(items, rater)
-            states = {i: sync_golden(self.ws, self.store, i) for i in dict.fromkeys(i for i, _ in items)}
+            items = [it for it in items if it[0] in found]
+            events = self.store.rate_many([(i, t) for i, t, _ in items], rater, keys=[k for _, _, k in items])
+            states = {i: sync_golden(self.ws, self.store, i) for i in dict.fromkeys(i for i, _, _ in items)}
         return {"events": events, "images": states, **({"missing": missing} if missing else {})}
 
-    def undo(self, rater: str) -> dict:
-        """Cancel this rater's newest effective rating (other raters' ratings are untouched)."""
+    def undo(self, rater: str, key: str | None = None) -> dict:
+        """Cancel this rater's newest effective rating (other raters' ratings are untouched). `key`: as for
+        ratings; an undo resent with its key undoes nothing more."""
         rater = check_rater(rater)
+        key = check_key(key)
         with self.lock:
-            image_id = self.store.undo(rater)
+            image_id = self.store.undo(rater, key)
             if image_id is None:
                 return {"image_id": None}
             return {"image_id": image_id, **sync_golden(self.ws, self.store, image_id)}

@@ -218,18 +218,18 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
-def _ratings(body: dict) -> list[tuple[int, str]]:
+def _ratings(body: dict) -> list[tuple[int, str, str | None]]:
     items = body.get("ratings")
     if items is None and "image_id" in body:
         items = [body]
     if not isinstance(items, list):
-        raise BadRequest("give ratings: [{image_id, tier}, ...]")
+        raise BadRequest("give ratings: [{image_id, tier, key (optional)}, ...]")
     out = []
     for it in items:
         i = it.get("image_id") if isinstance(it, dict) else None
         if not isinstance(i, int) or isinstance(i, bool) or abs(i) >= 2**63:  # true is an int to Python
             raise BadRequest(f"each rating needs an integer image_id and a tier, got {it!r}"[:200])
-        out.append((it["image_id"], it.get("tier")))
+        out.append((it["image_id"], it.get("tier"), it.get("key")))
     return out
 
 
@@ -289,7 +289,7 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
     @app.post("/loop/api/undo")
     async def undo(request: Request):
         body = await _json_body(request)
-        return ok(await run_in_threadpool(h.undo, request_rater(request, body)))
+        return ok(await run_in_threadpool(h.undo, request_rater(request, body), body.get("key")))
 
     @app.post("/loop/api/finish")
     async def finish(request: Request):

@@ -18,6 +18,12 @@
   // Another rater's fresh ratings this many places from the focus mean they work the same stretch: move away.
   const NEAR = 30;
   const API = "loop/api/";
+  // Unsent ratings are kept in localStorage under QUEUE + the page's tab (see saveQueue); a page gone this long
+  // without a heartbeat (crashed, killed) has its queue adopted by another page of the same workspace.
+  const QUEUE = "loop.queue.", QUEUE_STALE_MS = 15000;
+  // A rating's or undo's key: the server stores an event once per key, so a resend is harmless.
+  const newKey = () => Array.from(crypto.getRandomValues(new Uint8Array(12)), (b) => b.toString(16).padStart(2, "0"))
+    .join("");
 
   const qs = (o) => Object.entries(o).filter(([, v]) => v !== null && v !== undefined && v !== "" && v !== false)
     .map(([k, v]) => `${encodeURIComponent(k)}=${encodeURIComponent(v === true ? 1 : v)}`).join("&");
@@ -117,6 +123,7 @@
       // answers (a key pressed meanwhile must land on that image, not on the next one)
       myRatings: [],
       polling: false, pollTimer: 0,
+      gone: false, // the page is being left (pagehide): its stored queue is marked closed for the next page
     };
 
     // -- legend and tier buttons --------------------------------------------------------------------------
@@ -496,9 +503,11 @@
           }
         }
       } catch (e) {
-        status("the server does not answer; your ratings are kept in this page (keep it open) and sent when it is back", true);
+        status("the server does not answer; your ratings are kept in this browser and sent when it is back", true);
         ui.status.classList.add("lr-offline");
       } finally {
+        saveQueue(); // the heartbeat of this page's record
+        adoptQueues(); // a crashed page's ratings
         S.polling = false;
         S.pollTimer = setTimeout(poll, POLL_MS);
       }
@@ -579,7 +588,7 @@
       requestAnimationFrame(() => setTimeout(() => { timing.painted = performance.now(); }));
       S.timings.push(timing);
       if (S.timings.length > 2000) S.timings.splice(0, 1000);
-      S.queue.push({ kind: "rate", id, tier, rater: S.rater, timing });
+      S.queue.push({ kind: "rate", id, tier, rater: S.rater, key: newKey(), timing });
       S.myRatings.push(id);
       if (S.myRatings.length > 2000) S.myRatings.splice(0, 1000);
       pump();
@@ -592,13 +601,14 @@
     function undo() {
       if (!requireRater()) return;
       const guess = S.myRatings.pop(); // the server decides (the rater's newest rating, from any page)
-      S.queue.push({ kind: "undo", rater: S.rater, guess });
+      S.queue.push({ kind: "undo", rater: S.rater, key: newKey(), guess });
       const i = guess === undefined ? -1 : S.ids.indexOf(guess);
       if (i >= 0) { setFocus(i); S.auto = false; S.allDone = false; } // back on it now, to re-rate it
       pump();
     }
 
     async function pump() {
+      saveQueue();
       if (S.busy || !S.queue.length) return;
       S.busy = true;
       const head = S.queue[0];
@@ -610,7 +620,7 @@
       const batch = S.queue.slice(0, n);
       try {
         if (head.kind === "undo") {
-          const r = await call("POST", API + "undo", { rater: head.rater });
+          const r = await call("POST", API + "undo", { rater: head.rater, key: head.key });
           S.queue.splice(0, n);
           if (r.image_id === null) status("nothing of yours to undo");
           else {
@@ -624,7 +634,7 @@
           refreshCounters(); // now, not at the next poll
         } else {
           const r = await call("POST", API + "rate", {
-            rater: head.rater, ratings: batch.map((o) => ({ image_id: o.id, tier: o.tier })),
+            rater: head.rater, ratings: batch.map((o) => ({ image_id: o.id, tier: o.tier, key: o.key })),
           });
           S.queue.splice(0, n);
           const now = performance.now();
@@ -654,8 +664,59 @@
         }
       } finally {
         S.busy = false;
+        saveQueue();
         if (S.queue.length) pump();
       }
+    }
+
+    // -- the queue outlives the page ------------------------------------------------------------------------
+    // Until the server has answered, a rating lives only in S.queue. Each change of the queue (and each poll, as
+    // a heartbeat) copies it into localStorage, one record per page, with the workspace's token; a page that
+    // opens, and each poll, adopts the records of pages that are gone (closed or reloaded: marked at pagehide;
+    // crashed: no heartbeat for QUEUE_STALE_MS) for this workspace and sends them. Each event carries its key, so
+    // one sent twice (answered but unseen; adopted from a page that was only slow) is stored once.
+    function saveQueue() {
+      if (!wsToken) return;
+      try {
+        if (!S.queue.length) { localStorage.removeItem(QUEUE + S.tab); return; }
+        const items = S.queue.map(({ kind, id, tier, rater, key, guess }) => ({ kind, id, tier, rater, key, guess }));
+        const rec = { w: wsToken, beat: Date.now(), closed: S.gone, items };
+        localStorage.setItem(QUEUE + S.tab, JSON.stringify(rec));
+      } catch (e) { /* storage full or turned off: the queue still lives in this page */ }
+    }
+
+    function adoptQueues() {
+      if (!wsToken) return;
+      let items = [];
+      try {
+        const now = Date.now();
+        for (let n = localStorage.length - 1; n >= 0; n--) {
+          const k = localStorage.key(n);
+          if (!k || !k.startsWith(QUEUE) || k === QUEUE + S.tab) continue;
+          let rec = null;
+          try { rec = JSON.parse(localStorage.getItem(k)); } catch (e) { /* not ours: left alone */ }
+          // another workspace's ratings stay until it is served here again: their ids mean other images here
+          if (!rec || rec.w !== wsToken || !Array.isArray(rec.items)) continue;
+          if (!rec.closed && now - rec.beat < QUEUE_STALE_MS) continue; // a live page sends its own
+          localStorage.removeItem(k);
+          items = items.concat(rec.items.filter((o) => o && (o.kind === "undo" || o.kind === "rate") && o.key));
+        }
+      } catch (e) { return; }
+      if (!items.length) return;
+      for (const o of items) {
+        if (o.kind !== "rate") continue;
+        o.timing = {};
+        S.pending.set(o.id, (S.pending.get(o.id) || 0) + 1);
+        S.mine.set(o.id, [o.tier, o.rater]);
+        setTier(o.id, o.tier, o.rater);
+      }
+      S.queue.push(...items);
+      // the focus the page chose is rated now: on to an unrated one
+      if (S.auto && S.ids.length && rated(S.focus)) autoFocus(nextUnrated(S.focus));
+      const n = items.filter((o) => o.kind === "rate").length, u = items.length - n;
+      status(`sending ${[n && `${n} rating${n > 1 ? "s" : ""}`, u && `${u} undo${u > 1 ? "s" : ""}`].filter(Boolean)
+        .join(" and ")} a page closed before they were saved`, false, 6000);
+      pump();
     }
 
     // The server refused a request (4xx). Drop only what it refused and send the rest again: the ratings it
@@ -700,6 +761,9 @@
     window.addEventListener("beforeunload", (e) => {
       if (S.queue.length || S.busy) { e.preventDefault(); e.returnValue = ""; }
     });
+    // gone (closed, reloaded): the next page adopts the queue at once; back from the browser's cache: ours again
+    window.addEventListener("pagehide", () => { S.gone = true; saveQueue(); });
+    window.addEventListener("pageshow", (e) => { if (e.persisted) { S.gone = false; saveQueue(); } });
 
     // A message in the status line; `holdMs` keeps it there against routine ones ("saved") that long.
     function status(msg, bad = false, holdMs = 0) {
@@ -896,6 +960,7 @@
         return;
       }
       const m = S.meta;
+      wsToken = m.w || "";
       if (m.login) {
         // behind a login, ratings are by the logged-in user (the server takes the name from the login)
         S.rater = m.login;
@@ -919,6 +984,7 @@
       ui.q.value = first.q || "";
       paintFinish();
       await load(list);
+      adoptQueues(); // ratings a page closed before they were saved (after load: the tiles show them pending)
       S.pollTimer = setTimeout(poll, POLL_MS);
     }
 

@@ -135,6 +135,7 @@ class Store:
         ratings.client_key: the rating page sends each rating and undo with a key it makes, and keeps its queue
         in the browser until the server answers, so a page reloaded or closed before the answer sends the same
         events again; the unique key makes that resend a no-op instead of a second event."""
+
         def has_column() -> bool:
             return any(r[1] == "client_key" for r in self.db.execute("PRAGMA table_info(ratings)"))
 
@@ -144,7 +145,8 @@ class Store:
                     self.db.execute("ALTER TABLE ratings ADD COLUMN client_key TEXT")
         if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'ratings_client_key'").fetchone():
             self.db.execute(
-                "CREATE UNIQUE INDEX IF NOT EXISTS ratings_client_key ON ratings(client_key) WHERE client_key IS NOT NULL"
+                "CREATE UNIQUE INDEX IF NOT EXISTS ratings_client_key ON ratings(client_key) "
+                "WHERE client_key IS NOT NULL"
             )
 
     def close(self) -> None:
@@ -277,7 +279,8 @@ class Store:
             if row is None:
                 return None
             self.db.execute(
-                "INSERT INTO ratings (image_id, tier, rater, undoes, created_at, client_key) VALUES (?, NULL, ?, ?, ?, ?)",
+                "INSERT INTO ratings (image_id, tier, rater, undoes, created_at, client_key) "
+                "VALUES (?, NULL, ?, ?, ?, ?)",
                 (row["image_id"], rater, row["id"], time.time(), key),
             )
             return row["image_id"]

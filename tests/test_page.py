@@ -902,11 +902,13 @@ def test_a_page_adopts_only_gone_pages_unsent_ratings_of_its_own_workspace(site,
         "live": record(token, now + 3_600_000, False, ids[1], "N", "livepage000001"),  # a page still open: not
         "elsewhere": record("another-workspace", now - 60_000, True, ids[2], "N", "otherws0000001"),  # not ours
     }
-    page.evaluate("rs => { for (const [k, r] of Object.entries(rs)) localStorage['loop.queue.' + k] = JSON.stringify(r) }", records)
+    put = "rs => Object.entries(rs).forEach(([k, r]) => localStorage['loop.queue.' + k] = JSON.stringify(r))"
+    page.evaluate(put, records)
     page.wait_for_function("!localStorage['loop.queue.crashed']", timeout=10_000)  # the next poll adopts it
     expect(page.locator(".lr-status")).to_contain_text("sending 1 rating a page closed before they were saved")
     idle(page)
-    assert sql(ws, "SELECT image_id, tier, rater FROM ratings WHERE image_id >= ?", ids[0]) == [(ids[0], "UR", "carol")]
+    rows = sql(ws, "SELECT image_id, tier, rater FROM ratings WHERE image_id >= ?", ids[0])
+    assert rows == [(ids[0], "UR", "carol")]
     left = page.evaluate("Object.keys(localStorage).filter(k => k.startsWith('loop.queue.')).sort()")
     assert left == ["loop.queue.elsewhere", "loop.queue.live"]
     page.context.close()

@@ -6,7 +6,9 @@ id; all three go through `StableDiffusionPipeline.from_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -120,7 +122,8 @@ def load_unit(cfg: ModelConfig, checkpoints: Path | None, unit: int):
 
         weights = folder / "pytorch_lora_weights.safetensors"
         try:
-            pipe.load_lora_weights(str(folder))
+            with peft_named_copy(weights) as where:
+                pipe.load_lora_weights(str(where.parent), weight_name=where.name)
         except (OSError, SafetensorError) as e:  # diffusers' "Unable to load weights": a damaged or cut-off file
             why = str(e).splitlines()[0].strip() if str(e).strip() else type(e).__name__
             raise LoopError(f"{weights} is not a readable safetensors file ({why[:200]}); retrain unit {unit}") from e
@@ -135,6 +138,56 @@ def load_unit(cfg: ModelConfig, checkpoints: Path | None, unit: int):
         if token:  # Custom Diffusion's modifier token: its learned embedding row
             pipe.load_textual_inversion(str(folder), weight_name="learned_embeds.safetensors", token=token)
     return pipe
+
+
+# diffusers' names for a LoRA's down/up weights -> PEFT's. Units saved before 2026-12 went through diffusers'
+# convert_state_dict_to_diffusers, which renames only attention projections (to_q/k/v/out.0, q/k/v/out_proj): a unit
+# whose target_modules had anything else (proj_in, ff.net.0.proj, conv1, ...) got a file with both namings, and
+# diffusers' loader, which decides the naming from the first key alone, then skipped the renamed attention layers
+# with nothing but a warning. Units are saved in PEFT's naming now; older files are read through this.
+DIFFUSERS_LORA_NAMES = (
+    (".lora.down.weight", ".lora_A.weight"),
+    (".lora.up.weight", ".lora_B.weight"),
+    (".lora_linear_layer.down.weight", ".lora_A.weight"),
+    (".lora_linear_layer.up.weight", ".lora_B.weight"),
+)
+
+
+def mixed_lora_names(keys) -> bool:
+    """True if a LoRA file names some modules the PEFT way (lora_A/lora_B) and others the diffusers way."""
+    keys = list(keys)
+    peft = any(".lora_A." in k or ".lora_B." in k for k in keys)
+    return peft and any(k.endswith(old) for k in keys for old, _ in DIFFUSERS_LORA_NAMES)
+
+
+def peft_names(tensors: dict) -> dict:
+    """The same tensors, every LoRA weight named the PEFT way (lora_A = down, lora_B = up)."""
+    out = {}
+    for key, value in tensors.items():
+        for old, new in DIFFUSERS_LORA_NAMES:
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+                break
+        out[key] = value
+    return out
+
+
+@contextlib.contextmanager
+def peft_named_copy(weights: Path):
+    """`weights` itself, or, for a file with both namings (see DIFFUSERS_LORA_NAMES), a copy named the PEFT way
+    (its metadata, rank and alpha, kept) in a temporary folder that lives while the block runs."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(weights), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    if not mixed_lora_names(keys):
+        yield Path(weights)
+        return
+    with tempfile.TemporaryDirectory(prefix="loop-lora-") as tmp:
+        fixed = Path(tmp) / Path(weights).name
+        save_file(peft_names(load_file(str(weights))), str(fixed), metadata=meta)
+        yield fixed
 
 
 def _first_problem(e: Exception) -> str:

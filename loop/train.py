@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from loop.config import LoopConfig, to_yaml
 from loop.errors import LoopError
-from loop.models import load_base, pick_device
+from loop.models import load_base, peft_named_copy, pick_device
 from loop.store import Store
 from loop.workspace import TMP_MARK, UMASK, Workspace, atomic_write, sha256_file, unit_name
 
@@ -241,7 +241,8 @@ def load_parent_adapter(pipe, folder: Path, tc) -> None:
 
     if not (folder / WEIGHTS).exists():
         raise LoopError(f"train.start=from_parent needs the parent's weights at {folder / WEIGHTS}")
-    sd, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
+    with peft_named_copy(folder / WEIGHTS) as where:  # a unit saved with both namings (see DIFFUSERS_LORA_NAMES)
+        sd, _ = StableDiffusionPipeline.lora_state_dict(str(where.parent), weight_name=where.name)
     unet_sd = convert_unet_state_dict_to_peft({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
     try:
         out = set_peft_model_state_dict(pipe.unet, unet_sd, adapter_name="default")
@@ -819,19 +820,24 @@ train_lora = train_unit  # the name the round and older callers use
 
 
 def save_lora(unet, folder: Path, text_encoder=None) -> Path:
-    """Write the adapter(s) as folder/pytorch_lora_weights.safetensors (diffusers format), atomically."""
+    """Write the adapter(s) as folder/pytorch_lora_weights.safetensors (diffusers' file, `unet.` and
+    `text_encoder.` prefixes, rank and alpha in its metadata), atomically.
+
+    The weights keep PEFT's names (lora_A/lora_B) for every module. diffusers' training scripts pass them through
+    convert_state_dict_to_diffusers first, which renames only attention projections, so a LoRA on other modules
+    too would get a file with two namings that diffusers' loader half skips (see loop.models.DIFFUSERS_LORA_NAMES).
+    """
     from diffusers import StableDiffusionPipeline
-    from diffusers.training_utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".save{TMP_MARK}{os.getpid()}-{time.time_ns()}"
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = get_peft_model_state_dict(unet)
     extra = {}
     if text_encoder is not None:
         extra = dict(
-            text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)),
+            text_encoder_lora_layers=get_peft_model_state_dict(text_encoder),
             text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict(),
         )
     StableDiffusionPipeline.save_lora_weights(

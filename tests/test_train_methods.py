@@ -428,3 +428,69 @@ def test_the_unit_records_the_strategy_its_selection_was_made_with(ws):
     assert m["strategy"] == "converge" and row["strategy"] == "converge"
     assert json.loads((ws.checkpoint(1) / "manifest.json").read_text())["config"]["select"]["strategy"] == "converge"
     assert any("made with select.strategy=converge" in x and "applies from the next round" in x for x in logs)
+
+
+WIDE = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1"]  # attention and beyond
+
+
+def _wide_unet(text_encoder=False):
+    """The embedded pipeline with a LoRA on attention and non-attention modules (random, non-zero weights)."""
+    tc = load_config(None, ["train.rank=4", "train.alpha=2", f"train.target_modules={WIDE}".replace("'", "")]).train
+    pipe = load_base(ModelConfig())
+    add_lora(pipe.unet, tc)
+    if text_encoder:
+        add_text_lora(pipe.text_encoder, tc)
+    torch.manual_seed(0)
+    for model in (pipe.unet, pipe.text_encoder):
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    return pipe, tc
+
+
+def _unet_out(unet):
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 64, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=c).sample
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["saved-now", "saved-before-2026-12"])
+def test_a_lora_beyond_attention_reloads_whole(ws, legacy):
+    """A unit whose target_modules go beyond attention reloads every module, attention included: diffusers'
+    PEFT->diffusers renaming (which units were saved through before) renamed only the attention layers, and its
+    loader then skipped them. Files saved that way still load whole, and still continue with from_parent."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    pipe, tc = _wide_unet(text_encoder=True)
+    want = _unet_out(pipe.unet)
+    folder = ws.checkpoint(1)
+    if legacy:
+        folder.mkdir(parents=True)
+        StableDiffusionPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+            text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder)),
+            unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict(),
+        )
+        keys = load_file(folder / WEIGHTS).keys()
+        assert any(".lora.down." in k for k in keys) and any(".lora_A." in k for k in keys)  # both namings
+    else:
+        save_lora(pipe.unet, folder, text_encoder=pipe.text_encoder)
+        assert all(".lora_A." in k or ".lora_B." in k for k in load_file(folder / WEIGHTS))
+    base = _unet_out(load_base(ModelConfig()).unet)
+    assert (want - base).abs().max() > 1e-2, "the test adapter should change the UNet"
+    loaded = load_unit(ModelConfig(), folder, 1)
+    torch.testing.assert_close(_unet_out(loaded.unet), want, atol=1e-5, rtol=1e-4)
+    ids = pipe.tokenizer(["a circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.text_encoder(ids)[0], pipe.text_encoder(ids)[0], atol=1e-5, rtol=1e-4)
+    # from_parent copies every module of such a parent into the new adapter
+    child = load_base(ModelConfig())
+    add_lora(child.unet, tc)
+    add_text_lora(child.text_encoder, tc)
+    load_parent_adapter(child, folder, tc)
+    torch.testing.assert_close(_unet_out(child.unet), want, atol=1e-5, rtol=1e-4)

@@ -9,12 +9,43 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
 SAMPLER_NAMES = {"dpm++": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "ddpm": "DDPM"}
+
+
+# one `Key: value` of A1111's settings line; a value with a comma, colon or newline is JSON-quoted
+# (modules/infotext_utils.py: re_param_code, and quote() in processing.py's create_infotext)
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# extra-network tags in A1111 prompts (<lora:name:0.8>): they name files to load, not what the image shows
+EXTRA_NETWORK_TAG = re.compile(r"<(?:lora|lyco|lycoris|hypernet):[^>]*>", re.IGNORECASE)
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return text if not any(c in text for c in ",:\n") else json.dumps(text, ensure_ascii=False)
+
+
+def a1111_prompt(parameters: str) -> str:
+    """The prompt of an A1111 `parameters` text, split off as A1111's parse_generation_parameters does it: the
+    lines before a `Negative prompt:` line, and before a last line of settings (one with three or more
+    `Key: value` pairs). Its lines are joined with spaces, and extra-network tags are dropped: it becomes a
+    training caption."""
+    lines = str(parameters or "").strip().split("\n")
+    if len(A1111_PARAM.findall(lines[-1])) >= 3:
+        lines = lines[:-1]
+    prompt = []
+    for line in lines:
+        if line.strip().startswith("Negative prompt:"):
+            break
+        prompt.append(line.strip())
+    text = EXTRA_NETWORK_TAG.sub("", " ".join(prompt))
+    text = re.sub(r"\s*,(\s*,)+", ",", text)  # "a, <lora:x:1>, b" -> "a, , b" -> "a, b"
+    return re.sub(r"\s+", " ", text).strip(" ,")
 
 
 def a1111_parameters(meta: dict) -> str:
@@ -25,12 +56,12 @@ def a1111_parameters(meta: dict) -> str:
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     settings = [
         f"Steps: {meta.get('steps')}",
-        f"Sampler: {SAMPLER_NAMES.get(meta.get('sampler'), meta.get('sampler'))}",
+        f"Sampler: {_quote(SAMPLER_NAMES.get(meta.get('sampler'), meta.get('sampler')))}",
         f"CFG scale: {meta.get('cfg')}",
         *([f"Rescale CFG: {meta['guidance_rescale']}"] if meta.get("guidance_rescale") else []),  # (Forge's label)
         f"Seed: {meta.get('seed')}",
         f"Size: {meta.get('width')}x{meta.get('height')}",
-        f"Model: {meta.get('model')}",
+        f"Model: {_quote(meta.get('model'))}",
     ]
     if meta.get("strength") is not None:  # img2img, as A1111 writes it
         settings.append(f"Denoising strength: {meta['strength']}")

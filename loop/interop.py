@@ -74,6 +74,12 @@ def export_lora(ws, store, unit: int, fmt: str, out: Path | None = None, log=pri
     if fmt == "diffusers":
         data = src.read_bytes()  # the file as trained, metadata (rank, alpha) included
         tensors, meta = _read_safetensors(src)
+        from loop.models import mixed_lora_names, peft_names
+
+        if mixed_lora_names(tensors):  # saved with two namings, which diffusers half skips (DIFFUSERS_LORA_NAMES)
+            from safetensors.torch import save
+
+            data = save(peft_names(tensors), metadata=meta)
         summary = {"modules": len({_module_of(k) for k in tensors}), **_adapter_summary(ws, unit, meta)}
     else:
         data, summary = _kohya_bytes(ws, unit, src)
@@ -253,7 +259,12 @@ def _kohya_bytes(ws, unit: int, src: Path) -> tuple[bytes, dict]:
         # PEFT scales by alpha/r (alpha/sqrt(r) with rsLoRA); kohya loaders always use alpha/r
         scale = alpha / math.sqrt(rank) if conf.get("use_rslora") else alpha / rank
         kohya_alpha = scale * rank
-        peft = {f"{module}.lora_A.weight": parts["A"], f"{module}.lora_B.weight": parts["B"]}
+        named = module
+        if comp.startswith("text_encoder") and not path.startswith("text_model."):
+            # transformers 5 flattened CLIPTextModel (encoder.layers.N...); kohya's names, the only ones ComfyUI
+            # (comfy/lora.py) and AUTOMATIC1111 (networks.py) map, keep CLIP's text_model level
+            named = f"{comp}.text_model.{path}"
+        peft = {f"{named}.lora_A.weight": parts["A"], f"{named}.lora_B.weight": parts["B"]}
         converted = convert_state_dict_to_kohya(peft)
         alpha_keys = [k for k in converted if k.endswith(".alpha")]
         if len(converted) != 3 or len(alpha_keys) != 1:
@@ -272,12 +283,14 @@ def _kohya_bytes(ws, unit: int, src: Path) -> tuple[bytes, dict]:
     rank = next(iter(ranks)) if len(ranks) == 1 else None
     alpha = next(iter(alphas)) if len(alphas) == 1 else None
     has_te = any(k.startswith(("lora_te_", "lora_te1_", "lora_te2_")) for k in kohya)
+    version = _base_version(modules, two_text_encoders)
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank if rank is not None else max(ranks)),
         "ss_network_alpha": _num(alpha if alpha is not None else max(alphas)),
         "ss_network_args": "{}",
-        "ss_base_model_version": "sdxl_base_v1-0" if two_text_encoders else "sd_v1",
+        "ss_base_model_version": version,
+        "ss_v2": str(version == "sd_v2"),  # what AUTOMATIC1111 reads (network.py, detect_version)
         "ss_training_comment": f"exported by loop from {unit_name(unit)}",
         "loop_unit": str(unit),
     }
@@ -289,6 +302,20 @@ def _kohya_bytes(ws, unit: int, src: Path) -> tuple[bytes, dict]:
         "tensors": len(kohya),
     }
     return save(kohya, metadata=metadata), summary
+
+
+def _base_version(modules: dict, two_text_encoders: bool) -> str:
+    """kohya's ss_base_model_version: AUTOMATIC1111 hides a LoRA tagged for another SD version than the loaded
+    checkpoint. SD 2.x has a 1024-wide text encoder (and cross-attention context), SD 1.x 768, SDXL two encoders;
+    any other width (the embedded model) is tagged sd_v1, which every SD 1.x-shaped model is."""
+    if two_text_encoders:
+        return "sdxl_base_v1-0"
+    widths = {
+        parts["A"].shape[1]
+        for module, parts in modules.items()
+        if parts["A"].dim() == 2 and module.endswith(("attn2.to_k", "attn2.to_v", "q_proj", "k_proj", "v_proj"))
+    }
+    return "sd_v2" if 1024 in widths else "sd_v1"
 
 
 def _num(x: float) -> str:
@@ -526,7 +553,7 @@ def _check_image(data: bytes):
 
     from PIL import Image, ImageFile
 
-    from loop.images import oddities, to_rgb
+    from loop.images import a1111_prompt, oddities, to_rgb
 
     if not data:
         return "empty file (0 bytes); copy it again from where it came from"
@@ -543,7 +570,7 @@ def _check_image(data: bytes):
                 im.load()
                 caption = ""
                 if fmt == "PNG":
-                    caption = str(im.info.get("parameters") or "").split("\n", 1)[0].strip()
+                    caption = a1111_prompt(str(im.info.get("parameters") or ""))
                 odd = oddities(im)
                 if fmt in KEEP_FORMATS and not odd:
                     return data, KEEP_FORMATS[fmt], im.width, im.height, fmt, caption, []

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,7 @@ SEEDS = [1, 2]
 
 def make_unit(ws, text_encoder: bool = False, unit: int = 1):
     """A unit with random (non-zero) LoRA weights, saved the way training saves it."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.training_utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     from loop.config import load_config, to_yaml
     from loop.models import load_base
@@ -44,16 +42,7 @@ def make_unit(ws, text_encoder: bool = False, unit: int = 1):
                 torch.nn.init.normal_(p, std=0.05)
     folder = ws.checkpoint(unit)
     folder.mkdir(parents=True, exist_ok=True)
-    if text_encoder:
-        StableDiffusionPipeline.save_lora_weights(
-            folder,
-            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
-            text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder)),
-            unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
-            text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict(),
-        )
-    else:
-        save_lora(pipe.unet, folder)
+    save_lora(pipe.unet, folder, text_encoder=pipe.text_encoder if text_encoder else None)
     (folder / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     return folder / "pytorch_lora_weights.safetensors"
 
@@ -98,6 +87,12 @@ def test_kohya_export_round_trip(ws, base_pipe, text_encoder):
         assert sd[f"{m}.lora_down.weight"].shape[0] == RANK
         assert f"{m}.lora_up.weight" in sd
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight" in sd
+    # the text encoder's names as ComfyUI (comfy/lora.py, model_lora_keys_clip) and AUTOMATIC1111 (networks.py,
+    # convert_diffusers_name_to_compvis) match them: lora_te_text_model_encoder_layers_N_<module>
+    te = {m for m in modules if m.startswith("lora_te_")}
+    pattern = r"lora_te_text_model_encoder_layers_(\d+)_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"
+    assert all(re.fullmatch(pattern, m) for m in te), sorted(te)[:3]
+    assert len(te) == (4 * 2 if text_encoder else 0)  # q, k, v, out of each of the tiny encoder's 2 layers
 
     from loop.config import ModelConfig
     from loop.models import load_base
@@ -159,6 +154,22 @@ def test_kohya_alpha_from_config_when_metadata_missing(ws):
         (ws.checkpoint(1) / "config.yaml").unlink()
         with pytest.raises(LoopError, match="alpha"):
             export_lora(ws, store, 1, "kohya", log=lambda m: None)
+
+
+def test_kohya_export_is_tagged_with_the_sd_version_automatic1111_filters_by(ws):
+    """AUTOMATIC1111 hides LoRAs made for another SD version than the loaded model (ss_v2, ss_base_model_version):
+    a unit of an SD 2.x-shaped base (1024-wide cross-attention context) says so; SD 1.x-shaped ones say sd_v1."""
+    weights = make_unit(ws)
+    with ws.store() as store:
+        meta = safe_open(export_lora(ws, store, 1, "kohya", log=lambda m: None)["path"], "pt").metadata()
+        assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v1", "False")
+        with safe_open(weights, "pt") as f:
+            keep = f.metadata()
+        module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+        wide = {f"{module}.lora_A.weight": torch.randn(RANK, 1024), f"{module}.lora_B.weight": torch.randn(320, RANK)}
+        save_file(wide, weights, metadata=keep)
+        meta = safe_open(export_lora(ws, store, 1, "kohya", log=lambda m: None)["path"], "pt").metadata()
+        assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v2", "True")
 
 
 # -- export a set ------------------------------------------------------------------------------------------------
@@ -359,3 +370,43 @@ def test_an_export_removes_the_half_written_folder_a_killed_export_left(ws, tmp_
         other.mkdir()
         export_set(ws, store, "golden", out, log=lambda m: None)
     assert not stale.exists() and other.exists() and (out / "metadata.jsonl").is_file()
+
+
+SETTINGS = "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model: sd15"
+
+
+@pytest.mark.parametrize(
+    "parameters, caption",
+    [
+        (f"a red circle, soft light\nNegative prompt: blurry, ugly\n{SETTINGS}", "a red circle, soft light"),
+        (f"masterpiece, a red circle,\non a blue field\n{SETTINGS}", "masterpiece, a red circle, on a blue field"),
+        (f"Negative prompt: ugly, blurry\n{SETTINGS}", ""),  # no prompt: no caption, not the negative one
+        (SETTINGS, ""),  # settings only
+        (f"a cat, <lora:catstyle:0.8>, <LyCORIS:x:1> sitting\n{SETTINGS}", "a cat, sitting"),
+        ("a prompt: with a colon, and no settings", "a prompt: with a colon, and no settings"),
+        (f'a "quoted" fox\n{SETTINGS}, Model: "C:\\\\models, v2"', 'a "quoted" fox'),
+    ],
+    ids=["negative", "multi-line", "negative-only", "settings-only", "lora-tags", "no-settings", "quoted-setting"],
+)
+def test_an_a1111_png_gives_its_prompt_as_the_caption(ws, tmp_path, parameters, caption):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(folder / "x.png", pnginfo=info)
+    with ws.store() as store:
+        import_images(ws, store, folder, "UR", "a1111", log=lambda m: None)
+        (row,) = store.images()
+    assert row["prompt"] == caption
+
+
+def test_our_parameters_read_back_through_a1111s_parser():
+    """A model path with a comma or colon is quoted as A1111 quotes it, so its settings line parses whole."""
+    from loop.images import A1111_PARAM, a1111_parameters, a1111_prompt
+
+    meta = {"prompt": "a ring, red", "negative_prompt": "blue", "steps": 8, "sampler": "euler", "cfg": 4.0,
+            "seed": 3, "width": 32, "height": 32, "model": "C:/models/sd, v1.5", "unit": 2}  # fmt: skip
+    text = a1111_parameters(meta)
+    assert a1111_prompt(text) == "a ring, red"
+    settings = {k: v.strip('"') for k, v in A1111_PARAM.findall(text.splitlines()[-1])}
+    assert settings["Model"] == "C:/models/sd, v1.5" and settings["Seed"] == "3" and settings["Loop unit"] == "2"

@@ -549,7 +549,7 @@ def test_compare_without_pairs_shows_only_the_reason(tmp_path, browser):
     server = BackgroundServer(app)
     try:
         page = open_page(browser, server.url, 0)
-        page.get_by_role("tab", name="Compare").click()
+        page.get_by_role("tab", name="A/B").click()
         expect(page.locator(".ab-msg")).to_be_visible()
         expect(page.locator(".ab-msg")).to_contain_text("no pairs")
         expect(page.locator(".ab-pair")).to_be_hidden()

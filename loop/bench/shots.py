@@ -1,8 +1,9 @@
-"""`python -m loop.bench shots`: the Compare tab's screenshot for the README (docs/img/compare.png).
+"""`python -m loop.bench shots`: the Compare and A/B tabs' screenshots for the README (docs/img/compare.png,
+docs/img/ab.png).
 
 A workspace with two real units (unit 1 a short LoRA on unit 0's warmest images), both drawing the same
 prompts and seeds, a few blind votes, then the page in headless Chromium: the probe grid rendered, and the
-A/B pair with its ranking.
+A/B pair with its ranking unfolded.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ def compare_screenshot(out: str = "docs") -> Path:
             generate_ring(ws, store, cfg, unit=1, count=24, log=lambda m: None)
             ab = ABVotes(store)
             for k in range(12):
-                p = ab.pair()
-                ab.vote({"left": p["left"]["id"], "right": p["right"]["id"], "winner": ("left", "right")[k % 2]})
+                ab.vote({"pair": ab.pair()["pair"], "winner": ("left", "right")[k % 2]})
         _, app = build_app(ws, cfg, warm=0)
         server = BackgroundServer(app)
         target = Path(out) / "img" / "compare.png"
@@ -48,11 +48,16 @@ def compare_screenshot(out: str = "docs") -> Path:
                 page.wait_for_function(
                     "[...document.querySelectorAll('#loop-compare-view img')].every(i => i.naturalWidth > 0)"
                 )
-                page.wait_for_selector(".ab-rank")
                 page.screenshot(path=str(target), full_page=True)
+                page.set_viewport_size({"width": 1100, "height": 800})
+                page.get_by_role("tab", name="A/B").click()
+                page.wait_for_function("document.querySelector('.ab-img[data-side=right]')?.naturalWidth > 0")
+                page.locator(".ab-results summary").click()
+                page.wait_for_selector(".ab-rank")
+                page.screenshot(path=str(target.with_name("ab.png")), full_page=True)
                 browser.close()
         finally:
             server.stop()
             close_app(app)
-    print(f"wrote {target}")
+    print(f"wrote {target} and {target.with_name('ab.png')}")
     return target

@@ -1,16 +1,23 @@
 """Blind A/B votes between units, and their Bradley-Terry ranking.
 
-A pair is two images of different units made from the same prompt and seed (txt2img, same size). The page
-shows them with the sides randomised and without saying which unit made which; a person presses left,
-right or tie. Votes are append-only rows in `ab_votes`; the ranking is a Bradley-Terry fit over every vote,
-with bootstrap 95% intervals (loop.metrics), shown with the votes behind it.
+A pair is two images of different units made from the same prompt, negative prompt, seed, size, steps, CFG and
+sampler (txt2img), so the unit is the only difference. The page shows them with the sides randomised and without
+anything that tells the units apart: the pair has a random one-time token, its images are served under that
+token (not by id: ids grow with the units) with their metadata stripped (the PNG text names the unit) and no
+dates, and the ranking stays folded away while one votes (it would show whose wins just went up). A person
+presses left, right, tie or skip. Votes are append-only rows in `ab_votes`, one per pair served (a token is
+spent by its vote); the ranking is a Bradley-Terry fit over every vote, with bootstrap 95% intervals
+(loop.metrics), shown with the votes behind it.
 """
 
 from __future__ import annotations
 
+import io
 import random
+import secrets
 import threading
 import time
+from collections import OrderedDict
 
 from loop.rate.handlers import BadRequest, NotFound, check_rater
 from loop.store import Store
@@ -29,66 +36,114 @@ CREATE TABLE IF NOT EXISTS ab_votes (
 """
 
 PAIRS_SQL = """
-SELECT a.id AS a_id, b.id AS b_id, a.unit AS a_unit, b.unit AS b_unit, a.path AS a_path, b.path AS b_path,
+SELECT a.id AS a_id, b.id AS b_id, a.unit AS a_unit, b.unit AS b_unit,
        (SELECT COUNT(*) FROM ab_votes v WHERE (v.left_id = a.id AND v.right_id = b.id)
                                           OR (v.left_id = b.id AND v.right_id = a.id)) AS votes
 FROM images a JOIN images b
   ON a.prompt = b.prompt AND a.seed = b.seed AND a.unit < b.unit
+ AND a.negative_prompt = b.negative_prompt
  AND a.width IS b.width AND a.height IS b.height
+ AND a.steps IS b.steps AND a.cfg IS b.cfg AND a.sampler IS b.sampler
  AND a.parent_id IS NULL AND b.parent_id IS NULL
-WHERE a.unit IS NOT NULL AND b.unit IS NOT NULL
+WHERE a.unit IS NOT NULL AND b.unit IS NOT NULL {units}
   AND COALESCE(json_extract(a.params, '$.exploration'), 0) = 0
   AND COALESCE(json_extract(b.params, '$.exploration'), 0) = 0
 ORDER BY random() LIMIT 64
 """
+SERVED_MAX = 512  # pairs handed out and not voted on yet, newest kept (an unanswered pair costs a few bytes)
+STRIPPED_MAX = 64  # images kept re-encoded without metadata
 
 
 class ABVotes:
-    def __init__(self, store: Store, lock: threading.RLock | None = None):
+    def __init__(self, store: Store, lock: threading.RLock | None = None, path_of=None):
+        """`path_of(image id)`: the image's file, checked (RateHandlers.image_file); images are served only then."""
         self.store, self.db = store, store.db
+        self.path_of = path_of
         self.lock = lock or threading.RLock()
         self.db.executescript(SCHEMA)
         self.rng = random.Random()
+        self.served: OrderedDict[str, tuple[int, int]] = OrderedDict()  # token -> (left id, right id)
+        self.stripped: OrderedDict[int, bytes] = OrderedDict()
 
-    def pair(self) -> dict:
-        """A pair with the fewest votes so far (random among those), sides randomised; units not revealed."""
+    def units(self) -> list[int]:
+        """The units that have at least one pair with another unit."""
         with self.lock:
-            rows = self.db.execute(PAIRS_SQL).fetchall()
+            rows = self.db.execute(PAIRS_SQL.replace("LIMIT 64", "").format(units="")).fetchall()
+        return sorted({r["a_unit"] for r in rows} | {r["b_unit"] for r in rows})
+
+    def pair(self, a: int | None = None, b: int | None = None) -> dict:
+        """A pair with the fewest votes so far (random among those), sides randomised, under a one-time token;
+        nothing in it names a unit or an image. `a`, `b`: only these two units' pairs."""
+        units, args = "", []
+        if a is not None or b is not None:
+            if a is None or b is None or a == b:
+                raise BadRequest("name two different units (a and b), or neither for any two")
+            units, args = "AND a.unit IN (?, ?) AND b.unit IN (?, ?)", [a, b, a, b]
+        with self.lock:
+            rows = self.db.execute(PAIRS_SQL.format(units=units), args).fetchall()
         if not rows:
+            which = f" of unit {min(a, b)} and unit {max(a, b)}" if units else ""
             raise NotFound(
-                "no pairs yet: A/B needs two units' images of the same prompt and seed "
-                "(e.g. `loop generate --unit 1` after round 0)"
+                f"no pairs{which} yet: A/B needs two units' images of the same prompt and seed, made with the same "
+                "settings (e.g. `loop generate --unit 1` after round 0)"
             )
         least = min(r["votes"] for r in rows)
         r = self.rng.choice([r for r in rows if r["votes"] == least])
-        sides = [(r["a_id"], r["a_path"]), (r["b_id"], r["b_path"])]
+        sides = [r["a_id"], r["b_id"]]
         self.rng.shuffle(sides)
-        # by id, not by path: /loop/files/generations/unit_001/... would show the unit on a hover or in a new tab
-        return {"left": {"id": sides[0][0], "url": f"/loop/image/{sides[0][0]}"},
-                "right": {"id": sides[1][0], "url": f"/loop/image/{sides[1][0]}"}}  # fmt: skip
+        token = secrets.token_urlsafe(12)
+        with self.lock:
+            self.served[token] = (sides[0], sides[1])
+            while len(self.served) > SERVED_MAX:
+                self.served.popitem(last=False)
+        return {"pair": token, "left": {"url": f"/loop/ab/image/{token}/left"},
+                "right": {"url": f"/loop/ab/image/{token}/right"}}  # fmt: skip
+
+    def image(self, token: str, side: str) -> bytes:
+        """One side of a served pair, as PNG without its text chunks (they name the unit)."""
+        from PIL import Image
+
+        with self.lock:
+            ids = self.served.get(str(token))
+        if ids is None or side not in ("left", "right"):
+            raise NotFound("no such pair: it was voted on already, or the server restarted; a new one is shown")
+        image_id = ids[0] if side == "left" else ids[1]
+        with self.lock:
+            data = self.stripped.get(image_id)
+        if data is None:
+            if self.path_of is None:
+                raise NotFound("this A/B serves no images")
+            with Image.open(self.path_of(image_id)) as im:
+                im.load()
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")  # pixels only: no pnginfo, no dates
+            data = buf.getvalue()
+            with self.lock:
+                self.stripped[image_id] = data
+                while len(self.stripped) > STRIPPED_MAX:
+                    self.stripped.popitem(last=False)
+        return data
 
     def vote(self, body: dict) -> dict:
-        try:
-            left, right = int(body.get("left")), int(body.get("right"))
-        except (TypeError, ValueError):
-            raise BadRequest("give the left and right image ids") from None
+        """{pair: token, winner: left|right|tie|skip}: one vote for a pair this server served, once."""
         winner = body.get("winner")
-        if winner not in ("left", "right", "tie"):
-            raise BadRequest("winner must be left, right or tie")
+        if winner not in ("left", "right", "tie", "skip"):
+            raise BadRequest("winner must be left, right, tie or skip")
         rater = check_rater(body.get("rater", "anonymous"))
         with self.lock:
-            a, b = self.store.image(left), self.store.image(right)
+            ids = self.served.pop(str(body.get("pair")), None)
+            if ids is None:
+                raise NotFound("no such pair: it was voted on already, or the server restarted; a new one is shown")
+            if winner == "skip":
+                return {"id": None, "votes": self.count()}
+            a, b = self.store.image(ids[0]), self.store.image(ids[1])
             if a is None or b is None:
-                raise NotFound("no such image")
-            if a["unit"] is None or b["unit"] is None or a["unit"] == b["unit"]:
-                raise BadRequest("an A/B pair is two images of different units")
-            if (a["prompt"], a["seed"]) != (b["prompt"], b["seed"]):
-                raise BadRequest("an A/B pair shares its prompt and seed")
+                raise NotFound("the pair's image is gone from the database")
             with self.store.tx():
                 cur = self.db.execute(
                     "INSERT INTO ab_votes (left_id, right_id, left_unit, right_unit, winner, rater, created_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (left, right, a["unit"], b["unit"], winner, rater, time.time()),
+                    (a["id"], b["id"], a["unit"], b["unit"], winner, rater, time.time()),
                 )
         return {"id": cur.lastrowid, "votes": self.count()}
 

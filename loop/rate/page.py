@@ -296,11 +296,25 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
         body = await _json_body(request)
         return ok(await run_in_threadpool(h.finish, body.get("round")))
 
-    ab = app.state.ab = ABVotes(h.store, h.lock)
+    ab = app.state.ab = ABVotes(h.store, h.lock, path_of=h.image_file)
 
     @app.get("/loop/api/ab/pair")
-    def ab_pair():
-        return ok(ab.pair())
+    def ab_pair(request: Request):
+        q = request.query_params
+        try:
+            a, b = (int(q[k]) if q.get(k) else None for k in ("a", "b"))
+        except ValueError:
+            raise BadRequest("a and b must be unit numbers") from None
+        return ok(ab.pair(a, b))
+
+    @app.get("/loop/api/ab/units")
+    def ab_units():
+        return ok({"units": ab.units()})
+
+    @app.get("/loop/ab/image/{token}/{side}")
+    def ab_image(token: str, side: str):
+        # the bytes only: no Last-Modified or ETag (they would date the image, and so its unit); never cached
+        return Response(ab.image(token, side), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.post("/loop/api/ab/vote")
     async def ab_vote(request: Request):
@@ -323,12 +337,6 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
         data = h.cached_thumb(i) or await run_in_threadpool(h.thumb_bytes, i)  # memory first: no thread hop
         headers = IMMUTABLE if w is not None else {**IMMUTABLE, "Cache-Control": "private, no-cache"}
         return Response(data, media_type="image/webp", headers=headers)
-
-    @app.get("/loop/image/{image_id}")
-    def image_file(image_id: str):
-        """An image's file by id (the blind A/B pair: its path would name the unit)."""
-        path = h.image_file(_image_id(image_id))
-        return FileResponse(path, headers={**IMMUTABLE, "Cache-Control": "private, no-cache"})
 
     @app.get("/loop/files/{rel:path}")
     def files(rel: str):
@@ -423,7 +431,12 @@ def build_blocks(h: RateHandlers, cfg: LoopConfig | None = None) -> gr.Blocks:
                 run_compare = gr.Button("Render the probe grid", size="sm", elem_id="loop-compare-run")
                 compare_view = gr.HTML("", elem_id="loop-compare-view")
                 compare_table = gr.Markdown("", elem_id="loop-compare-table")
-                gr.Markdown("**Blind A/B.** Two units' images of the same prompt and seed; which is better?")
+            # its own tab: next to the probe grid (labelled by unit) a voter would learn each unit's look
+            with gr.Tab("A/B", id="ab"):
+                gr.Markdown(
+                    "**Blind A/B.** Two units' images of the same prompt and seed, made with the same settings; "
+                    "which is better?"
+                )
                 gr.HTML(
                     "",
                     js_on_load=(STATIC / "ab.js").read_text(encoding="utf-8") + "\nLoopAB.mount(element);\n",

@@ -70,6 +70,21 @@ def probe_set(ws, probes: list[str] | None = None, seeds: list[int] | None = Non
     return [(p, int(s)) for p in probes for s in seeds]
 
 
+def probe_lines(ws) -> dict:
+    """prompt -> its configs/prompts.txt line (PromptLine: per-line --neg, --steps, --cfg, --w, --h), for the
+    probes taken from there; {} when the file cannot be read."""
+    from loop.prompts import read_prompts
+
+    try:
+        lines, _ = read_prompts(ws.prompts_path)
+    except LoopError:
+        return {}
+    out = {}
+    for ln in lines[:PROBE_PROMPTS]:
+        out.setdefault(ln.text, ln)
+    return out
+
+
 def units_with_weights(ws) -> list[int]:
     """Unit 0 (the base model) and every unit whose checkpoint folder has LoRA weights."""
     found = {0}
@@ -102,20 +117,45 @@ def check_units(ws, units: list[int]) -> list[int]:
 
 
 # -- rendering ---------------------------------------------------------------------------------------------
-def render_unit(ws, cfg, unit: int, probes: list[tuple[str, int]]) -> list[Image.Image]:
-    """Every probe with one unit, in one batched pipe() call, through the generator's Renderer (the unit's
-    scheduler, modifier token, size, steps, CFG and negative prompt as `loop generate` uses them)."""
+def probe_jobs(cfg, probes: list[tuple[str, int]], native: int, lines: dict | None = None) -> list:
+    """The generator's Jobs for the probes: a probe from a prompts.txt line takes that line's options (negative
+    prompt, steps, CFG, size) as `loop generate` does, so the grid shows what the ring draws."""
+    from loop.generate import Job
+
+    g, lines = cfg.generate, lines or {}
+    jobs = []
+    for p, s in probes:
+        ln = lines.get(p)
+        jobs.append(
+            Job(
+                prompt=p,
+                negative=ln.neg if ln is not None and ln.neg is not None else g.negative_prompt,
+                seed=s,
+                steps=(ln.steps if ln is not None else None) or g.steps,
+                cfg=ln.cfg if ln is not None and ln.cfg is not None else g.cfg,
+                width=(ln.w if ln is not None else None) or g.width or native,
+                height=(ln.h if ln is not None else None) or g.height or native,
+            )
+        )
+    return jobs
+
+
+def render_unit(
+    ws, cfg, unit: int, probes: list[tuple[str, int]], lines: dict | None = None, jobs_out: list | None = None
+) -> list[Image.Image]:
+    """Every probe with one unit, batched as the generator batches (jobs that share their settings go through one
+    pipe() call), through its Renderer: the unit's scheduler and modifier token, and each probe's settings
+    (probe_jobs). `jobs_out`, if empty, receives the jobs."""
     import torch
 
-    from loop.generate import Job, Renderer
+    from loop.generate import Renderer, _batches
 
-    g = cfg.generate
     renderer = Renderer(ws, None, cfg, unit)  # render only: nothing is written, so no store
     try:
-        w, h = g.width or renderer.native, g.height or renderer.native
-        jobs = [Job(prompt=p, negative=g.negative_prompt, seed=s, steps=g.steps, cfg=g.cfg, width=w, height=h)
-                for p, s in probes]  # fmt: skip
-        return renderer.render(jobs)
+        jobs = probe_jobs(cfg, probes, renderer.native, lines)
+        if jobs_out is not None and not jobs_out:
+            jobs_out.extend(jobs)
+        return [im for batch in _batches(jobs, max(1, len(jobs))) for im in renderer.render(batch)]
     finally:
         device = renderer.pipe.device
         del renderer
@@ -162,7 +202,11 @@ def grid_image(
         label = f"unit {unit}" if isinstance(unit, int) else unit
         draw.text((4, y + ch // 2 - 6), _fit(draw, label, font, label_w - 6), fill=GRID_INK, font=font)
         for c, im in enumerate(images):
-            out.paste(im.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST), (label_w + c * cw, y))
+            # fitted into the cell, its shape kept (a probe line's --w/--h may differ from the first image's)
+            k = min(cw / im.width, ch / im.height)
+            w, h = max(1, round(im.width * k)), max(1, round(im.height * k))
+            cell = im.convert("RGB").resize((w, h), Image.Resampling.NEAREST)
+            out.paste(cell, (label_w + c * cw + (cw - w) // 2, y + (ch - h) // 2))
     return out
 
 
@@ -295,11 +339,12 @@ def compare(
     {"grid": Path, "plot": Path, "units": [per-unit stats, see unit_stats], "probes": [...], ...}."""
     units = check_units(ws, units)  # before any rendering: a typo fails at once
     pairs = probe_set(ws, probes, seeds)
+    lines = probe_lines(ws) if probes is None else {}
     out_dir = Path(out_dir) if out_dir is not None else ws.root / "cache" / "compare"
-    rows = []
+    rows, jobs = [], []
     for u in units:
         log(f"compare: rendering {len(pairs)} probe(s) with unit {u}")
-        rows.append((u, render_unit(ws, cfg, u, pairs)))
+        rows.append((u, render_unit(ws, cfg, u, pairs, lines, jobs_out=jobs)))
     grid = atomic_write(out_dir / "compare_grid.png", _png(grid_image(rows, pairs)))
     log("compare: statistics from the store")
     stats = unit_stats(ws, store, units, log=log)
@@ -308,7 +353,18 @@ def compare(
         "grid": grid,
         "plot": plot,
         "units": stats,
-        "probes": [{"prompt": p, "seed": s} for p, s in pairs],
+        "probes": [
+            {
+                "prompt": j.prompt,
+                "seed": j.seed,
+                "negative_prompt": j.negative,
+                "steps": j.steps,
+                "cfg": j.cfg,
+                "width": j.width,
+                "height": j.height,
+            }
+            for j in jobs
+        ],  # fmt: skip
         "novel_hit_threshold": NOVEL_HIT_THRESHOLD,
         "near_duplicate_bits": NEAR_DUPLICATE_BITS,
         "stats_cap": STATS_CAP,

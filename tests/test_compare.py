@@ -174,3 +174,38 @@ def test_grid_layout_non_square():
     assert tuple(a[GRID_LABEL_H + 5, GRID_LABEL_W + 5]) == (255, 0, 0)
     assert tuple(a[GRID_LABEL_H + ch + 5, GRID_LABEL_W + 5]) == (0, 0, 255)
     assert tuple(a[GRID_LABEL_H + ch - 1, GRID_LABEL_W + 2 * cw - 1]) == (0, 0, 255)
+
+
+def test_a_probe_from_a_prompt_line_is_drawn_with_that_lines_options(ws, cfg):
+    """The probe grid draws what the ring draws: a line's --cfg, --neg, --steps, --w and --h apply to its probe
+    (they were dropped: the grid showed the global settings), so its cell is `loop generate`'s image."""
+    from loop.generate import generate_ring
+
+    cfg.generate.steps = 2
+    ws.prompts_path.write_text('a circle --cfg 9 --neg "blue" --steps 3 --w 48 --h 32 --seed 1000\n', encoding="utf-8")
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        generate_ring(ws, store, cfg, unit=0, count=1, **QUIET)
+        (row,) = store.images(unit=0)
+        result = compare(ws, store, cfg, [0], seeds=[1000], **QUIET)
+    assert (row["seed"], row["cfg"], row["negative_prompt"], row["width"], row["height"]) == (1000, 9, "blue", 48, 32)
+    (probe,) = result["probes"]
+    assert probe == {"prompt": "a circle", "seed": 1000, "negative_prompt": "blue", "steps": 3, "cfg": 9.0,
+                     "width": 48, "height": 32}  # fmt: skip
+    cw, ch = cell_size(48, 32)
+    with Image.open(result["grid"]) as im:
+        assert im.size == (GRID_LABEL_W + cw, GRID_LABEL_H + ch)
+        got = np.asarray(im.convert("RGB"))[GRID_LABEL_H : GRID_LABEL_H + ch, GRID_LABEL_W : GRID_LABEL_W + cw]
+    with Image.open(ws.root / row["path"]) as made:
+        want = np.asarray(made.convert("RGB").resize((cw, ch), Image.Resampling.NEAREST))
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+
+
+def test_grid_keeps_each_images_shape_in_its_cell():
+    wide, tall = Image.new("RGB", (64, 32), (255, 0, 0)), Image.new("RGB", (32, 64), (0, 0, 255))
+    im = np.asarray(grid_image([(0, [wide, tall])], [("w", 1), ("t", 2)]))
+    cw, ch = cell_size(64, 32)  # the first image's cell: 192 x 96
+    tall_cell = im[GRID_LABEL_H : GRID_LABEL_H + ch, GRID_LABEL_W + cw : GRID_LABEL_W + 2 * cw]
+    blue = (tall_cell == (0, 0, 255)).all(axis=2)
+    assert blue.sum() == 48 * 96  # scaled to fit (x1.5), not stretched to 192 x 96
+    assert blue[:, cw // 2].all() and not blue[:, 0].any()  # centred

@@ -33,6 +33,7 @@ from loop.metrics import (
     novel_hits,
     phash,
     seed_diversity,
+    seed_diversity_per_group,
     thumbnail,
     vendi_score,
 )
@@ -49,6 +50,8 @@ GRID_CELL_MIN = 96  # images are upscaled (NEAREST, by a whole factor) until bot
 GRID_BG = (255, 255, 255)
 GRID_INK = (0, 0, 0)
 
+# a prompt whose seed diversity fell by this share or more against the parent unit is named as collapsing
+COLLAPSE_DROP = 0.4
 STATS_CAP = 512  # images per unit for the Vendi score and the near-duplicate rate (evenly spaced in time)
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -229,7 +232,9 @@ def unit_stats(
 ) -> list[dict]:
     """One dict per unit: images, rated, tiers (count per tier), ur_rate (UR / rated; None with no ratings),
     vendi and near_dup_rate (over at most `cap` of its images; None with no readable image), seed_diversity
-    (over the same images, txt2img only, grouped by prompt; None without two images of one prompt), novel_hits.
+    (over the same images, txt2img only, grouped by prompt; None without two images of one prompt) and
+    seed_diversity_by_prompt (each prompt's), collapsing (the prompts whose seed diversity fell by COLLAPSE_DROP
+    or more against the parent unit, when the parent is among `units`), novel_hits.
 
     Novel hits are judged over the UR images of ALL units (imported images, which no unit made, are left out)
     in the order they were stored (row id): a unit is credited with each of its UR images that is farther than
@@ -282,9 +287,27 @@ def unit_stats(
                 vendi=vendi_score(np.stack([x[0] for x in got])) if got else None,
                 near_dup_rate=near_duplicate_rate([x[1] for x in got], NEAR_DUPLICATE_BITS) if got else None,
                 seed_diversity=seed_diversity([np.stack(g) for g in by_prompt.values()]),
+                seed_diversity_by_prompt={
+                    p: round(d, 4)
+                    for p, d in zip(by_prompt, seed_diversity_per_group([np.stack(g) for g in by_prompt.values()]))
+                    if d is not None
+                },
                 novel_hits=int(hits_by_unit.get(u, 0)),
             )
         )
+    # a prompt that collapsed: its seed diversity fell by COLLAPSE_DROP or more against the unit's parent (when
+    # both are compared here), however the other prompts moved
+    by_unit = {s["unit"]: s for s in out}
+    for s in out:
+        row = store.unit(s["unit"])
+        parent = by_unit.get(row["parent"]) if row is not None and row["parent"] is not None else None
+        s["collapsing"] = [
+            {"prompt": p, "parent": parent["unit"], "before": parent["seed_diversity_by_prompt"][p], "after": d}
+            for p, d in s["seed_diversity_by_prompt"].items()
+            if parent is not None
+            and parent["seed_diversity_by_prompt"].get(p)
+            and d <= (1 - COLLAPSE_DROP) * parent["seed_diversity_by_prompt"][p]
+        ]
     if missing:
         log(f"warning: {len(missing)} image file(s) could not be read and were left out (first: {missing[0]})")
     return out
@@ -376,7 +399,7 @@ def compare(
 
 def format_table(result: dict) -> str:
     """The per-unit statistics as a plain-text table, one row per unit, then where the files are."""
-    head = ["unit", "images", "rated", *TIERS, "UR rate", "vendi", "seed div", "near-dup", "novel"]
+    head = ["unit", "images", "rated", *TIERS, "UR rate", "vendi", "seed div", "lowest", "near-dup", "novel"]
     body = []
     for s in result["units"]:
         body.append(
@@ -388,6 +411,7 @@ def format_table(result: dict) -> str:
                 "-" if s["ur_rate"] is None else f"{s['ur_rate']:.1%}",
                 "-" if s["vendi"] is None else f"{s['vendi']:.2f}",
                 "-" if s["seed_diversity"] is None else f"{s['seed_diversity']:.3f}",
+                "-" if not s.get("seed_diversity_by_prompt") else f"{min(s['seed_diversity_by_prompt'].values()):.3f}",
                 "-" if s["near_dup_rate"] is None else f"{s['near_dup_rate']:.1%}",
                 str(s["novel_hits"]),
             ]
@@ -395,6 +419,14 @@ def format_table(result: dict) -> str:
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("(seed div: within a prompt, averaged over the prompts; lowest: the prompt that varies least)")
+    for s in result["units"]:
+        for c in s.get("collapsing", []):
+            drop = 1 - c["after"] / c["before"]
+            lines.append(
+                f"collapsing? unit {s['unit']}: {c['prompt']!r} varies {drop:.0%} less from seed to seed than in "
+                f"unit {c['parent']} ({c['before']:.3f} -> {c['after']:.3f}); look at its images"
+            )
     for key in ("grid", "plot"):
         if result.get(key):
             lines.append(f"{key}: {result[key]}")

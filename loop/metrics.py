@@ -123,15 +123,23 @@ def seed_diversity(groups) -> float | None:
     the Vendi score can stay flat or even rise when the prompts' pictures drift apart from each other, as
     degraded, high-contrast images do (docs/convergence.md).
     """
-    per_group = []
+    per_group = [d for d in seed_diversity_per_group(groups) if d is not None]
+    return float(np.mean(per_group)) if per_group else None
+
+
+def seed_diversity_per_group(groups) -> list[float | None]:
+    """seed_diversity of each group on its own (None for a group of fewer than two images): an average over the
+    prompts hides one prompt that collapsed while others spread out."""
+    out: list[float | None] = []
     for g in groups:
         x = np.asarray(g, dtype=np.float64)
         if x.ndim != 2 or len(x) < 2:
+            out.append(None)
             continue
         sq = (x * x).sum(1)
         d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0) / x.shape[1]
-        per_group.append(float(np.sqrt(d2[np.triu_indices(len(x), 1)]).mean()))
-    return float(np.mean(per_group)) if per_group else None
+        out.append(float(np.sqrt(d2[np.triu_indices(len(x), 1)]).mean()))
+    return out
 
 
 # -- perceptual hash ---------------------------------------------------------------------------------------

@@ -1,3 +1,4 @@
+import io
 import json
 
 import numpy as np
@@ -209,3 +210,42 @@ def test_grid_keeps_each_images_shape_in_its_cell():
     blue = (tall_cell == (0, 0, 255)).all(axis=2)
     assert blue.sum() == 48 * 96  # scaled to fit (x1.5), not stretched to 192 x 96
     assert blue[:, cw // 2].all() and not blue[:, 0].any()  # centred
+
+
+def test_a_prompt_that_collapsed_is_named_even_when_the_average_hides_it(ws):
+    """Unit 1's 'a triangle' draws one picture for every seed while its 'a circle' varies more than unit 0's: the
+    average seed diversity barely moves, but the prompt is named as collapsing, against its parent unit 0."""
+    from loop.compare import unit_stats
+    from loop.workspace import atomic_write, sha256_bytes
+
+    rng = np.random.default_rng(0)
+
+    def put(store, unit, prompt, seed, pixels):
+        data = io.BytesIO()
+        Image.fromarray(pixels).save(data, format="PNG")
+        data = data.getvalue()
+        path = atomic_write(ws.generations(unit) / f"{sha256_bytes(data)[:16]}.png", data)
+        store.add_image(sha256=sha256_bytes(data), path=ws.rel(path), prompt=prompt, seed=seed, unit=unit, round=unit)
+
+    def noisy(spread):
+        return np.clip(128 + rng.normal(0, spread, (32, 32, 3)), 0, 255).astype(np.uint8)
+
+    one = noisy(40)
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        store.add_unit(1, parent=0, path="checkpoints/unit_001", base="embedded", method="lora", strategy="golden",
+                       manifest={})  # fmt: skip
+        for seed in range(6):
+            put(store, 0, "a circle", seed, noisy(20))
+            put(store, 0, "a triangle", seed, noisy(40))
+            put(store, 1, "a circle", seed, noisy(60))
+            same = one.copy()
+            same[0, 0] = seed  # one pixel apart: another file, the same picture
+            put(store, 1, "a triangle", seed, same)
+        s0, s1 = unit_stats(ws, store, [0, 1], **QUIET)
+    assert s1["seed_diversity_by_prompt"]["a triangle"] < 0.1 * s0["seed_diversity_by_prompt"]["a triangle"]
+    assert s1["seed_diversity"] > 0.6 * s0["seed_diversity"]  # the average alone would not say it
+    assert [c["prompt"] for c in s1["collapsing"]] == ["a triangle"] and s1["collapsing"][0]["parent"] == 0
+    assert s0["collapsing"] == []  # unit 0 has no parent here
+    table = format_table({"units": [s0, s1]})
+    assert "collapsing? unit 1: 'a triangle'" in table

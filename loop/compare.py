@@ -1,6 +1,6 @@
 """Compare units side by side: the same probes rendered by each unit, and statistics of what each unit made.
 
-    loop compare 0 1 2        -> cache/compare/compare_grid.png, compare_plot.png, compare.json
+    loop compare --units 0..2 -> cache/compare/compare_grid.png, compare_plot.png, compare.json
 
 The probe set is fixed prompts x fixed seeds (by default the first four prompts of configs/prompts.txt at seeds
 1000 and 1001, seeds the generator does not reach soon), so a row of the grid differs from another only by the
@@ -101,7 +101,7 @@ def units_with_weights(ws) -> list[int]:
 def check_units(ws, units: list[int]) -> list[int]:
     """The units in the order given, without repeats; LoopError naming the first one that can't be loaded."""
     if not units:
-        raise LoopError("compare needs at least one unit, for example `loop compare 0 1`")
+        raise LoopError("compare needs at least one unit, for example `loop compare --units 0..1`")
     out: list[int] = []
     for u in units:
         u = int(u)

@@ -24,11 +24,12 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from loop.config import TIERS
 from loop.errors import LoopError
-from loop.workspace import TMP_MARK, atomic_write, sha256_bytes, unit_name, writer_alive
+from loop.workspace import IMPORT_PENDING, TMP_MARK, atomic_write, sha256_bytes, unit_name, writer_alive
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 EMBEDS = "learned_embeds.safetensors"  # as loop.train writes it (not imported: training pulls in torch models)
@@ -467,7 +468,11 @@ def import_images(ws, store, src: Path, tier: str | None, source: str, log=print
         if dest.is_symlink():
             dest.unlink()  # atomic_write then puts a real file in its place
         wrote = not (dest.is_file() and sha256_bytes(dest.read_bytes()) == sha)  # else left by an interrupted import
+        pending = IMPORT_PENDING + ws.rel(dest)
         if wrote:
+            # the journal first: a kill after the rename and before the row leaves a copy that recovery may remove
+            # because this entry names it; a file in golden/ that no entry names is never removed (see recover)
+            store.set_state(pending, {"sha256": sha, "pid": os.getpid(), "at": time.time()})
             atomic_write(dest, data)
         params = {"original_name": f.name, "original_path": str(f), "format": fmt, "caption_from": caption_from}
         if converted:
@@ -485,9 +490,11 @@ def import_images(ws, store, src: Path, tier: str | None, source: str, log=print
                 )
                 if tier is not None:
                     store.rate(image_id, tier, rater="import")
+                store.drop_state(pending)  # with the row: recorded now
         except BaseException:
             if wrote:
                 dest.unlink(missing_ok=True)  # no file without its row
+                store.drop_state(pending)
             raise
         imported += 1
         uncaptioned += not caption

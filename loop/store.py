@@ -225,6 +225,16 @@ class Store:
                 (key, json.dumps(value), time.time()),
             )
 
+    def states(self, prefix: str) -> list[tuple[str, dict]]:
+        rows = self.db.execute(
+            "SELECT key, value FROM state WHERE key >= ? AND key < ? ORDER BY key", (prefix, prefix + "\uffff")
+        ).fetchall()
+        return [(k, json.loads(v)) for k, v in rows]
+
+    def drop_state(self, key: str) -> None:
+        with self.tx():
+            self.db.execute("DELETE FROM state WHERE key = ?", (key,))
+
     def known_paths(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT path FROM images")}
 

@@ -13,7 +13,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -210,34 +209,43 @@ def recover(ws: Workspace, store, log=print) -> dict:
     return {"removed": removed, "adopted": adopted, "golden": golden}
 
 
-IMPORT_GRACE_S = 60.0  # an import renames its copy and writes its row within milliseconds; older is a crash's
+IMPORT_PENDING = "import.pending."  # + the copy's path: `loop import` is between renaming a copy and its row
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # alive, owned by someone else (or not a pid at all)
+        return isinstance(pid, int) and pid > 0
+    return True
 
 
 def _drop_unrecorded_imports(ws: Workspace, store, known: set, log=print) -> int:
     """Remove the copies in golden/ that an import renamed into place but was killed before recording.
 
-    `loop import` names its copy by the first 16 hex digits of its sha256 and writes the row right after the
-    rename, so a kill in between leaves a file no row knows, with nothing in it to rebuild the row from (tier and
-    source were on the command line). The original is still where it was imported from, so the copy goes and
-    the same import brings it back. Only copies older than IMPORT_GRACE_S: an import running now keeps its own.
-    Anything else in golden/ (a link of a UR image, a file someone put there) is left alone.
+    `loop import` names its copy by the first 16 hex digits of its sha256, notes it in the database's journal
+    (state key IMPORT_PENDING + path) before the rename, and drops the note with the row. A kill in between leaves
+    a copy no row knows, with nothing in it to rebuild the row from (tier and source were on the command line);
+    the original is still where it was imported from, so the copy goes and the same import brings it back. Only
+    a copy its note names, with the same sha256, whose import is not running: a file in golden/ that no note
+    names (a UR image's link, a file someone put there, golden/ kept from an earlier loop.db) is never touched.
     """
-    folder = ws.root / "golden"
-    if not folder.is_dir():
-        return 0
-    dropped, now = 0, time.time()
-    for f in sorted(folder.iterdir()):
-        stem = f.stem
-        if len(stem) != 16 or any(c not in "0123456789abcdef" for c in stem) or ws.rel(f) in known:
-            continue
-        if f.is_symlink() or not f.is_file() or now - f.stat().st_mtime < IMPORT_GRACE_S:
-            continue
-        sha = sha256_file(f)
-        if not sha.startswith(stem) or store.image_by_sha(sha):
-            continue  # not an import's copy, or the golden/ copy of an image the store has
-        f.unlink()
-        dropped += 1
-        log(f"removed {ws.rel(f)}: an import was cut short before recording it; run that import again")
+    dropped = 0
+    for key, note in store.states(IMPORT_PENDING):
+        rel = key[len(IMPORT_PENDING) :]
+        if _pid_alive(note.get("pid")):
+            continue  # an import running now keeps its own
+        f = ws.root / rel
+        if rel not in known and f.is_file() and not f.is_symlink() and sha256_file(f) == note.get("sha256"):
+            if not store.image_by_sha(note["sha256"]):
+                f.unlink()
+                dropped += 1
+                log(f"removed {rel}: an import was cut short before recording it; run that import again")
+        store.drop_state(key)
     return dropped
 
 

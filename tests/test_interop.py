@@ -321,38 +321,54 @@ def test_import_single_png_with_a1111_caption_and_no_tier(ws, tmp_path):
 
 def test_recovery_drops_a_copy_an_import_was_killed_before_recording(ws, tmp_path):
     """kill -9 between the rename into golden/ and the row: the copy has no row and nothing to rebuild one from;
-    the next command removes it (the original is still outside), and the same import brings it back."""
+    the next command removes it (the original is still outside), and the same import brings it back. Only a copy
+    the import's journal names: golden/ files no note names (copied in by hand, or kept from an earlier loop.db,
+    with the very names imports give) are never removed."""
     import hashlib
     import os
-    import time
+    import subprocess
 
-    from loop.workspace import IMPORT_GRACE_S, recover
+    from loop.workspace import IMPORT_PENDING, recover
 
     src = tmp_path / "src"
     src.mkdir()
     Image.new("RGB", (24, 24), (10, 200, 30)).save(src / "green.png")
-    buf = io.BytesIO()
-    Image.new("RGB", (24, 24), (200, 10, 30)).save(buf, format="PNG")
+    red, blue = (_png_bytes((200, 10, 30)), _png_bytes((10, 10, 200)))
+    dead = subprocess.Popen(["true"])  # a pid that has exited
+    dead.wait()
     with ws.store() as store:
         store.ensure_base_unit("embedded")
         import_images(ws, store, src, "UR", "mine", log=lambda m: None)  # a recorded import: its copy stays
+        assert store.states(IMPORT_PENDING) == []  # and its note is gone with the row
         data = (src / "green.png").read_bytes()
         kept = ws.root / "golden" / f"{hashlib.sha256(data).hexdigest()[:16]}.png"
         assert kept.is_file()
-        orphan = ws.root / "golden" / f"{hashlib.sha256(buf.getvalue()).hexdigest()[:16]}.png"
-        orphan.write_bytes(buf.getvalue())  # what the killed import left
+
+        def left_behind(png, pid):  # what an import killed after the rename leaves: its note and its copy
+            sha = hashlib.sha256(png).hexdigest()
+            f = ws.root / "golden" / f"{sha[:16]}.png"
+            f.write_bytes(png)
+            store.set_state(IMPORT_PENDING + ws.rel(f), {"sha256": sha, "pid": pid, "at": 0})
+            return f
+
+        orphan = left_behind(red, dead.pid)
+        running = left_behind(blue, os.getppid())  # an import still running: keeps its copy
+        by_hand = ws.root / "golden" / f"{hashlib.sha256(b'x').hexdigest()[:16]}.png"
+        by_hand.write_bytes(_png_bytes((1, 2, 3)))  # an import's kind of name, but no note: never touched
         mine = ws.root / "golden" / "my-notes.png"
-        mine.write_bytes(buf.getvalue())  # not an import's name: never touched
+        mine.write_bytes(red)
         logs = []
         recover(ws, store, logs.append)
-        assert orphan.exists()  # a minute's grace: an import running right now keeps its copy
-        old = time.time() - IMPORT_GRACE_S - 5
-        for f in (orphan, kept, mine):
-            os.utime(f, (old, old))
-        recover(ws, store, logs.append)
-        assert not orphan.exists() and kept.exists() and mine.exists()
+        assert not orphan.exists() and kept.exists() and mine.exists() and by_hand.exists() and running.exists()
         assert any("an import was cut short" in m and orphan.name in m for m in logs)
+        assert [k for k, _ in store.states(IMPORT_PENDING)] == [IMPORT_PENDING + ws.rel(running)]
         assert store.image_by_sha(hashlib.sha256(data).hexdigest())
+
+
+def _png_bytes(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), colour).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_an_export_removes_the_half_written_folder_a_killed_export_left(ws, tmp_path):

@@ -87,13 +87,31 @@ def main(ctx: typer.Context, debug: Annotated[bool, typer.Option("--debug", help
 
 @app.command()
 def init(
-    directory: Annotated[Path, typer.Argument(help="folder to lay out")] = Path("."),
+    args: Annotated[
+        Optional[list[str]],
+        typer.Argument(
+            help="[DIR] (the folder to lay out) then key=value settings for its configs/loop.yaml", show_default=False
+        ),
+    ] = None,
+    workspace: Annotated[
+        Optional[Path], typer.Option("-w", "--workspace", help="the folder to lay out (as DIR)", show_default=False)
+    ] = None,
     seed_images: Annotated[
         Optional[Path], typer.Option("--seed-images", help="1-5 of your images to start from (select.strategy=grow)")
     ] = None,
 ) -> None:
     """Lay out a workspace: configs/, generations/, checkpoints/, golden/, cache/ and loop.db."""
+    from loop.config import load_config
     from loop.workspace import Workspace
+
+    args = list(args or [])
+    named = Path(args.pop(0)) if args and "=" not in args[0] else None
+    if named is not None and workspace is not None and named.resolve() != workspace.resolve():
+        raise LoopError(f"two folders given ({named} and -w {workspace}); give one")
+    directory = named or workspace or Path(".")
+    settings = args
+    if settings:
+        load_config(None, settings)  # a mistyped key is said before anything is laid out
 
     if seed_images is not None:  # checked before anything is laid out, so a bad one leaves no workspace behind
         from loop.interop import readable_images, source_files
@@ -108,7 +126,21 @@ def init(
                 "(ctrl-C now and give fewer if that was not meant)"
             )
     existed = Workspace(directory).db_path.is_file()
+    if existed and settings:
+        raise LoopError(
+            f"{directory} is a workspace already; init changes nothing in it. Put {' '.join(settings)} in its "
+            "configs/loop.yaml, or give them to each command"
+        )
     ws = Workspace.init(directory)
+    if settings:
+        from omegaconf import OmegaConf
+
+        from loop.workspace import DEFAULT_YAML, atomic_write
+
+        merged = OmegaConf.merge(OmegaConf.create(DEFAULT_YAML), OmegaConf.from_dotlist(settings))
+        header = "".join(ln + "\n" for ln in DEFAULT_YAML.splitlines() if ln.startswith("#"))
+        atomic_write(ws.root / "configs" / "loop.yaml", header + OmegaConf.to_yaml(merged))
+        load_config(ws.root)  # what was written reads back
     if seed_images is not None:
         from loop.interop import import_images
 
@@ -201,6 +233,7 @@ def generate(
     if processes < 1:
         raise LoopError(f"--processes must be 1 or more, got {processes}")
     if processes > 1:
+        _open(workspace, overrides)  # a config mistake is said once, here, not by every process
         rc = _launch(processes, ["generate"] + _without_processes(STATE.get("argv", sys.argv[1:])))
         STATE["launched"] = True  # the processes said what happened (an interrupt included)
         raise typer.Exit(rc)
@@ -291,7 +324,7 @@ def _launch(processes: int, args: list[str]) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
+        sys.executable, "-m", "loop.launch",  # accelerate launch, quiet about a worker's failure (loop/launch.py)
         "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
         "-m", "loop", *args,
@@ -421,7 +454,12 @@ def train(
     if processes < 1:
         raise LoopError(f"--processes must be 1 or more, got {processes}")
     if processes > 1:
-        with work_lock(_open(workspace, overrides)[0], "train"):  # the workers run under this one
+        from loop.train import check_can_train
+
+        ws = _open(workspace, overrides)[0]
+        with ws.store() as store:  # a missing selection or unit is said once, here, not by every process
+            check_can_train(ws, store, store.current_unit() if unit is None else unit)
+        with work_lock(ws, "train"):  # the workers run under this one
             rc = _launch(processes, ["train"] + _without_processes(STATE.get("argv", sys.argv[1:]), "train"))
         STATE["launched"] = True  # the processes said what happened (an interrupt included)
         raise typer.Exit(rc)

@@ -188,6 +188,11 @@ def raise_missing_unit(store: Store, n: int):
     from loop.errors import LoopError
 
     have = [r["unit"] for r in store.units()]
+    if not have:  # not even unit 0: no round has started in this workspace
+        raise LoopError(
+            f"unit {n} does not exist: no round has started here yet; `loop run --round` generates with the base "
+            "model (unit 0), waits for your ratings, then selects and trains unit 1"
+        )
     raise LoopError(
         f"unit {n} does not exist (units: {', '.join(map(str, have))}); "
         f"run `loop run --round {max(have)}` to make the next one"

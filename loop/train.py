@@ -649,12 +649,9 @@ def fit(
 
 
 # -- a whole unit ------------------------------------------------------------------------------------------
-def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=print, stop_after=None) -> dict:
-    """Train unit parent+1 from its selection.json; writes the adapter, manifest.json and config.yaml."""
-    from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-
-    tc = cfg.train
+def check_can_train(ws: Workspace, store: Store, parent: int) -> dict:
+    """The selection.json of unit parent+1, or LoopError saying why it cannot be trained now (also checked before
+    `loop train --processes N` launches its workers, so a mistake is said once, not once per process)."""
     unit = parent + 1
     out = ws.checkpoint(unit)
     if store.unit(parent) is None:
@@ -672,6 +669,20 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
     if not sel_path.exists():
         raise LoopError(f"no selection for unit {unit} at {ws.rel(sel_path)}; run `loop run --round {parent}` first")
     sel_doc = json.loads(sel_path.read_text())
+    if not sel_doc.get("images"):
+        raise LoopError(f"the selection for unit {unit} is empty; rate some images higher, then select again")
+    return sel_doc
+
+
+def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=print, stop_after=None) -> dict:
+    """Train unit parent+1 from its selection.json; writes the adapter, manifest.json and config.yaml."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    tc = cfg.train
+    unit = parent + 1
+    out = ws.checkpoint(unit)
+    sel_doc = check_can_train(ws, store, parent)
     selection = sel_doc["images"]
     # the unit records the strategy its selection was made with: select.* given now (after the select phase was
     # done) cannot change what this unit learns from, only the next round's selection
@@ -680,8 +691,6 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
         log(f"the selection for unit {unit} was made with select.strategy={strategy} (selection.json); "
             f"select.strategy={cfg.select.strategy} applies from the next round")  # fmt: skip
         cfg = dataclasses.replace(cfg, select=dataclasses.replace(cfg.select, strategy=strategy))
-    if not selection:
-        raise LoopError(f"the selection for unit {unit} is empty; rate some images higher, then select again")
     t0 = time.time()
 
     # 1. the base model in fp32 (accelerate handles mixed precision); everything frozen

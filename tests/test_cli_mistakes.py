@@ -474,3 +474,50 @@ def test_from_parent_with_another_method_or_rank_is_refused_before_the_round_sta
     assert entry(["run", "--round", *w, "train.start=from_parent", "train.method=custom_diffusion"]) == 2
     one_error(capsys, "made with train.method=lora (asked: method custom_diffusion)")
     assert sql_count(ws, "SELECT COUNT(*) FROM images WHERE round = 1") == 0  # nothing generated first
+
+
+def test_train_in_a_new_workspace_or_with_processes_and_no_selection_is_one_line(ws, capsys):
+    assert entry(["train", "-w", str(ws.root)]) == 2
+    one_error(capsys, "no round has started", "loop run --round")
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+    # --processes 2: said once by the launching command, before any worker starts
+    assert entry(["train", "--processes", "2", "-w", str(ws.root)]) == 2
+    one_error(capsys, "no selection for unit 1")
+    assert entry(["generate", "--processes", "2", "-w", str(ws.root), "generate.stepz=1"]) == 2
+    one_error(capsys, "generate.stepz")
+
+
+def test_a_failed_worker_ends_the_launch_with_its_code_and_no_launcher_traceback(ws, tmp_path):
+    """loop.launch: the workers said why (one line each); torchrun's ChildFailedError traceback is not added."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "loop.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29581",
+           "-m", "loop", "config", "-w", str(ws.root), "train.rnak=4"]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr, out.stderr[-2000:]
+    assert "train.rnak" in out.stderr
+
+
+def test_init_takes_w_and_settings_for_its_loop_yaml(tmp_path, capsys):
+    from loop.config import load_config
+
+    assert entry(["init", str(tmp_path / "a"), "train.rank=4", "select.strategy=converge"]) == 0
+    cfg = load_config(tmp_path / "a")
+    assert (cfg.train.rank, cfg.select.strategy, cfg.model.base) == (4, "converge", "embedded")
+    assert entry(["init", "-w", str(tmp_path / "b")]) == 0 and (tmp_path / "b" / "loop.db").is_file()
+    capsys.readouterr()
+    assert entry(["init", str(tmp_path / "c"), "train.rnak=4"]) == 2
+    one_error(capsys, "train.rnak", "did you mean train.rank")
+    assert not (tmp_path / "c").exists()  # nothing laid out
+    before = (tmp_path / "a" / "configs" / "loop.yaml").read_text()
+    assert entry(["init", str(tmp_path / "a"), "train.rank=8"]) == 2
+    one_error(capsys, "a workspace already", "configs/loop.yaml")
+    assert (tmp_path / "a" / "configs" / "loop.yaml").read_text() == before
+    assert entry(["init", str(tmp_path / "a"), "-w", str(tmp_path / "b")]) == 2
+    one_error(capsys, "two folders")

@@ -50,7 +50,8 @@ GRID_CELL_MIN = 96  # images are upscaled (NEAREST, by a whole factor) until bot
 GRID_BG = (255, 255, 255)
 GRID_INK = (0, 0, 0)
 
-# a prompt whose seed diversity fell by this share or more against the parent unit is named as collapsing
+# a prompt whose seed diversity fell by this share or more against the parent unit, beyond the fall of the unit's
+# average, is named as collapsing
 COLLAPSE_DROP = 0.4
 STATS_CAP = 512  # images per unit for the Vendi score and the near-duplicate rate (evenly spaced in time)
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -234,7 +235,8 @@ def unit_stats(
     vendi and near_dup_rate (over at most `cap` of its images; None with no readable image), seed_diversity
     (over the same images, txt2img only, grouped by prompt; None without two images of one prompt) and
     seed_diversity_by_prompt (each prompt's), collapsing (the prompts whose seed diversity fell by COLLAPSE_DROP
-    or more against the parent unit, when the parent is among `units`), novel_hits.
+    or more against the parent unit beyond the fall of the unit's average, when the parent is among `units`),
+    novel_hits.
 
     Novel hits are judged over the UR images of ALL units (imported images, which no unit made, are left out)
     in the order they were stored (row id): a unit is credited with each of its UR images that is farther than
@@ -295,19 +297,24 @@ def unit_stats(
                 novel_hits=int(hits_by_unit.get(u, 0)),
             )
         )
-    # a prompt that collapsed: its seed diversity fell by COLLAPSE_DROP or more against the unit's parent (when
-    # both are compared here), however the other prompts moved
+    # a prompt that collapsed: against the unit's parent (when both are compared here), its seed diversity fell by
+    # COLLAPSE_DROP or more beyond what the unit's average did. A taste narrows every prompt in a first round (the
+    # average halves: docs/convergence.md), which is not a collapse; one prompt falling far below the rest is, and
+    # the average hides it
     by_unit = {s["unit"]: s for s in out}
     for s in out:
         row = store.unit(s["unit"])
         parent = by_unit.get(row["parent"]) if row is not None and row["parent"] is not None else None
-        s["collapsing"] = [
-            {"prompt": p, "parent": parent["unit"], "before": parent["seed_diversity_by_prompt"][p], "after": d}
-            for p, d in s["seed_diversity_by_prompt"].items()
-            if parent is not None
-            and parent["seed_diversity_by_prompt"].get(p)
-            and d <= (1 - COLLAPSE_DROP) * parent["seed_diversity_by_prompt"][p]
-        ]
+        s["collapsing"] = []
+        if parent is None or not s["seed_diversity"] or not parent["seed_diversity"]:
+            continue
+        overall = min(1.0, s["seed_diversity"] / parent["seed_diversity"])
+        for p, d in s["seed_diversity_by_prompt"].items():
+            before = parent["seed_diversity_by_prompt"].get(p)
+            if before and d <= (1 - COLLAPSE_DROP) * overall * before:
+                s["collapsing"].append(
+                    {"prompt": p, "parent": parent["unit"], "before": before, "after": d, "overall": round(overall, 4)}
+                )
     if missing:
         log(f"warning: {len(missing)} image file(s) could not be read and were left out (first: {missing[0]})")
     return out
@@ -425,7 +432,8 @@ def format_table(result: dict) -> str:
             drop = 1 - c["after"] / c["before"]
             lines.append(
                 f"collapsing? unit {s['unit']}: {c['prompt']!r} varies {drop:.0%} less from seed to seed than in "
-                f"unit {c['parent']} ({c['before']:.3f} -> {c['after']:.3f}); look at its images"
+                f"unit {c['parent']} ({c['before']:.3f} -> {c['after']:.3f}; all prompts: {1 - c['overall']:.0%} "
+                "less); look at its images"
             )
     for key in ("grid", "plot"):
         if result.get(key):

@@ -242,10 +242,16 @@ def test_a_prompt_that_collapsed_is_named_even_when_the_average_hides_it(ws):
             same = one.copy()
             same[0, 0] = seed  # one pixel apart: another file, the same picture
             put(store, 1, "a triangle", seed, same)
-        s0, s1 = unit_stats(ws, store, [0, 1], **QUIET)
+        store.add_unit(2, parent=0, path="checkpoints/unit_002", base="embedded", method="lora", strategy="golden",
+                       manifest={})  # fmt: skip
+        for seed in range(6):  # unit 2: every prompt narrows alike, as a taste does in a first round
+            put(store, 2, "a circle", seed, noisy(8))
+            put(store, 2, "a triangle", seed, noisy(16))
+        s0, s1, s2 = unit_stats(ws, store, [0, 1, 2], **QUIET)
+    assert s2["seed_diversity"] < 0.7 * s0["seed_diversity"] and s2["collapsing"] == []
     assert s1["seed_diversity_by_prompt"]["a triangle"] < 0.1 * s0["seed_diversity_by_prompt"]["a triangle"]
     assert s1["seed_diversity"] > 0.6 * s0["seed_diversity"]  # the average alone would not say it
     assert [c["prompt"] for c in s1["collapsing"]] == ["a triangle"] and s1["collapsing"][0]["parent"] == 0
     assert s0["collapsing"] == []  # unit 0 has no parent here
-    table = format_table({"units": [s0, s1]})
+    table = format_table({"units": [s0, s1, s2]})
     assert "collapsing? unit 1: 'a triangle'" in table

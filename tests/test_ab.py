@@ -177,3 +177,15 @@ def test_compare_tab_votes_by_keyboard_and_renders_the_grid(tmp_path):
     with ws.store() as store:
         winners = [r[0] for r in store.db.execute("SELECT winner FROM ab_votes ORDER BY id")]
     assert winners == ["left", "right", "tie", "tie"]  # the skip stored nothing
+
+
+def test_a_pair_whose_file_is_gone_answers_404_not_a_crash(ws):
+    with ws.store() as store:
+        _pairs(ws, store, seeds=(0,))
+        ab = _ab(ws, store)
+        p = ab.pair()
+        for i in ab.served[p["pair"]]:
+            (ws.root / store.image(i)["path"]).unlink()
+        with pytest.raises(NotFound, match="cannot be read"):
+            ab.image(p["pair"], "right")
+        assert ab.vote({"pair": p["pair"], "winner": "skip"})["id"] is None  # and the page can move on

@@ -35,10 +35,7 @@ CREATE TABLE IF NOT EXISTS ab_votes (
 );
 """
 
-PAIRS_SQL = """
-SELECT a.id AS a_id, b.id AS b_id, a.unit AS a_unit, b.unit AS b_unit,
-       (SELECT COUNT(*) FROM ab_votes v WHERE (v.left_id = a.id AND v.right_id = b.id)
-                                          OR (v.left_id = b.id AND v.right_id = a.id)) AS votes
+PAIR_JOIN = """
 FROM images a JOIN images b
   ON a.prompt = b.prompt AND a.seed = b.seed AND a.unit < b.unit
  AND a.negative_prompt = b.negative_prompt
@@ -48,8 +45,16 @@ FROM images a JOIN images b
 WHERE a.unit IS NOT NULL AND b.unit IS NOT NULL {units}
   AND COALESCE(json_extract(a.params, '$.exploration'), 0) = 0
   AND COALESCE(json_extract(b.params, '$.exploration'), 0) = 0
-ORDER BY random() LIMIT 64
 """
+PAIRS_SQL = (
+    """
+SELECT a.id AS a_id, b.id AS b_id, a.unit AS a_unit, b.unit AS b_unit,
+       (SELECT COUNT(*) FROM ab_votes v WHERE (v.left_id = a.id AND v.right_id = b.id)
+                                          OR (v.left_id = b.id AND v.right_id = a.id)) AS votes"""
+    + PAIR_JOIN
+    + "ORDER BY random() LIMIT 64"
+)
+UNIT_PAIRS_SQL = "SELECT DISTINCT a.unit AS a_unit, b.unit AS b_unit" + PAIR_JOIN
 SERVED_MAX = 512  # pairs handed out and not voted on yet, newest kept (an unanswered pair costs a few bytes)
 STRIPPED_MAX = 64  # images kept re-encoded without metadata
 
@@ -68,7 +73,7 @@ class ABVotes:
     def units(self) -> list[int]:
         """The units that have at least one pair with another unit."""
         with self.lock:
-            rows = self.db.execute(PAIRS_SQL.replace("LIMIT 64", "").format(units="")).fetchall()
+            rows = self.db.execute(UNIT_PAIRS_SQL.format(units="")).fetchall()
         return sorted({r["a_unit"] for r in rows} | {r["b_unit"] for r in rows})
 
     def pair(self, a: int | None = None, b: int | None = None) -> dict:
@@ -113,10 +118,13 @@ class ABVotes:
         if data is None:
             if self.path_of is None:
                 raise NotFound("this A/B serves no images")
-            with Image.open(self.path_of(image_id)) as im:
-                im.load()
-                buf = io.BytesIO()
-                im.save(buf, format="PNG")  # pixels only: no pnginfo, no dates
+            try:
+                with Image.open(self.path_of(image_id)) as im:
+                    im.load()
+                    buf = io.BytesIO()
+                    im.save(buf, format="PNG")  # pixels only: no pnginfo, no dates
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise NotFound(f"the pair's image cannot be read ({type(e).__name__}); skip this pair") from e
             data = buf.getvalue()
             with self.lock:
                 self.stripped[image_id] = data

@@ -186,6 +186,9 @@ def test_a_pair_whose_file_is_gone_answers_404_not_a_crash(ws):
         p = ab.pair()
         for i in ab.served[p["pair"]]:
             (ws.root / store.image(i)["path"]).unlink()
-        with pytest.raises(NotFound, match="cannot be read"):
+        with pytest.raises(NotFound):
             ab.image(p["pair"], "right")
+        (ws.root / store.image(ab.served[p["pair"]][0])["path"]).write_bytes(b"not a png")  # there, but damaged
+        with pytest.raises(NotFound, match="cannot be read"):
+            ab.image(p["pair"], "left")
         assert ab.vote({"pair": p["pair"], "winner": "skip"})["id"] is None  # and the page can move on

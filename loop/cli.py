@@ -126,10 +126,10 @@ def init(
                 "(ctrl-C now and give fewer if that was not meant)"
             )
     existed = Workspace(directory).db_path.is_file()
-    if existed and settings:
-        raise LoopError(
-            f"{directory} is a workspace already; init changes nothing in it. Put {' '.join(settings)} in its "
-            "configs/loop.yaml, or give them to each command"
+    if settings and (existed or (Path(directory) / "configs" / "loop.yaml").exists()):
+        raise LoopError(  # a configs/loop.yaml there is the user's: init never rewrites it
+            f"{directory} has a configs/loop.yaml already; init changes nothing in it. Put {' '.join(settings)} in "
+            "that file, or give them to each command"
         )
     ws = Workspace.init(directory)
     if settings:

@@ -517,7 +517,12 @@ def test_init_takes_w_and_settings_for_its_loop_yaml(tmp_path, capsys):
     assert not (tmp_path / "c").exists()  # nothing laid out
     before = (tmp_path / "a" / "configs" / "loop.yaml").read_text()
     assert entry(["init", str(tmp_path / "a"), "train.rank=8"]) == 2
-    one_error(capsys, "a workspace already", "configs/loop.yaml")
+    one_error(capsys, "has a configs/loop.yaml already")
     assert (tmp_path / "a" / "configs" / "loop.yaml").read_text() == before
+    (tmp_path / "d" / "configs").mkdir(parents=True)  # a folder with the user's own settings, no loop.db yet
+    (tmp_path / "d" / "configs" / "loop.yaml").write_text("train:\n  steps: 50\n")
+    assert entry(["init", str(tmp_path / "d"), "train.rank=8"]) == 2
+    one_error(capsys, "has a configs/loop.yaml already")
+    assert (tmp_path / "d" / "configs" / "loop.yaml").read_text() == "train:\n  steps: 50\n"
     assert entry(["init", str(tmp_path / "a"), "-w", str(tmp_path / "b")]) == 2
     one_error(capsys, "two folders")

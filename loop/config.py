@@ -280,6 +280,9 @@ def _explain(err: OmegaConfBaseException, source: str, values: dict[str, str]) -
     defaults = _flat(OmegaConf.to_container(OmegaConf.structured(LoopConfig)))
     if "not in" in msg:
         close = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.8)
+        if not close and "." not in key:  # a whole section misspelt (`trian:`): the section's name
+            sections = sorted({k.split(".", 1)[0] for k in defaults})
+            close = difflib.get_close_matches(key, sections, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}? " if close else ""
         return f"unknown config key {key}{shown} (from {source}); {hint}see `loop config` for the valid keys"
     like = f" like the default {_yaml_value(defaults[key])}" if key in defaults else ""

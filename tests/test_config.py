@@ -60,3 +60,13 @@ def test_switches_take_yaml_words_and_refuse_counts(ws):
     (ws.root / "configs" / "loop.yaml").write_text("select:\n  balance_rounds: 3\n")
     with pytest.raises(LoopError, match=r"select.balance_rounds=3 \(from .*loop.yaml\): not true or false"):
         load_config(ws.root)
+
+
+def test_a_misspelt_section_gets_its_name_suggested(tmp_path):
+    from loop.config import load_config
+    from loop.errors import LoopError
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "loop.yaml").write_text("trian:\n  rank: 4\n")
+    with pytest.raises(LoopError, match="unknown config key trian .*did you mean train\\?"):
+        load_config(tmp_path)

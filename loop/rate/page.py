@@ -407,7 +407,8 @@ def progress_markdown(h: RateHandlers) -> str:
 
 
 def build_blocks(h: RateHandlers, cfg: LoopConfig | None = None) -> gr.Blocks:
-    """Tabs: Rate (the grid, drawn by static/rate.js) and Progress (counters, every round, what comes next)."""
+    """Tabs: Rate (the grid, drawn by static/rate.js), Progress (counters, every round, what comes next), Compare
+    (the probe grid and per-unit statistics) and A/B (blind votes, static/ab.js)."""
     script = (STATIC / "rate.js").read_text(encoding="utf-8")
     with gr.Blocks(title="loop · rate", fill_width=True, analytics_enabled=False) as blocks:
         with gr.Tabs():

@@ -161,6 +161,12 @@ def test_compare_tab_votes_by_keyboard_and_renders_the_grid(tmp_path):
             expect(page.locator(".ab-rank")).to_contain_text("unit 1")
             page.keyboard.press("ArrowDown")
             expect(page.locator(".ab-rank")).to_be_hidden()
+            page.wait_for_function("document.querySelector('#loop-ab .ab').parentElement.dataset.votes == '4'")
+            page.keyboard.press("z")  # takes the tie back; its pair comes back to vote on again
+            page.wait_for_function("document.querySelector('#loop-ab .ab').parentElement.dataset.votes == '3'")
+            expect(page.locator(".ab-status")).to_contain_text("undone")
+            page.keyboard.press("ArrowLeft")
+            page.wait_for_function("document.querySelector('#loop-ab .ab').parentElement.dataset.votes == '4'")
             # narrowed to two units (here the only two)
             page.select_option(".ab-units", "1,0")
             expect(page.locator(".ab-units")).to_have_value("1,0")
@@ -176,7 +182,9 @@ def test_compare_tab_votes_by_keyboard_and_renders_the_grid(tmp_path):
         close_app(app)
     with ws.store() as store:
         winners = [r[0] for r in store.db.execute("SELECT winner FROM ab_votes ORDER BY id")]
-    assert winners == ["left", "right", "tie", "tie"]  # the skip stored nothing
+        undone = [r[0] for r in store.db.execute("SELECT vote_id FROM ab_undone")]
+    assert winners == ["left", "right", "tie", "tie", "left"]  # the skip stored nothing
+    assert undone == [4]  # the second tie, taken back with Z (its row stays)
 
 
 def test_a_pair_whose_file_is_gone_answers_404_not_a_crash(ws):
@@ -192,3 +200,24 @@ def test_a_pair_whose_file_is_gone_answers_404_not_a_crash(ws):
         with pytest.raises(NotFound, match="cannot be read"):
             ab.image(p["pair"], "left")
         assert ab.vote({"pair": p["pair"], "winner": "skip"})["id"] is None  # and the page can move on
+
+
+def test_undo_takes_back_the_raters_newest_vote_and_serves_its_pair_again(ws):
+    with ws.store() as store:
+        _pairs(ws, store, seeds=(0, 1))
+        ab = _ab(ws, store)
+        first = ab.pair()
+        ab.vote({"pair": first["pair"], "winner": "left", "rater": "alice"})
+        second = ab.pair()
+        shown = set(ab.served[second["pair"]])
+        ab.vote({"pair": second["pair"], "winner": "right", "rater": "alice"})
+        ab.vote({"pair": ab.pair()["pair"], "winner": "tie", "rater": "bob"})
+        out = ab.undo("alice")  # alice's newest: the second vote, not bob's
+        assert out["votes"] == 2 and set(ab.served[out["pair"]]) == shown  # the same two images, a new token
+        assert [w for _, _, w in ab.votes()][-1] == "tie"
+        ab.vote({"pair": out["pair"], "winner": "tie", "rater": "alice"})  # voted on anew
+        assert ab.count() == 3
+        assert ab.undo("carol") == {"undone": None, "votes": 3}
+        rows = store.db.execute("SELECT COUNT(*) FROM ab_votes").fetchone()[0]
+        assert rows == 4  # nothing deleted: the undone vote's row stays, marked in ab_undone
+        assert ab.ranking(n_boot=10)["votes"] == 3

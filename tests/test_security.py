@@ -623,6 +623,7 @@ GUARDED = [  # (method, path): every kind of route the app has; {id}, {rel} fill
     ("POST", "/loop/api/claim"),
     ("POST", "/loop/api/finish"),
     ("POST", "/loop/api/ab/vote"),
+    ("POST", "/loop/api/ab/undo"),
     ("GET", "/loop/thumb/{id}"),
     ("GET", "/loop/ab/image/sometoken/left"),
     ("GET", "/loop/files/{rel}"),

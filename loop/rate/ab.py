@@ -33,7 +33,14 @@ CREATE TABLE IF NOT EXISTS ab_votes (
     rater TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+-- a vote taken back (append-only, as ratings' undo events): it no longer counts, and its row stays
+CREATE TABLE IF NOT EXISTS ab_undone (
+    vote_id INTEGER PRIMARY KEY REFERENCES ab_votes(id),
+    rater TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 """
+COUNTED = "id NOT IN (SELECT vote_id FROM ab_undone)"
 
 PAIR_JOIN = """
 FROM images a JOIN images b
@@ -49,8 +56,9 @@ WHERE a.unit IS NOT NULL AND b.unit IS NOT NULL {units}
 PAIRS_SQL = (
     """
 SELECT a.id AS a_id, b.id AS b_id, a.unit AS a_unit, b.unit AS b_unit,
-       (SELECT COUNT(*) FROM ab_votes v WHERE (v.left_id = a.id AND v.right_id = b.id)
-                                          OR (v.left_id = b.id AND v.right_id = a.id)) AS votes"""
+       (SELECT COUNT(*) FROM ab_votes v WHERE ((v.left_id = a.id AND v.right_id = b.id)
+                                           OR (v.left_id = b.id AND v.right_id = a.id))
+                                          AND v.id NOT IN (SELECT vote_id FROM ab_undone)) AS votes"""
     + PAIR_JOIN
     + "ORDER BY random() LIMIT 64"
 )
@@ -94,7 +102,11 @@ class ABVotes:
             )
         least = min(r["votes"] for r in rows)
         r = self.rng.choice([r for r in rows if r["votes"] == least])
-        sides = [r["a_id"], r["b_id"]]
+        return self._serve(r["a_id"], r["b_id"])
+
+    def _serve(self, a: int, b: int) -> dict:
+        """Hand out images a and b as a pair: sides drawn at random, under a new one-time token."""
+        sides = [a, b]
         self.rng.shuffle(sides)
         token = secrets.token_urlsafe(12)
         with self.lock:
@@ -155,14 +167,34 @@ class ABVotes:
                 )
         return {"id": cur.lastrowid, "votes": self.count()}
 
+    def undo(self, rater: str) -> dict:
+        """Take back this rater's newest vote that still counts, and serve its pair again (a new token, the sides
+        drawn again) so it can be voted on anew; {"undone": None} when there is none."""
+        rater = check_rater(rater)
+        with self.lock:
+            row = self.db.execute(
+                f"SELECT id, left_id, right_id FROM ab_votes WHERE rater = ? AND {COUNTED} ORDER BY id DESC LIMIT 1",
+                (rater,),
+            ).fetchone()
+            if row is None:
+                return {"undone": None, "votes": self.count()}
+            with self.store.tx():
+                self.db.execute(
+                    "INSERT INTO ab_undone (vote_id, rater, created_at) VALUES (?, ?, ?)",
+                    (row["id"], rater, time.time()),
+                )
+            return {"undone": row["id"], "votes": self.count(), **self._serve(row["left_id"], row["right_id"])}
+
     def count(self) -> int:
         with self.lock:
-            return self.db.execute("SELECT COUNT(*) FROM ab_votes").fetchone()[0]
+            return self.db.execute(f"SELECT COUNT(*) FROM ab_votes WHERE {COUNTED}").fetchone()[0]
 
     def votes(self) -> list[tuple[str, str, str]]:
         """(left, right, winner) with units named "unit N"; winner is one of them or "tie"."""
         with self.lock:
-            rows = self.db.execute("SELECT left_unit, right_unit, winner FROM ab_votes ORDER BY id").fetchall()
+            rows = self.db.execute(
+                f"SELECT left_unit, right_unit, winner FROM ab_votes WHERE {COUNTED} ORDER BY id"
+            ).fetchall()
         out = []
         for lu, ru, w in rows:
             left, right = f"unit {lu}", f"unit {ru}"

@@ -307,6 +307,11 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
             raise BadRequest("a and b must be unit numbers") from None
         return ok(ab.pair(a, b))
 
+    @app.post("/loop/api/ab/undo")
+    async def ab_undo(request: Request):
+        body = await _json_body(request)
+        return ok(ab.undo(request_rater(request, body) or "anonymous"))
+
     @app.get("/loop/api/ab/units")
     def ab_units():
         return ok({"units": ab.units()})

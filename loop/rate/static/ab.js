@@ -1,6 +1,6 @@
 // Blind A/B between units: two images of the same prompt, seed and settings, sides randomised, units hidden.
 // Keys (only while the A/B tab is showing): ArrowLeft or 1 = left, ArrowRight or 2 = right, ArrowDown or 0 = tie,
-// ArrowUp or 9 = skip. A pair comes with a one-time token and its images are served under it, stripped of their
+// ArrowUp or 9 = skip, Z or Backspace = undo your last vote (its pair comes back to be voted on again). A pair comes with a one-time token and its images are served under it, stripped of their
 // metadata, so nothing on the page (URL, file, id) names a unit; votes go to /loop/api/ab/vote with that token.
 // The ranking is folded away while voting and folds itself again at each vote: open, it would show whose wins
 // just went up.
@@ -12,7 +12,8 @@ window.LoopAB = (function () {
     root.innerHTML = `
       <div class="ab">
         <div class="ab-help">Which is better? <kbd>←</kbd>/<kbd>1</kbd> left · <kbd>→</kbd>/<kbd>2</kbd> right ·
-          <kbd>↓</kbd>/<kbd>0</kbd> tie · <kbd>↑</kbd>/<kbd>9</kbd> skip. The units are hidden and the sides are random.
+          <kbd>↓</kbd>/<kbd>0</kbd> tie · <kbd>↑</kbd>/<kbd>9</kbd> skip · <kbd>Z</kbd> undo. The units are hidden and the sides
+          are random.
           <label class="ab-which">Compare <select class="ab-units"><option value="">any two units</option></select></label></div>
         <div class="ab-pair">
           <figure><img class="ab-img" data-side="left" alt="left"><figcaption><button data-w="left">Left</button></figcaption></figure>
@@ -69,11 +70,35 @@ window.LoopAB = (function () {
         showPair(false, data.error || "no pairs to compare yet");
         return;
       }
+      show(data);
+      status.textContent = "";
+      return true;
+    }
+    function show(data) {
       pair = data;
       imgs.left.src = data.left.url; imgs.right.src = data.right.url;
       showPair(true);
-      status.textContent = "";
-      return true;
+    }
+    async function undo() {
+      if (busy) return;
+      busy = true;
+      results.open = false;
+      try {
+        const r = await fetch("/loop/api/ab/undo", {
+          method: "POST", headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ rater: localStorage.getItem("loop.rater") || "anonymous" }),
+        });
+        const data = await r.json();
+        if (!r.ok) { status.textContent = data.error || "not undone"; return; }
+        if (data.undone === null) { status.textContent = "no vote of yours to undo"; return; }
+        show(data); // the pair voted on, sides drawn again: vote on it anew
+        root.dataset.votes = String(data.votes);
+        status.textContent = `undone (${data.votes} votes): that pair again`;
+      } catch (e) {
+        status.textContent = "not undone: the server is not answering";
+      } finally {
+        busy = false;
+      }
     }
     async function showRanking() {
       try {
@@ -119,6 +144,11 @@ window.LoopAB = (function () {
       if (root.offsetParent === null) return; // the A/B tab is not showing
       const t = e.target;
       if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.tagName === "SELECT")) return;
+      if ((e.key === "z" || e.key === "Z" || e.key === "Backspace") && !e.ctrlKey && !e.metaKey) {
+        e.preventDefault();
+        if (!e.repeat) undo();
+        return;
+      }
       const w = KEYS[e.key];
       if (w) { e.preventDefault(); if (!e.repeat) vote(w); } // a held key is one vote, not one per repeat
     }

@@ -13,6 +13,7 @@ on itself collapses there first), their near-duplicate rate (64-bit pHash within
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -32,7 +33,7 @@ from loop.metrics import (
     near_duplicate_rate,
     novel_hits,
     phash,
-    seed_diversity,
+    seed_diversity_from,
     seed_diversity_per_group,
     thumbnail,
     vendi_score,
@@ -122,26 +123,15 @@ def check_units(ws, units: list[int]) -> list[int]:
 
 # -- rendering ---------------------------------------------------------------------------------------------
 def probe_jobs(cfg, probes: list[tuple[str, int]], native: int, lines: dict | None = None) -> list:
-    """The generator's Jobs for the probes: a probe from a prompts.txt line takes that line's options (negative
-    prompt, steps, CFG, size) as `loop generate` does, so the grid shows what the ring draws."""
-    from loop.generate import Job
+    """The generator's Jobs for the probes (loop.generate.line_jobs, one image at the probe's seed): a probe from
+    a prompts.txt line takes that line's options (negative prompt, steps, CFG, size), so the grid shows what the
+    ring draws."""
+    from loop.generate import line_jobs
+    from loop.prompts import PromptLine
 
-    g, lines = cfg.generate, lines or {}
-    jobs = []
-    for p, s in probes:
-        ln = lines.get(p)
-        jobs.append(
-            Job(
-                prompt=p,
-                negative=ln.neg if ln is not None and ln.neg is not None else g.negative_prompt,
-                seed=s,
-                steps=(ln.steps if ln is not None else None) or g.steps,
-                cfg=ln.cfg if ln is not None and ln.cfg is not None else g.cfg,
-                width=(ln.w if ln is not None else None) or g.width or native,
-                height=(ln.h if ln is not None else None) or g.height or native,
-            )
-        )
-    return jobs
+    lines = lines or {}
+    one = [dataclasses.replace(lines.get(p) or PromptLine(text=p, lineno=0), n=1, seed=s) for p, s in probes]
+    return [line_jobs(line, cfg.generate, native)[0] for line in one]
 
 
 def render_unit(
@@ -279,6 +269,7 @@ def unit_stats(
         for r, x in sample:
             if r["parent_id"] is None:
                 by_prompt[r["prompt"]].append(x[2])
+        per_prompt = dict(zip(by_prompt, seed_diversity_per_group([np.stack(g) for g in by_prompt.values()])))
         out.append(
             dict(
                 unit=u,
@@ -288,12 +279,8 @@ def unit_stats(
                 ur_rate=tiers["UR"] / rated if rated else None,
                 vendi=vendi_score(np.stack([x[0] for x in got])) if got else None,
                 near_dup_rate=near_duplicate_rate([x[1] for x in got], NEAR_DUPLICATE_BITS) if got else None,
-                seed_diversity=seed_diversity([np.stack(g) for g in by_prompt.values()]),
-                seed_diversity_by_prompt={
-                    p: round(d, 4)
-                    for p, d in zip(by_prompt, seed_diversity_per_group([np.stack(g) for g in by_prompt.values()]))
-                    if d is not None
-                },
+                seed_diversity=seed_diversity_from(per_prompt.values()),
+                seed_diversity_by_prompt={p: round(d, 4) for p, d in per_prompt.items() if d is not None},
                 novel_hits=int(hits_by_unit.get(u, 0)),
             )
         )

@@ -123,8 +123,13 @@ def seed_diversity(groups) -> float | None:
     the Vendi score can stay flat or even rise when the prompts' pictures drift apart from each other, as
     degraded, high-contrast images do (docs/convergence.md).
     """
-    per_group = [d for d in seed_diversity_per_group(groups) if d is not None]
-    return float(np.mean(per_group)) if per_group else None
+    return seed_diversity_from(seed_diversity_per_group(groups))
+
+
+def seed_diversity_from(per_group) -> float | None:
+    """seed_diversity from seed_diversity_per_group's values: their mean over the groups that have one."""
+    defined = [d for d in per_group if d is not None]
+    return float(np.mean(defined)) if defined else None
 
 
 def seed_diversity_per_group(groups) -> list[float | None]:

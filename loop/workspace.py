@@ -212,18 +212,6 @@ def recover(ws: Workspace, store, log=print) -> dict:
 IMPORT_PENDING = "import.pending."  # + the copy's path: `loop import` is between renaming a copy and its row
 
 
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):  # alive, owned by someone else (or not a pid at all)
-        return isinstance(pid, int) and pid > 0
-    return True
-
-
 def _drop_unrecorded_imports(ws: Workspace, store, known: set, log=print) -> int:
     """Remove the copies in golden/ that an import renamed into place but was killed before recording.
 
@@ -237,7 +225,7 @@ def _drop_unrecorded_imports(ws: Workspace, store, known: set, log=print) -> int
     dropped = 0
     for key, note in store.states(IMPORT_PENDING):
         rel = key[len(IMPORT_PENDING) :]
-        if _pid_alive(note.get("pid")):
+        if pid_alive(note.get("pid")):
             continue  # an import running now keeps its own
         f = ws.root / rel
         if rel not in known and f.is_file() and not f.is_symlink() and sha256_file(f) == note.get("sha256"):
@@ -270,11 +258,16 @@ def resync_golden(ws: Workspace, store) -> int:
 def writer_alive(name: str) -> bool:
     """True when the temporary file's name carries the pid of a running process other than this one."""
     pid = name.split(TMP_MARK, 1)[-1].split("-", 1)
-    if len(pid) < 2 or not pid[0].isdigit() or int(pid[0]) == os.getpid():
+    return len(pid) == 2 and pid[0].isdigit() and pid_alive(int(pid[0]))
+
+
+def pid_alive(pid) -> bool:
+    """True when `pid` is a running process other than this one."""
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
         return False
     try:
-        os.kill(int(pid[0]), 0)
-    except ProcessLookupError:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # alive, owned by someone else
         return True

@@ -22,7 +22,11 @@ SCHEDULERS = ("dpm++", "ddim", "euler", "euler_a", "ddpm")
 STRATEGIES = ("golden", "converge", "grow", "longtail")
 METHODS = ("lora", "custom_diffusion")
 STARTS = ("from_base", "from_parent")
-PREFERENCES = ("warm", "cool", "bright", "dark")
+# warm/cool/bright/dark: one colour statistic. The others are multi-attribute tastes read from the picture's shape
+# and background (loop.tastes), each indifferent to some attributes: small_dark, contrast, centred_big
+PREFERENCES = ("warm", "cool", "bright", "dark", "small_dark", "contrast", "centred_big")
+OBJECTIVES = ("supervised", "dpo")
+JUDGES = ("none", "votes", "scripted")
 MAX_SEED = 2**63 - 1  # seeds are stored as SQLite integers (signed 64-bit)
 
 
@@ -216,8 +220,20 @@ class TrainConfig:
     timestep_bias: str = "none"  # none | later | earlier
     timestep_bias_multiplier: float = 8.0  # used when timestep_bias is later or earlier
     timestep_bias_portion: float = 0.25
+    # supervised: learn the selection's images (DreamBooth-style). dpo: Diffusion-DPO (Wallace et al. 2023) on
+    # pairs of images of the same prompt whose tiers are dpo_min_gap or more apart, better against worse, from
+    # every rated round; the reference is this adapter switched off (the base), so where the ratings say nothing
+    # the unit stays near the base (loop.objectives)
+    objective: str = "supervised"
+    dpo_beta: float = 1000.0  # how hard the preference pulls against staying near the reference
+    dpo_min_gap: int = 2  # tiers apart for a pair: 2 pairs UR with SR, R and N, and SSR with R and N
+    dpo_sft_weight: float = 0.0  # dpo: plus this weight of the supervised loss on the pairs' winners
 
     def __post_init__(self):
+        _check(self.objective in OBJECTIVES, "train.objective", self.objective, f"use one of {', '.join(OBJECTIVES)}")
+        _check(self.dpo_beta > 0, "train.dpo_beta", self.dpo_beta, "must be > 0")
+        _check(1 <= self.dpo_min_gap <= 4, "train.dpo_min_gap", self.dpo_min_gap, "must be 1, 2, 3 or 4")
+        _check(self.dpo_sft_weight >= 0, "train.dpo_sft_weight", self.dpo_sft_weight, "must be >= 0")
         _check(self.method in METHODS, "train.method", self.method, f"use one of {', '.join(METHODS)}")
         _check(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"must be between 0 and {MAX_SEED}")
         for key in ("rank", "steps", "batch_size", "class_images"):
@@ -262,12 +278,59 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Image features for comparing units (loop compare, the promotion gate): "cheap" (colour histogram + 8x8
+    # thumbnail, no model), or a CLIP or DINOv2 vision model as a local folder or hub id (downloaded once like any
+    # model), whose embeddings are cached by image sha256 in cache/features/
+    features: str = "cheap"
+    k: int = 5  # nearest neighbours for precision, recall, density and coverage (Naeem et al. 2020)
+    # loop compare names a unit whose coverage of its selection, per prompt on average, is below this share of the
+    # base model's (unit 0's) coverage of the same selection
+    min_coverage_share: float = 0.6
+
+    def __post_init__(self):
+        _check(bool(self.features.strip()), "eval.features", self.features, "use cheap, or a CLIP/DINOv2 model")
+        _check(self.k >= 1, "eval.k", self.k, "must be a positive integer")
+        _check(0 <= self.min_coverage_share <= 1, "eval.min_coverage_share", self.min_coverage_share,
+               "must be in [0, 1]")  # fmt: skip
+
+
+@dataclass
+class GateConfig:
+    # A newly trained unit generates only if it passes: on held-out probes (the selection's prompts at seeds no
+    # round used) it keeps at least min_coverage_share of the base's coverage of its selection, and, where a judge
+    # exists, it is not worse than its parent by a one-sided sign test at level alpha. A unit that fails stays on
+    # disk with its figures; `loop promote N` overrides
+    enabled: bool = True
+    probe_seed: int = 1_000_000  # held-out seeds: probe_seed + k, far from any round's generate.seed + k
+    probes_per_prompt: int = 16
+    min_coverage_share: float = 0.6
+    # none: coverage alone decides. votes: the blind A/B votes between the unit and its parent, where there are
+    # any. scripted: the scripted rater (rate.preference, with rate.noise) votes on at most `votes` probe pairs,
+    # as a person would in a quick blind A/B session (benchmarks)
+    judge: str = "votes"
+    votes: int = 40
+    alpha: float = 0.05
+
+    def __post_init__(self):
+        _check(self.judge in JUDGES, "gate.judge", self.judge, f"use one of {', '.join(JUDGES)}")
+        _check(self.probes_per_prompt >= 2, "gate.probes_per_prompt", self.probes_per_prompt, "must be >= 2")
+        _check(0 <= self.min_coverage_share <= 1, "gate.min_coverage_share", self.min_coverage_share,
+               "must be in [0, 1]")  # fmt: skip
+        _check(self.votes >= 1, "gate.votes", self.votes, "must be a positive integer")
+        _check(0 < self.alpha < 1, "gate.alpha", self.alpha, "must be in (0, 1)")
+        _check(0 <= self.probe_seed <= MAX_SEED, "gate.probe_seed", self.probe_seed, f"must be in 0..{MAX_SEED}")
+
+
+@dataclass
 class LoopConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     rate: RateConfig = field(default_factory=RateConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
 KINDS = {"Integer": "a whole number", "Float": "a number", "Boolean": "true or false", "String": "a text"}

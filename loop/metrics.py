@@ -8,6 +8,8 @@ pairwise-preference strengths. Pure numpy and PIL; nothing is downloaded.
     near_duplicate_rate(h)    share of images with a near copy among the others
     novel_hits(feats, t, c)   UR images far (in centred feature space) from every earlier UR image
     bradley_terry(votes)      strengths from pairwise votes (MM algorithm, Hunter 2004), with a bootstrap
+    prdc(real, fake, k)       precision, recall, density, coverage of fake images against real ones (Naeem 2020)
+    sign_test_worse(w, l)     one-sided sign test: is the new side worse than the old in paired votes?
 """
 
 from __future__ import annotations
@@ -322,3 +324,34 @@ def bt_bootstrap(
         boots[b] = _bt_fit(i[pick], j[pick], s[pick], n, iters, prior)
     low, high = np.percentile(boots, [2.5, 97.5], axis=0) if n_boot else (est, est)
     return {k: (float(est[x]), float(low[x]), float(high[x])) for x, k in enumerate(names)}
+
+
+# -- fidelity and coverage ---------------------------------------------------------------------------------
+def prdc(real, fake, k: int = 5) -> dict | None:
+    """Precision, recall, density and coverage of `fake` against `real` (Naeem et al., "Reliable Fidelity and
+    Diversity Metrics for Generative Models", ICML 2020), by the authors' `prdc` package on Euclidean distances
+    of the rows. Coverage is the share of real images with a fake one inside their k-nearest-neighbour ball: a
+    unit that draws one mode of what the person liked covers few of the liked images, however good each is.
+
+    k is lowered to len(real) - 1 and len(fake) - 1 where a set is small (a round may select 3 images of a
+    prompt); fewer than 2 rows on either side gives None (no neighbourhood to speak of).
+    """
+    real = np.asarray(real, dtype=np.float64)
+    fake = np.asarray(fake, dtype=np.float64)
+    if real.ndim != 2 or fake.ndim != 2 or len(real) < 2 or len(fake) < 2:
+        return None
+    from prdc import compute_prdc
+
+    k = max(1, min(int(k), len(real) - 1, len(fake) - 1))
+    out = compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
+    return {key: float(out[key]) for key in ("precision", "recall", "density", "coverage")} | {"k": k}
+
+
+def sign_test_worse(new_wins: int, old_wins: int) -> float:
+    """p-value of a one-sided sign test that the new side loses more often than it wins (ties left out): the
+    binomial probability of old_wins or more of n = new_wins + old_wins under a fair coin. Small: the new side is
+    worse. No votes: 1.0 (no evidence either way)."""
+    n = int(new_wins) + int(old_wins)
+    if n == 0:
+        return 1.0
+    return float(sum(math.comb(n, i) for i in range(int(old_wins), n + 1)) / 2**n)

@@ -30,7 +30,7 @@ def image_features(ws, ec, images: list, keys: list[str] | None = None) -> np.nd
 
 def per_prompt_prdc(real: dict[str, np.ndarray], fake: dict[str, np.ndarray], k: int) -> dict[str, dict]:
     """prdc of each prompt's fake rows against the same prompt's real rows, for the prompts both sides have
-    (and where loop.metrics.prdc gives a figure: at least 2 rows each)."""
+    (and where loop.metrics.prdc gives a figure: at least 3 rows each)."""
     out = {}
     for p in real:
         if p in fake:

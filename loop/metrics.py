@@ -333,17 +333,22 @@ def prdc(real, fake, k: int = 5) -> dict | None:
     of the rows. Coverage is the share of real images with a fake one inside their k-nearest-neighbour ball: a
     unit that draws one mode of what the person liked covers few of the liked images, however good each is.
 
-    k is lowered to len(real) - 1 and len(fake) - 1 where a set is small (a round may select 3 images of a
-    prompt); fewer than 2 rows on either side gives None (no neighbourhood to speak of).
+    k is lowered to len - 2 of the smaller set where a set is small (a round may select 3 images of a prompt;
+    the package takes the (k+1)-th smallest distance, the point itself included); fewer than 3 rows on either
+    side gives None (no neighbourhood to speak of).
     """
     real = np.asarray(real, dtype=np.float64)
     fake = np.asarray(fake, dtype=np.float64)
-    if real.ndim != 2 or fake.ndim != 2 or len(real) < 2 or len(fake) < 2:
+    if real.ndim != 2 or fake.ndim != 2 or len(real) < 3 or len(fake) < 3:
         return None
+    import contextlib
+    import io
+
     from prdc import compute_prdc
 
-    k = max(1, min(int(k), len(real) - 1, len(fake) - 1))
-    out = compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
+    k = max(1, min(int(k), len(real) - 2, len(fake) - 2))
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints the set sizes
+        out = compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
     return {key: float(out[key]) for key in ("precision", "recall", "density", "coverage")} | {"k": k}
 
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from loop.config import TIERS
+from loop.config import TIERS, EvalConfig
 from loop.errors import LoopError
+from loop.features import image_features, mean_of, per_prompt_prdc
 from loop.images import load_rgb
 from loop.metrics import (
     NEAR_DUPLICATE_BITS,
@@ -219,14 +220,21 @@ def spread(rows: list, cap: int) -> list:
 
 
 def unit_stats(
-    ws, store, units: list[int], log=print, cap: int = STATS_CAP, threshold: float = NOVEL_HIT_THRESHOLD
+    ws,
+    store,
+    units: list[int],
+    log=print,
+    cap: int = STATS_CAP,
+    threshold: float = NOVEL_HIT_THRESHOLD,
+    ec: EvalConfig | None = None,
 ) -> list[dict]:
     """One dict per unit: images, rated, tiers (count per tier), ur_rate (UR / rated; None with no ratings),
     vendi and near_dup_rate (over at most `cap` of its images; None with no readable image), seed_diversity
     (over the same images, txt2img only, grouped by prompt; None without two images of one prompt) and
     seed_diversity_by_prompt (each prompt's), collapsing (the prompts whose seed diversity fell by COLLAPSE_DROP
     or more against the parent unit beyond the fall of the unit's average, when the parent is among `units`),
-    novel_hits.
+    novel_hits, and the per-prompt precision, recall, density and coverage of its selection and of unit 0's images
+    (see coverage_stats; features and k from `ec`, eval.* in the config).
 
     Novel hits are judged over the UR images of ALL units (imported images, which no unit made, are left out)
     in the order they were stored (row id): a unit is credited with each of its UR images that is farther than
@@ -256,6 +264,7 @@ def unit_stats(
     hits_by_unit = Counter(r["unit"] for (r, _), hit in zip(ur, hits) if hit)
 
     out = []
+    samples: dict[int, list] = {}  # unit -> its sampled txt2img rows that could be read (for coverage_stats)
     for u in units:
         rows = store.images(unit=u)
         tiers = {t: 0 for t in TIERS}
@@ -269,6 +278,7 @@ def unit_stats(
         for r, x in sample:
             if r["parent_id"] is None:
                 by_prompt[r["prompt"]].append(x[2])
+        samples[u] = [r for r, _ in sample if r["parent_id"] is None]
         per_prompt = dict(zip(by_prompt, seed_diversity_per_group([np.stack(g) for g in by_prompt.values()])))
         out.append(
             dict(
@@ -302,8 +312,118 @@ def unit_stats(
                 s["collapsing"].append(
                     {"prompt": p, "parent": parent["unit"], "before": before, "after": d, "overall": round(overall, 4)}
                 )
+    # 4. per prompt: how each unit covers what it was trained on, against how the base model covers it
+    if 0 not in samples:
+        samples[0] = [r for r in spread(store.images(unit=0), cap) if r["parent_id"] is None and load(r) is not None]
+    figures = coverage_stats(ws, store, units, ec or EvalConfig(), samples, lambda r: (load(r) or (None,))[0])
+    for s in out:
+        s.update(figures[s["unit"]])
     if missing:
         log(f"warning: {len(missing)} image file(s) could not be read and were left out (first: {missing[0]})")
+    return out
+
+
+def selection_rows(ws, store, unit: int) -> list[tuple] | None:
+    """The store rows of the images unit `unit` was trained on (checkpoints/unit_NNN/manifest.json "images": id,
+    sha256, caption), each as (row, prompt): the row's prompt, or the caption where the row has none (an imported
+    image). Found by id, or by sha256 where the id names another file. None when the unit has no manifest; an
+    entry the store does not hold is left out."""
+    try:
+        doc = json.loads((ws.checkpoint(unit) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    out = []
+    for it in doc.get("images") or []:
+        sha = it.get("sha256")
+        row = store.image(int(it["id"])) if it.get("id") is not None else None
+        if row is None or (sha and row["sha256"] != sha):
+            got = store.image_by_sha(sha) if sha else []
+            row = got[0] if got and got[0]["sha256"] == sha else None
+        if row is not None:
+            out.append((row, row["prompt"] or it.get("caption") or ""))
+    return out
+
+
+def coverage_stats(ws, store, units: list[int], ec: EvalConfig, samples: dict[int, list], cheap) -> dict:
+    """Per unit, the figures that show a collapse within a prompt (Naeem et al. 2020's precision, recall, density
+    and coverage, loop.metrics.prdc, on `ec.features`, prompt by prompt):
+
+    selection_by_prompt   the unit's txt2img images (`samples[unit]`) against the images it was trained on
+                          (selection_rows); unit 0, which has none, against unit 1's selection (selection_unit)
+    base_coverage_by_prompt  unit 0's coverage of that same selection: what the base model already spans
+    vs_base_by_prompt     the unit's images against unit 0's images of the prompt (empty for unit 0)
+    selection_coverage, base_selection_coverage  the means over the prompts both have
+    coverage_share        selection_coverage / base_selection_coverage (None where either is missing or the base
+                          covers nothing); collapsed: below ec.min_coverage_share
+    coverage_lost         the prompts the unit covers less of than the base, largest drop first
+
+    A fake set never counts an image of its real set (the base's images of round 0 ARE unit 1's selection: they
+    would cover themselves), so each comparison leaves those out. `cheap(row)`: the image's cheap feature
+    (loop.metrics.features, which eval.features=cheap is), None where the file cannot be read.
+    """
+    feats: dict[int, np.ndarray] = {}
+
+    def grouped(pairs: list[tuple]) -> dict[str, list[tuple[int, np.ndarray]]]:
+        """(row, prompt) pairs -> prompt -> [(image id, feature)], computing each image's feature once."""
+        todo = [r for r, _ in pairs if r["id"] not in feats]
+        if ec.features == "cheap":  # image_features would read the files again for what unit_stats has
+            feats.update({r["id"]: cheap(r) for r in todo})
+            todo = []
+        for i in range(0, len(todo), 256):  # a model's embeddings are cached; this bounds the images held at once
+            chunk = todo[i : i + 256]
+            rows = image_features(ws, ec, [ws.root / r["path"] for r in chunk], [r["sha256"] for r in chunk])
+            feats.update({r["id"]: f for r, f in zip(chunk, rows)})
+        out = defaultdict(list)
+        for r, p in pairs:
+            out[p].append((r["id"], feats[r["id"]]))
+        return out
+
+    def figures(real: dict, fake: dict) -> dict[str, dict]:
+        """per_prompt_prdc of fake against real, each fake set less the images its real set holds."""
+        reals, fakes = {}, {}
+        for p, items in real.items():
+            ids = {i for i, _ in items}
+            kept = [f for i, f in fake.get(p, []) if i not in ids]
+            if kept:
+                reals[p], fakes[p] = np.stack([f for _, f in items]), np.stack(kept)
+        return {p: {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+                for p, d in per_prompt_prdc(reals, fakes, ec.k).items()}  # fmt: skip
+
+    own = {u: grouped([(r, r["prompt"]) for r in samples.get(u, [])]) for u in {0, *units}}
+    selections: dict[int, dict | None] = {}
+
+    def selection(u: int) -> dict | None:
+        if u not in selections:
+            rows = selection_rows(ws, store, u)
+            selections[u] = None if rows is None else grouped([(r, p) for r, p in rows if cheap(r) is not None])
+        return selections[u]
+
+    out = {}
+    for u in units:
+        sel_unit = u if u > 0 else (1 if selection(1) is not None else None)
+        sel = selection(sel_unit) if sel_unit is not None else None
+        by_prompt = figures(sel, own[u]) if sel else {}
+        base = figures(sel, own[0]) if sel else {}
+        both = [p for p in by_prompt if p in base]
+        cov = mean_of({p: by_prompt[p] for p in both}, "coverage")
+        base_cov = mean_of({p: base[p] for p in both}, "coverage")
+        share = cov / base_cov if cov is not None and base_cov else None
+        lost = sorted(
+            ({"prompt": p, "base": base[p]["coverage"], "unit": by_prompt[p]["coverage"]} for p in both
+             if by_prompt[p]["coverage"] < base[p]["coverage"]),
+            key=lambda d: d["unit"] - d["base"],
+        )  # fmt: skip
+        out[u] = dict(
+            selection_unit=sel_unit if sel is not None else None,
+            selection_by_prompt=by_prompt,
+            base_coverage_by_prompt={p: d["coverage"] for p, d in base.items()},
+            vs_base_by_prompt=figures(own[0], own[u]) if u != 0 else {},
+            selection_coverage=None if cov is None else round(cov, 4),
+            base_selection_coverage=None if base_cov is None else round(base_cov, 4),
+            coverage_share=None if share is None else round(share, 4),
+            collapsed=share is not None and share < ec.min_coverage_share,
+            coverage_lost=lost,
+        )
     return out
 
 
@@ -353,7 +473,8 @@ def compare(
 ) -> dict:
     """Render the probe grid for `units`, compute their statistics, and write compare_grid.png, compare_plot.png
     and compare.json under `out_dir` (default <workspace>/cache/compare). Returns
-    {"grid": Path, "plot": Path, "units": [per-unit stats, see unit_stats], "probes": [...], ...}."""
+    {"grid": Path, "plot": Path, "units": [per-unit stats, see unit_stats], "probes": [...], "eval": eval.*,
+    "collapsed": [the units whose coverage_share is below eval.min_coverage_share], ...}."""
     units = check_units(ws, units)  # before any rendering: a typo fails at once
     pairs = probe_set(ws, probes, seeds)
     lines = probe_lines(ws) if probes is None else {}
@@ -364,7 +485,7 @@ def compare(
         rows.append((u, render_unit(ws, cfg, u, pairs, lines, jobs_out=jobs)))
     grid = atomic_write(out_dir / "compare_grid.png", _png(grid_image(rows, pairs)))
     log("compare: statistics from the store")
-    stats = unit_stats(ws, store, units, log=log)
+    stats = unit_stats(ws, store, units, log=log, ec=cfg.eval)
     plot = atomic_write(out_dir / "compare_plot.png", plot_png(stats))
     result = {
         "grid": grid,
@@ -385,14 +506,79 @@ def compare(
         "novel_hit_threshold": NOVEL_HIT_THRESHOLD,
         "near_duplicate_bits": NEAR_DUPLICATE_BITS,
         "stats_cap": STATS_CAP,
+        "eval": dataclasses.asdict(cfg.eval),
+        "collapsed": [s["unit"] for s in stats if s["collapsed"]],
     }
     data = {**result, "grid": str(grid), "plot": str(plot)}
     result["json"] = atomic_write(out_dir / "compare.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return result
 
 
+def _table(head: list[str], body: list[list[str]], left: int = 0) -> list[str]:
+    """Plain-text columns under a dashed rule; the first `left` columns flush left, the rest right."""
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    lines = [
+        "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        for r in [head, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _share(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def coverage_lines(result: dict) -> list[str]:
+    """What leads compare's output: per unit and prompt, how the unit's images cover its selection (and the base's
+    images), then a line for each unit that collapsed, naming the prompts that lost the most."""
+    ev = result.get("eval") or dataclasses.asdict(EvalConfig())
+    head = ["unit", "prompt", "cov sel", "base cov", "recall sel", "precision", "cov unit 0"]
+    body = []
+    for s in result["units"]:
+        sel, vs0 = s.get("selection_by_prompt") or {}, s.get("vs_base_by_prompt") or {}
+        base = s.get("base_coverage_by_prompt") or {}
+        for p in [*sel, *(p for p in vs0 if p not in sel)]:
+            a, b = sel.get(p) or {}, vs0.get(p) or {}
+            body.append([
+                str(s["unit"]),
+                _fit_text(p, 32),
+                _share(a.get("coverage")),
+                _share(base.get(p)),
+                _share(a.get("recall")),
+                _share(a.get("precision")),
+                _share(b.get("coverage")),
+            ])  # fmt: skip
+    if not body:
+        return ["per-prompt coverage: nothing to compare yet (it needs a trained unit's manifest.json, or unit 0's "
+                "images, with 3 or more readable images of a prompt on each side)"]  # fmt: skip
+    lines = [
+        f"per prompt, against the unit's own selection (sel) and unit 0's images (features: {ev['features']}, "
+        f"k={ev['k']}):",
+        *_table(head, body, left=2),
+        "(cov sel: the share of the selection's images it draws something near, unit 0 against unit 1's selection; "
+        "base cov: the same for unit 0; recall sel / precision: how much of the selection it reaches / how much of "
+        "what it draws lies near the selection)",
+    ]
+    for s in result["units"]:
+        if not s.get("collapsed"):
+            continue
+        lost = ", ".join(f"{d['prompt']!r} ({d['base']:.2f} -> {d['unit']:.2f})" for d in s["coverage_lost"][:3])
+        lines.append(
+            f"unit {s['unit']} collapsed: it covers {s['selection_coverage']:.0%} of what its selection spans, "
+            f"against {s['base_selection_coverage']:.0%} for the base (share {s['coverage_share']:.2f} < "
+            f"{ev['min_coverage_share']:g})" + (f"; lost most: {lost}" if lost else "")
+        )
+    return lines
+
+
+def _fit_text(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def format_table(result: dict) -> str:
-    """The per-unit statistics as a plain-text table, one row per unit, then where the files are."""
+    """Per prompt, each unit's coverage of its selection and any collapse (coverage_lines); then the per-unit
+    statistics, one row per unit; then where the files are."""
     head = ["unit", "images", "rated", *TIERS, "UR rate", "vendi", "seed div", "lowest", "near-dup", "novel"]
     body = []
     for s in result["units"]:
@@ -410,9 +596,7 @@ def format_table(result: dict) -> str:
                 str(s["novel_hits"]),
             ]
         )
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [*coverage_lines(result), "", *_table(head, body)]
     lines.append("(seed div: within a prompt, averaged over the prompts; lowest: the prompt that varies least)")
     for s in result["units"]:
         for c in s.get("collapsing", []):

@@ -132,7 +132,12 @@ def load_rgb(path: Path) -> np.ndarray:
 
 
 def preference_score(rgb: np.ndarray, preference: str) -> float:
-    """The scripted rater's taste, on 0..255 pixel values: higher is better."""
+    """The scripted rater's taste, on 0..255 pixel values: higher is better. The colour statistics are here; the
+    multi-attribute tastes (small_dark, contrast, centred_big) are in loop.tastes."""
+    from loop.tastes import TASTES, taste_score  # a leaf module: numpy only
+
+    if preference in TASTES and preference != "warm":
+        return taste_score(rgb, preference)
     x = rgb.astype(np.float32)
     r, g, b = x[..., 0].mean(), x[..., 1].mean(), x[..., 2].mean()
     lum = 0.299 * r + 0.587 * g + 0.114 * b

@@ -53,6 +53,7 @@ from tqdm import tqdm
 from loop.config import LoopConfig, to_yaml
 from loop.errors import LoopError
 from loop.models import load_base, peft_named_copy, pick_device
+from loop.objectives import diffusion_dpo_loss, per_item_error, preference_pairs, supervised_loss
 from loop.store import Store
 from loop.workspace import TMP_MARK, UMASK, Workspace, atomic_write, sha256_file, unit_name
 
@@ -159,6 +160,7 @@ class TrainData:
     weights: torch.Tensor | None = None  # sampling weight per item (selection.json's "weight"); None: uniform
     empty: torch.Tensor | None = None  # the empty caption's embedding (or ids): what a dropped caption becomes
     empty_embed: torch.Tensor | None = None  # the empty caption through the frozen text encoder (base targets)
+    pairs: torch.Tensor | None = None  # train.objective=dpo: (better, worse) rows into latents, one pair a row
 
 
 # -- class images (prior preservation) ---------------------------------------------------------------------
@@ -394,6 +396,57 @@ class BaseTargets:
         return self.steps[step - c * self.CHUNK]
 
 
+def dpo_batch_loss(unet, data, noise_sched, tc, accelerator, gen, t_weights, dev, te_learns: bool):
+    """One step of train.objective=dpo: batch_size/2 pairs, each winner and loser noised with the same noise at the
+    same timestep, through the unit and through the reference (the same UNet with its adapter switched off), and
+    the Diffusion-DPO loss on their errors (loop.objectives). train.uncond_preservation's share of the batch gets
+    the empty caption and the reference's own prediction as target, as in supervised training, so guidance keeps
+    amplifying what the unit learned; dpo_sft_weight adds the supervised loss on the winners."""
+    if te_learns:
+        raise LoopError("train.objective=dpo trains the UNet only; set train.text_encoder_lora=false "
+                        "(and, for custom_diffusion, train.modifier_token=)")  # fmt: skip
+    n = max(1, tc.batch_size // 2)
+    pick = data.pairs[torch.randint(0, len(data.pairs), (n,), generator=gen)]
+    rows = torch.cat([pick[:, 0], pick[:, 1]])
+    noise = torch.randn((n, *data.latents.shape[1:]), generator=gen)
+    noise = torch.cat([noise, noise])
+    num = noise_sched.config.num_train_timesteps
+    if t_weights is None:
+        t = torch.randint(0, num, (n,), generator=gen)
+    else:
+        t = torch.multinomial(t_weights, n, replacement=True, generator=gen)
+    t = torch.cat([t, t])
+    cond = data.embeds[rows]
+    # uncond preservation: some of the pairs' images again, fresh noise and timestep, the empty caption
+    k = int(round(tc.uncond_preservation * 2 * n))
+    if k:
+        extra = rows[torch.randint(0, len(rows), (k,), generator=gen)]
+        rows = torch.cat([rows, extra])
+        noise = torch.cat([noise, torch.randn((k, *data.latents.shape[1:]), generator=gen)])
+        t = torch.cat([t, torch.randint(0, num, (k,), generator=gen)])
+        cond = torch.cat([cond, data.empty_embed.unsqueeze(0).expand(k, *data.empty_embed.shape)])
+    x0 = data.latents[rows]
+    xt = noise_sched.add_noise(x0, noise, t).to(dev)
+    target = loss_target(noise_sched, x0, noise, t).to(dev)
+    t, cond = t.to(dev), cond.to(dev)
+    model = accelerator.unwrap_model(unet)
+    with torch.no_grad(), accelerator.autocast():
+        model.disable_adapters()
+        try:
+            ref = unet(xt, t, encoder_hidden_states=cond).sample.float()
+        finally:
+            model.enable_adapters()
+    with accelerator.autocast():
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+    err, ref_err = per_item_error(pred[: 2 * n], target[: 2 * n]), per_item_error(ref[: 2 * n], target[: 2 * n])
+    loss, _ = diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], tc.dpo_beta)
+    if k:
+        loss = loss + per_item_error(pred[2 * n :], ref[2 * n :]).mean()
+    if tc.dpo_sft_weight:
+        loss = loss + tc.dpo_sft_weight * supervised_loss(err[:n])
+    return loss
+
+
 class Checkpoints:
     """accelerate checkpoints in `folder`, tied to a fingerprint of the selection and the settings."""
 
@@ -560,60 +613,63 @@ def fit(
     )
     t_weights = timestep_weights(noise_sched.config.num_train_timesteps, tc)
     bank = None
-    if data.empty is not None and tc.uncond_preservation:
+    if data.empty is not None and tc.uncond_preservation and data.pairs is None:
         pools = [inst] * bs + ([prior] * bs if prior is not None and len(prior) else [])
         bank = BaseTargets(unet, accelerator, data, noise_sched, tc, t_weights, pools, dev)
     w = None if data.weights is None else data.weights[inst].double()
     if w is not None and bool((w == w[0]).all()):
         w = None  # uniform: the plain sampler (same batches as before weights existed)
     for step in bar:
-        if w is None:
-            idx = inst[torch.randint(0, len(inst), (bs,), generator=gen)]
+        if data.pairs is not None:  # train.objective=dpo: pairs of the same prompt, better against worse
+            loss = dpo_batch_loss(unet, data, noise_sched, tc, accelerator, gen, t_weights, dev, te_learns)
         else:
-            idx = inst[torch.multinomial(w, bs, replacement=True, generator=gen)]
-        if prior is not None and len(prior):
-            idx = torch.cat([idx, prior[torch.randint(0, len(prior), (bs,), generator=gen)]])
-        x0 = data.latents[idx].to(dev)
-        noise = torch.randn(x0.shape, generator=gen)
-        if tc.noise_offset:
-            noise = noise + tc.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
-        noise = noise.to(dev)
-        if t_weights is None:
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(dev)
-        else:
-            t = torch.multinomial(t_weights, len(idx), replacement=True, generator=gen).to(dev)
-        cap = (data.ids if te_learns else data.embeds)[idx]
-        drop = keep = None
-        if data.empty is not None and tc.caption_dropout:
-            drop = torch.rand(len(idx), generator=gen) < tc.caption_dropout
-        if bank is not None:
-            keep, xk, tk, yk = bank.at(step)
-            drop = keep if drop is None else drop | keep
-        if drop is not None:
-            cap = torch.where(drop.view(-1, *[1] * (cap.dim() - 1)), data.empty.to(cap.dtype), cap)
-        xt = noise_sched.add_noise(x0, noise, t)
-        target = loss_target(noise_sched, x0, noise, t)
-        if keep is not None and bool(keep.any()):  # the base's own prediction for these (see BaseTargets)
-            kd = keep.to(dev)
-            xt, t, target = xt.clone(), t.clone(), target.clone()
-            xt[kd], t[kd], target[kd] = xk.to(dev), tk.to(dev), yk.to(dev)
-        with accelerator.autocast():
-            cond = text_encoder(cap.to(dev))[0] if te_learns else cap.to(dev)
-            try:
-                pred = step_unet(xt, t, encoder_hidden_states=cond).sample
-            except Exception as e:  # compiling happens at the first call; a failure there falls back to eager
-                if step_unet is unet:
-                    raise
-                log(f"train.compile: compiling failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                    "training eagerly instead")  # fmt: skip
-                step_unet = unet
-                pred = unet(xt, t, encoder_hidden_states=cond).sample
-        per_item = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        per_item = per_item * snr_weights(noise_sched, t, tc.snr_gamma)
-        if prior is not None and len(prior):
-            loss = per_item[:bs].mean() + tc.prior_weight * per_item[bs:].mean()
-        else:
-            loss = per_item.mean()
+            if w is None:
+                idx = inst[torch.randint(0, len(inst), (bs,), generator=gen)]
+            else:
+                idx = inst[torch.multinomial(w, bs, replacement=True, generator=gen)]
+            if prior is not None and len(prior):
+                idx = torch.cat([idx, prior[torch.randint(0, len(prior), (bs,), generator=gen)]])
+            x0 = data.latents[idx].to(dev)
+            noise = torch.randn(x0.shape, generator=gen)
+            if tc.noise_offset:
+                noise = noise + tc.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
+            noise = noise.to(dev)
+            if t_weights is None:
+                t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(dev)
+            else:
+                t = torch.multinomial(t_weights, len(idx), replacement=True, generator=gen).to(dev)
+            cap = (data.ids if te_learns else data.embeds)[idx]
+            drop = keep = None
+            if data.empty is not None and tc.caption_dropout:
+                drop = torch.rand(len(idx), generator=gen) < tc.caption_dropout
+            if bank is not None:
+                keep, xk, tk, yk = bank.at(step)
+                drop = keep if drop is None else drop | keep
+            if drop is not None:
+                cap = torch.where(drop.view(-1, *[1] * (cap.dim() - 1)), data.empty.to(cap.dtype), cap)
+            xt = noise_sched.add_noise(x0, noise, t)
+            target = loss_target(noise_sched, x0, noise, t)
+            if keep is not None and bool(keep.any()):  # the base's own prediction for these (see BaseTargets)
+                kd = keep.to(dev)
+                xt, t, target = xt.clone(), t.clone(), target.clone()
+                xt[kd], t[kd], target[kd] = xk.to(dev), tk.to(dev), yk.to(dev)
+            with accelerator.autocast():
+                cond = text_encoder(cap.to(dev))[0] if te_learns else cap.to(dev)
+                try:
+                    pred = step_unet(xt, t, encoder_hidden_states=cond).sample
+                except Exception as e:  # compiling happens at the first call; a failure there falls back to eager
+                    if step_unet is unet:
+                        raise
+                    log(f"train.compile: compiling failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                        "training eagerly instead")  # fmt: skip
+                    step_unet = unet
+                    pred = unet(xt, t, encoder_hidden_states=cond).sample
+            per_item = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            per_item = per_item * snr_weights(noise_sched, t, tc.snr_gamma)
+            if prior is not None and len(prior):
+                loss = per_item[:bs].mean() + tc.prior_weight * per_item[bs:].mean()
+            else:
+                loss = per_item.mean()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -674,6 +730,29 @@ def check_can_train(ws: Workspace, store: Store, parent: int) -> dict:
     return sel_doc
 
 
+def preference_items(store: Store, cfg: LoopConfig, parent: int) -> list[dict]:
+    """train.objective=dpo's images: every rated txt2img image a unit made in rounds up to `parent` (only round
+    `parent` with select.accumulate=false) that pairs with another image of its prompt (loop.objectives)."""
+    rows = [
+        r for r in store.images()
+        if r["tier"] is not None and r["unit"] is not None and r["parent_id"] is None and r["round"] is not None
+        and r["round"] <= parent and (cfg.select.accumulate or r["round"] == parent)
+    ]  # fmt: skip
+    used = sorted({i for pair in preference_pairs(rows, cfg.train.dpo_min_gap) for i in pair})
+    if not used:
+        raise LoopError(no_pairs_message(cfg.train))
+    keys = ("id", "sha256", "path", "tier", "unit", "round", "source")
+    return [{**{k: rows[i][k] for k in keys}, "caption": rows[i]["prompt"], "prior": False} for i in used]
+
+
+def no_pairs_message(tc) -> str:
+    return (
+        f"train.objective=dpo needs two rated images of one prompt at least {tc.dpo_min_gap} tiers apart "
+        f"(train.dpo_min_gap) and there are none; rate more images, lower train.dpo_min_gap, or use "
+        f"train.objective=supervised"
+    )
+
+
 def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=print, stop_after=None) -> dict:
     """Train unit parent+1 from its selection.json; writes the adapter, manifest.json and config.yaml."""
     from accelerate import Accelerator
@@ -705,7 +784,9 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
 
     # 2. class images (made by the base model, before any adapter is attached), then the latents (cached)
     items = [dict(it, prior=False) for it in selection]
-    if tc.prior_preservation:
+    if tc.objective == "dpo":  # every rated image that pairs with another of its prompt, not just the selection
+        items = preference_items(store, cfg, parent)
+    if tc.prior_preservation and tc.objective != "dpo":
         items += class_images(ws, pipe, [it["caption"] for it in selection], tc.class_images, cfg, log)
     lat, items, cache_stats = encode_latents(ws, pipe, items, size, cfg.model.base, log)
     log(f"encode cache: {cache_stats['cache_hits']} hit(s), {cache_stats['cache_misses']} miss(es)")
@@ -719,6 +800,12 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
     )
 
     data.empty_embed = encode_texts(ws, pipe, [""], cfg.model.base)[0]  # before any adapter: the base's view
+    if tc.objective == "dpo":  # over the images that could be read
+        pairs = preference_pairs([{"prompt": it["caption"], "tier": it["tier"]} for it in items], tc.dpo_min_gap)
+        if not pairs:
+            raise LoopError(no_pairs_message(tc))
+        data.pairs = torch.tensor(pairs, dtype=torch.long)
+        log(f"dpo: {len(pairs)} pair(s) of images of the same prompt, {tc.dpo_min_gap}+ tiers apart")
 
     # 3. adapters: what learns depends on the method; their random init is seeded, so a unit is reproducible
     with torch.random.fork_rng():
@@ -788,6 +875,8 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             "images": [{k: it.get(k) for k in ("id", "sha256", "caption", "tier")} for it in items if not it["prior"]],
             "left_out": [{k: it.get(k) for k in ("id", "sha256")} for it in selection if it["sha256"] not in trained],
             "class_images": sum(it["prior"] for it in items),
+            "objective": tc.objective,
+            "pairs": 0 if data.pairs is None else len(data.pairs),
             "config": json.loads(json.dumps(_plain(cfg))),
             "steps": tc.steps,
             "processes": accelerator.num_processes,

@@ -3,7 +3,7 @@
 import pytest
 
 from loop.bench.__main__ import _strategies
-from loop.bench.converge import SEED_MARGIN, STRATEGIES, targets
+from loop.bench.strategies import SEED_MARGIN, STRATEGIES, targets
 
 
 def figures(**over) -> dict:
@@ -63,7 +63,7 @@ def test_only_option():
 
 
 def test_across_seeds_reports_the_spread_and_how_often_each_target_is_met():
-    from loop.bench.converge import across_seeds
+    from loop.bench.strategies import across_seeds
 
     good = figures()
     stalled = figures(converge_ur_rate_unit3=0.45, converge_ur_rate_peak=0.9, converge_ur_rate_peak_unit=1)
@@ -102,7 +102,7 @@ def test_overrides_are_checked_before_the_study_starts():
 
 def test_overrides_reach_every_strategy_after_its_own(tmp_path, monkeypatch):
     """run_strategy's config is the strategy's own settings, then the overrides (which win on a shared key)."""
-    import loop.bench.converge as bc
+    import loop.bench.strategies as bc
 
     seen = []
 

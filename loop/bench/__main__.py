@@ -2,7 +2,7 @@
 python -m loop.bench rate [--images 10000] [--ratings 200]
 python -m loop.bench generate [--images 64] [--steps 20] [--batch 16]
 python -m loop.bench train [--images 32] [--steps 30] [--batch 8] [--reps 10]
-python -m loop.bench converge [--rounds 3] [--images 64] [--steps 300] [--noise 10] [--keep DIR] [--seed 0]
+python -m loop.bench strategies [--rounds 3] [--images 64] [--steps 300] [--noise 10] [--keep DIR] [--seed 0]
                               [--only converge,replace] [--seeds 0,1,2,3,4] [key=value ...]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
@@ -34,7 +34,7 @@ def _strategies(only: str | None) -> list[str] | None:
     """--only a,b -> ["a", "b"], checked against the benchmark's strategies (one clear line if a name is wrong)."""
     if not only:
         return None
-    from loop.bench.converge import STRATEGIES
+    from loop.bench.strategies import STRATEGIES
 
     names = [n.strip() for n in only.split(",") if n.strip()]
     wrong = [n for n in names if n not in STRATEGIES]
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--reps", type=int, default=10, help="blocks: the sides take turns; median ratio kept")
     r.add_argument("--batch", type=int, default=8)
     r.add_argument("--out", default="docs")
-    r = sub.add_parser("converge", help="4 strategies and a replace ablation over several rounds, scripted rater")
+    r = sub.add_parser("strategies", help="4 strategies and a replace ablation over several rounds, warm rater")
     r.add_argument("--rounds", type=int, default=3, help="trainings per strategy (units 0..rounds are rated)")
     r.add_argument("--images", type=int, default=64, help="images per round")
     r.add_argument("--steps", type=int, default=300, help="LoRA steps per unit")
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         from loop.bench.shots import compare_screenshot
 
         compare_screenshot(args.out)
-    elif args.name == "converge":
-        from loop.bench.converge import bench_converge, bench_converge_seeds
+    elif args.name == "strategies":
+        from loop.bench.strategies import bench_converge, bench_converge_seeds
 
         _check_overrides(args.overrides)
         if args.seeds:

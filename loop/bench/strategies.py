@@ -1,10 +1,11 @@
-"""`python -m loop.bench converge`: does the loop converge on a hidden taste without collapsing?
+"""`python -m loop.bench strategies`: every strategy on the warm-colour rater (the study before the tastes of
+`python -m loop.bench converge`): does the loop converge on a hidden taste without collapsing?
 
 For each strategy (converge, golden, grow from a single image, longtail) and a "replace instead of
 accumulate" ablation (converge with select.accumulate=false), a fresh workspace runs `rounds` whole rounds
 on the embedded model with the scripted rater (the hidden preference: warm colours, plus Gaussian noise),
 then the last unit's round is generated and rated too. Per unit it reports the UR rate, diversity (Vendi
-score on cheap features), seed diversity (within a prompt) and novel hits, writes docs/convergence.md with a plot
+score on cheap features), seed diversity (within a prompt) and novel hits, writes docs/strategies.md with a plot
 and the table, and docs/bench/converge.json with flat keys `<strategy>_ur_rate_unit0`, `..._unit3`,
 `<strategy>_diversity_unit0`, `..._unit3`, `<strategy>_seed_diversity_unit0`, `..._unit3`,
 `<strategy>_novel_hits`, and where the UR rate peaked (`<strategy>_ur_rate_peak`, `..._peak_unit`): a
@@ -195,7 +196,7 @@ default holds it and the ablations do not: converge 0.192 -> 0.190 -> 0.183 (95%
 85% and 81% of converge's; the benchmark calls the target met below 90% (`SEED_MARGIN`), a clear gap rather
 than a few per cent.
 
-**Other seeds.** `python -m loop.bench converge --seed N --only converge,replace,replace_parent` draws the
+**Other seeds.** `python -m loop.bench strategies --seed N --only converge,replace,replace_parent` draws the
 study again with other generation and training seeds (8 to 12 minutes each). Five seeds so far (rep. is
 replace, r.p. replace_parent; the last three columns are at unit 3, seed diversity as a share of converge's):
 
@@ -259,8 +260,8 @@ Converge at the seeds where it falls back: UR (%) at units 0, 1, 2 and 3, seed d
 
 ## Across seeds, and where a fall back starts
 
-`python -m loop.bench converge --seeds 0,1,2,3,4 --only converge [key=value ...]` runs the study at each seed
-(generate.seed and train.seed together) and writes the spread to convergence_seeds.md; trailing `key=value`
+`python -m loop.bench strategies --seeds 0,1,2,3,4 --only converge [key=value ...]` runs the study at each seed
+(generate.seed and train.seed together) and writes the spread to strategies_seeds.md; trailing `key=value`
 overrides apply to every strategy, so every knob below was measured the same way, at the same five seeds.
 Converge's UR rate (%) at unit 3 (its peak in brackets, where higher), how many of the five seeds meet the 2x
 target, and at how many it fell back 10 points or more from its peak. Unit 0 is at 30, 31, 25, 22 and 22%
@@ -295,13 +296,13 @@ target, and at how many it fell back 10 points or more from its peak. Unit 0 is 
   exponential moving average of the adapter (diffusers' EMAModel, covering about the last tenth of the steps)
   instead of the last step. At seed 4 it lifts train seed 4's unit 1 from 47% to 73% UR (train seed 1: 84%
   against 83%). Over the whole study at eight seeds (`--seeds 0,1,2,3,4,5,6,7 --only converge,golden
-  train.ema=true`, 26 min; docs/bench/converge_seeds_ema.json) the loop still falls back after unit 1, and
+  train.ema=true`, 26 min; docs/bench/strategies_seeds_ema.json) the loop still falls back after unit 1, and
   converge ends lower: its UR at unit 3 is 94, 84, 44, 42, 31, 50, 67 and 30% (the default: 97, 97, 64, 56,
   33, 59, 50 and 33%), 2x met at 4 of 8 seeds against 6; golden's is 100, 98, 77, 67, 58, 80, 70 and 78% (the
   default: 100, 86, 97, 56, 75, 72, 75 and 75%), 2x met at 8 of 8 either way. So the first unit's luck
   starts a fall, but a steadier first unit does not stop the later ones from falling; it stays an option.
 
-![converge at seed 4: unit 1 (train seed 4) draws one cyan shape on red for every seed](img/convergence_seed4.png)
+![converge at seed 4: unit 1 (train seed 4) draws one cyan shape on red for every seed](img/strategies_seed4.png)
 
 **What the whole-unit Vendi score does not see.** It rises for both ablations (2.23 and 2.31 at unit 3,
 against converge's 2.01; 2.91 and 3.01 at units 4 and 5 of the longer run). Over a whole unit it counts how
@@ -413,25 +414,25 @@ def bench_converge(
     figures["overrides"] = " ".join(overrides or [])
     verdicts = targets(figures, rounds)
     png = plot(results)
-    atomic_write(Path(out) / "img" / "convergence.png", png)
-    atomic_write(Path(out) / "img" / "convergence_units.png", contact_sheet(results))
+    atomic_write(Path(out) / "img" / "strategies.png", png)
+    atomic_write(Path(out) / "img" / "strategies_units.png", contact_sheet(results))
     tbl = table(rows)
     print(tbl)
     md = (
-        "# Convergence\n\nWritten by `python -m loop.bench converge` "
+        "# Strategies (the warm-colour rater)\n\nWritten by `python -m loop.bench strategies` "
         f"({rounds} rounds per strategy, {figures['images_per_round']} images per round, {steps} LoRA steps, "
         f"the scripted warm-colour rater with noise {noise}, seed {seed}"
         f"{'; overrides: ' + figures['overrides'] if overrides else ''}; {figures['minutes']} minutes on this "
         "machine).\n\n"
-        "![UR rate and diversity per unit, per strategy](img/convergence.png)\n\n" + tbl + "\n\n"
+        "![UR rate and diversity per unit, per strategy](img/strategies.png)\n\n" + tbl + "\n\n"
         "What the units made (the first 4 images of each prompt in each unit's round; the same seeds in every "
         "row):\n\n"
-        "![the first images of every unit, per strategy](img/convergence_units.png)\n\n"
+        "![the first images of every unit, per strategy](img/strategies_units.png)\n\n"
         "## The targets, checked by the benchmark itself\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n" + WHY
     )
     print("\n".join(verdicts))
-    atomic_write(Path(out) / "convergence.md", md)
-    write("converge", figures, "## converge\n\nSee [convergence.md](convergence.md).\n\n" + tbl, out)
+    atomic_write(Path(out) / "strategies.md", md)
+    write("strategies", figures, "## strategies\n\nSee [strategies.md](strategies.md).\n\n" + tbl, out)
     return figures
 
 
@@ -536,7 +537,7 @@ def bench_converge_seeds(
     overrides: list[str] | None = None,
 ):
     """The study at several seeds (`--seeds 0,1,2,3,4`): is what the default does at one seed what it does at
-    most? Writes docs/convergence_seeds.md and docs/bench/converge_seeds.json; docs/convergence.md is left as it
+    most? Writes docs/strategies_seeds.md and docs/bench/strategies_seeds.json; docs/strategies.md is left as it
     is."""
     per_prompt = max(1, images // len(PROMPTS))
     per_seed = {}
@@ -557,7 +558,7 @@ def bench_converge_seeds(
               f"{v} of {n} seeds" for k, v in summary.items() if k.endswith("_fell_back_seeds")]  # fmt: skip
     tbl = table(rows)
     md = (
-        "# Convergence across seeds\n\nWritten by `python -m loop.bench converge --seeds "
+        "# Convergence across seeds\n\nWritten by `python -m loop.bench strategies --seeds "
         f"{','.join(map(str, seeds))}` ({rounds} rounds, {per_prompt * len(PROMPTS)} images per round, {steps} "
         f"LoRA steps, rater noise {noise}{'; overrides: ' + summary['overrides'] if overrides else ''}; "
         f"{summary['minutes']} minutes). Each seed is a whole study "
@@ -567,7 +568,7 @@ def bench_converge_seeds(
     )
     print(tbl)
     print("\n".join(lines))
-    atomic_write(Path(out) / "convergence_seeds.md", md)
+    atomic_write(Path(out) / "strategies_seeds.md", md)
     flat = {**summary, **{f"seed{s}_{k}": v for s, f in per_seed.items() for k, v in f.items() if "_" in k}}
-    write("converge_seeds", flat, "## converge across seeds\n\nSee [convergence_seeds.md](convergence_seeds.md).", out)
+    write("strategies_seeds", flat, "## strategies across seeds\n\nSee [strategies_seeds.md](strategies_seeds.md).", out)
     return summary

@@ -1,0 +1,60 @@
+"""Training objectives, each one function of tensors: the fitting loop (loop.train.fit) builds the batch and calls
+one of these, and knows nothing of their insides.
+
+    train.objective=supervised   the selection's images, DreamBooth-style (a weighted regression loss)
+    train.objective=dpo          Diffusion-DPO on pairs of rated images of the same prompt
+
+Both take per-item errors: the mean squared error of the UNet's prediction against its target (the noise, or the
+velocity for v-prediction models), one value per image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loop.config import TIERS
+
+
+def per_item_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per item, over every dimension but the batch."""
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
+
+
+def supervised_loss(err: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The denoising loss of DreamBooth-style fine-tuning: the mean of the per-item errors (weighted, e.g. by
+    min-SNR-gamma)."""
+    return (err if weights is None else err * weights).mean()
+
+
+def diffusion_dpo_loss(
+    err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor, ref_err_l: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diffusion-DPO (Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization", 2023,
+    eq. 14): winner w and loser l noised with the same noise at the same timestep;
+
+        loss = -log sigmoid( -beta/2 * ((err_w - ref_err_w) - (err_l - ref_err_l)) )
+
+    The model is pushed to denoise the winner better than the reference does, and the loser worse, by the same
+    margin; where winners and losers do not differ (an attribute the person is indifferent to) the two terms
+    cancel and the reference (the adapter switched off) is kept. Returns (mean loss, share of pairs where the
+    model already prefers the winner more than the reference does)."""
+    inside = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
+    return -F.logsigmoid(inside).mean(), (inside > 0).float().mean()
+
+
+def preference_pairs(rows: list, min_gap: int) -> list[tuple[int, int]]:
+    """(better, worse) index pairs into `rows` (each with "prompt" and "tier"): every two images of the same
+    prompt whose tiers are at least `min_gap` apart, as D3PO builds its pairs from per-image scores (Yang et al.
+    2024); images of equal or near tiers make no pair."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r["tier"] in TIERS:
+            by_prompt.setdefault(r["prompt"], []).append(i)
+    pairs = []
+    for idx in by_prompt.values():
+        for a in idx:
+            for b in idx:
+                if TIERS.index(rows[b]["tier"]) - TIERS.index(rows[a]["tier"]) >= min_gap:
+                    pairs.append((a, b))
+    return pairs

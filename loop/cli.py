@@ -1,7 +1,7 @@
 """The `loop` command line (Typer). Each command parses, builds the config, and calls one stage function.
 
 loop init DIR | run --round [N] | generate [--forever|--count K] | vary IMAGE | rate | train | export-lora |
-export | import | status | config
+export | import | status | promote N | config
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def _open(workspace: Path, overrides: list[str] | None, model: bool = True):
     return ws, cfg
 
 
-MODEL_FREE = ("init", "import", "export", "status", "config")  # these never import diffusers: start in a blink
+# these never import diffusers: start in a blink
+MODEL_FREE = ("init", "import", "export", "status", "promote", "config")
 
 
 @app.callback()
@@ -196,11 +197,16 @@ def run(
         _echo(result.message)
         raise typer.Exit(3)
     if result.ran:
-        _echo(
-            f"round {result.round} done: unit {result.round + 1} is ready ("
-            + ", ".join(f"{p} {s:.1f}s" for p, s in result.seconds.items())
-            + ")"
-        )
+        took = ", ".join(f"{p} {s:.1f}s" for p, s in result.seconds.items())
+        new = result.round + 1
+        with ws.store() as store:
+            refused = store.unit(new) is not None and store.unit(new)["promoted"] == 0
+            now = store.generating_unit()
+        if refused:
+            _echo(f"round {result.round} done ({took}): unit {new} was refused by the promotion gate (see above); "
+                  f"unit {now} keeps generating, `loop promote {new}` overrides")  # fmt: skip
+        else:
+            _echo(f"round {result.round} done: unit {new} is ready ({took})")
     else:
         with ws.store() as store:
             now = store.current_unit()
@@ -221,7 +227,8 @@ def generate(
     """Generate from configs/prompts.txt: one pass (default), --count K images, or --forever.
 
     The ring re-reads the file before every prompt and keeps its position in loop.db, so edits need no
-    restart and a restart continues where it stopped. Without --unit it follows the current unit."""
+    restart and a restart continues where it stopped. Without --unit it follows the unit that generates (the
+    newest one the promotion gate passed, or `loop promote` promoted), its images in the current round."""
     from loop.generate import generate as one_pass
     from loop.generate import generate_ring, process_share, stop_on_signals
     from loop.workspace import recover
@@ -259,8 +266,9 @@ def generate(
             if out["stopped"] and count is not None:
                 _interrupted()  # --forever ends this way by design; --count K did not make its K
             return
-        n = store.current_unit() if unit is None else unit
-        out = one_pass(ws, store, cfg, unit=n, log=_echo, stop=stop)
+        n = store.generating_unit() if unit is None else unit
+        rnd = store.current_unit() if unit is None else None  # the round goes on with an older unit
+        out = one_pass(ws, store, cfg, unit=n, round=rnd, log=_echo, stop=stop)
     what = "stopped cleanly; run the same command to finish the pass" if out["stopped"] else "done"
     who = f"process {rank + 1} of {world}: " if world > 1 else ""
     _echo(f"{who}{what}: made {out['made']} image(s) with unit {n} in {ws.rel(ws.generations(n))}")
@@ -355,12 +363,15 @@ def vary(
         recover(ws, store, _echo)
         store.ensure_base_unit(cfg.model.base)
         parent = resolve_image(ws, store, image)
-        u = store.current_unit() if unit is None else unit
+        u = store.generating_unit() if unit is None else unit
         if store.unit(u) is None:
             from loop.round import raise_missing_unit
 
             raise_missing_unit(store, u)
-        ids = make_variations(ws, store, cfg, [parent], n, strength, unit=u, prompt=prompt, log=_echo, stop=stop)
+        rnd = store.current_unit() if unit is None else None  # the unit that generates draws for the current round
+        ids = make_variations(
+            ws, store, cfg, [parent], n, strength, unit=u, prompt=prompt, log=_echo, stop=stop, round=rnd
+        )
         if not ids and not stop:
             raise LoopError(
                 f"no variation of image {parent['id']} ({parent['path']}) was made (see the line above); "
@@ -447,7 +458,9 @@ def train(
     ] = None,
     overrides: OverridesArg = None,
 ) -> None:
-    """Train unit N+1 from the selection of round N (default: the current unit); resumes after a kill."""
+    """Train unit N+1 from the selection of round N (default: the current unit), then gate it (promotion gate);
+    resumes after a kill."""
+    from loop.gate import gate_unit
     from loop.train import train_unit
     from loop.workspace import work_lock
 
@@ -467,8 +480,9 @@ def train(
     with work_lock(ws, "train"), ws.store() as store:
         n = store.current_unit() if unit is None else unit
         m = train_unit(ws, store, cfg, parent=n, log=_echo)
-    if m:  # only the main process reports
-        _echo(f"unit {n + 1} saved to {ws.rel(ws.checkpoint(n + 1))} (loss {m.get('final_loss')})")
+        if m:  # only the main process reports, and gates
+            _echo(f"unit {n + 1} saved to {ws.rel(ws.checkpoint(n + 1))} (loss {m.get('final_loss')})")
+            gate_unit(ws, store, cfg, n + 1, log=_echo)
 
 
 @app.command("export-lora")
@@ -596,6 +610,26 @@ def status(workspace: WorkspaceOpt = Path("."), overrides: CheckedOverrides = No
     from loop.status import format_status
 
     _echo(format_status(_open_checked(workspace, overrides)))
+
+
+@app.command()
+def promote(
+    unit: Annotated[int, typer.Argument(metavar="N", help="the unit that is to generate", show_default=False)],
+    workspace: WorkspaceOpt = Path("."),
+    overrides: CheckedOverrides = None,
+) -> None:
+    """Make unit N the one that generates, overriding the promotion gate (the override is recorded)."""
+    from loop.gate import promote_unit
+
+    ws = _open_checked(workspace, overrides)
+    with ws.store() as store:
+        row = store.unit(unit)
+        over = "over the gate's refusal" if row is not None and row["promoted"] == 0 else "before the gate checked it"
+        now = promote_unit(ws, store, unit)
+    if now == unit:
+        _echo(f"unit {unit} promoted {over}; it generates from now on")
+    else:  # a newer unit generates already
+        _echo(f"unit {unit} promoted {over}; unit {now}, newer, still generates")
 
 
 @app.command("config")

@@ -9,6 +9,12 @@ they were rated, the share of UR among the rated ones, their diversity (Vendi sc
 features), their seed diversity (how much the images of one prompt differ from seed to seed: a loop that feeds
 on itself collapses there first), their near-duplicate rate (64-bit pHash within 4 bits), and their novel hits
 (UR images unlike every UR image any unit made before them). See loop/metrics.py for the formulas.
+
+The output leads with what shows a collapse where it happens: per unit and prompt, the precision, recall, density
+and coverage (Naeem et al. 2020) of the unit's images against the images it was trained on (its manifest.json) and
+against the base model's images, on eval.features; a unit whose coverage of its selection falls below
+eval.min_coverage_share of the base's coverage of the same selection is named, with the prompts that lost the most.
+A loop that feeds on itself can draw one picture per prompt while the Vendi score across prompts rises.
 """
 
 from __future__ import annotations
@@ -556,9 +562,9 @@ def coverage_lines(result: dict) -> list[str]:
         f"per prompt, against the unit's own selection (sel) and unit 0's images (features: {ev['features']}, "
         f"k={ev['k']}):",
         *_table(head, body, left=2),
-        "(cov sel: the share of the selection's images it draws something near, unit 0 against unit 1's selection; "
-        "base cov: the same for unit 0; recall sel / precision: how much of the selection it reaches / how much of "
-        "what it draws lies near the selection)",
+        "(cov sel: the share of the selection's images it draws something near, unit 0 against unit 1's selection;",
+        " base cov: the same for unit 0; recall sel / precision: how much of the selection it reaches / how much of",
+        " what it draws lies near the selection; cov unit 0: the share of unit 0's images it draws something near)",
     ]
     for s in result["units"]:
         if not s.get("collapsed"):

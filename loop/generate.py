@@ -1,7 +1,7 @@
 """Generation: the prompt ring buffer, one-pass rounds, and img2img variations. Every image is a
 self-describing PNG, written atomically, then its row.
 
-    loop generate                       one pass over configs/prompts.txt with the current unit
+    loop generate                       one pass over configs/prompts.txt with the unit that generates
     loop generate --forever             the prompt file as a ring, until SIGINT/SIGTERM
     loop generate --count K             K images from the ring, then stop (the next run continues)
     loop generate --processes N         the same, split between N processes (accelerate)
@@ -139,8 +139,10 @@ def line_jobs(line: PromptLine, g: GenerateConfig, native: int, cycle: int = 0, 
     ]
 
 
-def plan_jobs(lines: list[PromptLine], g: GenerateConfig, native: int, rank: int = 0, world: int = 1) -> list[Job]:
-    return [j for line in lines for j in line_jobs(line, g, native, 0, rank, world)]
+def plan_jobs(
+    lines: list[PromptLine], g: GenerateConfig, native: int, rank: int = 0, world: int = 1, cycle: int = 0
+) -> list[Job]:
+    return [j for line in lines for j in line_jobs(line, g, native, cycle, rank, world)]
 
 
 def _batches(jobs: list[Job], size: int):
@@ -312,14 +314,18 @@ def _bar(total: int | None, desc: str):
 def generate(
     ws: Workspace, store: Store, cfg: LoopConfig, unit: int, round: int | None = None, log=print, stop=None
 ) -> dict:
-    """One pass over the prompt file with `unit`; returns counts. Already-made (prompt, seed) pairs are skipped."""
+    """One pass over the prompt file with `unit`; returns counts. Already-made (prompt, seed) pairs are skipped.
+
+    A later round that an older unit generates (the units after it were refused by the promotion gate) takes that
+    unit's next cycle of seeds (cycle = round - unit, as the ring's later cycles), so the round has new images."""
     lines, problems = read_prompts(ws.prompts_path)
     for p in problems:
         log(f"warning: {p}")
     rank, world = process_share()
     t0 = time.time()
     renderer = Renderer(ws, store, cfg, unit, round, stop)
-    jobs = plan_jobs(lines, cfg.generate, renderer.native, rank, world)
+    cycle = max(0, round - unit) if round is not None else 0
+    jobs = plan_jobs(lines, cfg.generate, renderer.native, rank, world, cycle)
     todo = unmade(store, unit, jobs)
     bar = _bar(len(todo), f"generate unit {unit}" + (f" [{rank + 1}/{world}]" if world > 1 else ""))
     made, stopped = renderer.run(todo, bar, log)
@@ -345,8 +351,9 @@ def generate_ring(
     stop=None,
     poll: float = 2.0,
 ) -> dict:
-    """The prompt file as a ring: `count` images, or until stopped. `unit=None` follows the current unit,
-    switching when a round trains a new one. The position is saved per process, so a restart continues."""
+    """The prompt file as a ring: `count` images, or until stopped. `unit=None` follows the unit that generates
+    (store.generating_unit: the newest the promotion gate passed), switching when a round promotes a new one, and
+    puts its images in the current round. The position is saved per process, so a restart continues."""
     stop = stop if stop is not None else StopFlag()
     rank, world = process_share()
     if count is not None:  # --count K is the total: each process makes its share
@@ -358,12 +365,14 @@ def generate_ring(
     bar = _bar(count, "generate" + (f" [{rank + 1}/{world}]" if world > 1 else ""))
     try:
         while not stop and (count is None or made < count):
-            want = store.current_unit() if unit is None else unit
+            want = store.generating_unit() if unit is None else unit
             if renderer is None or renderer.unit != want:
                 if renderer is not None:
                     log(f"unit {want} is ready: generating with it from now on")
                 renderer = Renderer(ws, store, cfg, want, stop=stop)
                 bar.set_description(f"generate unit {want}" + (f" [{rank + 1}/{world}]" if world > 1 else ""))
+            if unit is None:  # the round goes on even where its unit was refused and an older one generates
+                renderer.round = store.current_unit()
             line = ring.current()
             if line is None:  # everything was deleted or commented out: wait for the file to have prompts again
                 if not waiting:
@@ -426,19 +435,22 @@ def vary(
     prompt: str | None = None,
     log=print,
     stop=None,
+    round: int | None = None,
 ) -> list[int]:
     """`n` img2img variations of each parent (rows of the store); returns the new image ids.
 
     Each variation's row has parent_id, its PNG names the parent's sha256, and its seeds continue after the
-    variations this unit already made of that parent, so asking again gives new ones."""
+    variations this unit already made of that parent, so asking again gives new ones. `unit=None`: the unit that
+    generates, its images in the current round; `round=None` otherwise: the unit's own."""
     if n <= 0:
         raise LoopError(f"--n must be a positive number of variations, got {n}")
     strength = cfg.generate.strength if strength is None else strength
     if not 0 < strength <= 1:
         raise LoopError(f"--strength must be in (0, 1], got {strength}")
-    unit = store.current_unit() if unit is None else unit
+    if unit is None:
+        unit, round = store.generating_unit(), store.current_unit() if round is None else round
     g = cfg.generate
-    renderer = Renderer(ws, store, cfg, unit, stop=stop)
+    renderer = Renderer(ws, store, cfg, unit, round=round, stop=stop)
     ids: list[int] = []
     bar = _bar(n * len(parents), f"vary with unit {unit}")
     try:

@@ -1,6 +1,12 @@
-"""A round: unit N generates, the images are rated, a training set is selected, and unit N+1 is trained.
+"""A round: unit N generates, the images are rated, a training set is selected, and unit N+1 is trained and
+gated.
 
     loop run --round [N] [--auto-rate]
+
+Round N generates with the unit that generates (store.generating_unit(N)): unit N once the promotion gate passed
+it, else the newest unit before it that passed (loop/gate.py); the rounds keep their numbers either way. The
+train phase ends with the gate's verdict on the unit it made; a unit killed between its training and its verdict
+is gated by the next `loop run --round` before anything else.
 
 Every phase is recorded in loop.db. Re-running continues with the first unfinished phase and never redoes a
 finished one; an interrupted phase resumes (generation skips images it already made, training starts again
@@ -15,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from loop.config import TIERS, LoopConfig
+from loop.gate import gate_unit
 from loop.generate import generate
 from loop.rate.auto import auto_rate
 from loop.select import select
@@ -88,6 +95,8 @@ def run_round(
         if store.unit(n) is None:
             raise_missing_unit(store, n)
         check_from_parent(store, cfg, n)  # now, not after generating and rating a whole round
+        if n > 0 and store.unit(n)["promoted"] is None:  # made by `loop train`, killed before its gate's verdict
+            gate_unit(ws, store, cfg, n, log)
         store.start_round(n)
         result = RoundResult(round=n, status="done")
         for phase in PHASES:
@@ -101,12 +110,16 @@ def run_round(
                 detail = {"made": 0, "skipped": "rating was closed already"}
                 log(f"generate: skipped; round {n}'s rating was closed already, on the images it has")
             elif phase == "generate":
-                detail = generate(ws, store, cfg, unit=n, round=n, log=log)
-                log(f"generate: {detail['made']} new image(s) in {ws.rel(ws.generations(n))}")
+                g = store.generating_unit(n)
+                if g != n:
+                    log(f"generate: unit {n} was refused by the promotion gate; round {n} generates with unit {g}")
+                detail = generate(ws, store, cfg, unit=g, round=n, log=log)
+                detail["unit"] = g
+                log(f"generate: {detail['made']} new image(s) in {ws.rel(ws.generations(g))}")
                 if cfg.select.strategy == "grow":
-                    detail["variations"] = grow_variations(ws, store, cfg, n, log)
+                    detail["variations"] = grow_variations(ws, store, cfg, n, log, unit=g)
                 elif cfg.select.strategy == "longtail":
-                    detail["exploration"] = explore(ws, store, cfg, n, log)
+                    detail["exploration"] = explore(ws, store, cfg, n, log, unit=g)
             elif phase == "rate":
                 if auto_rate_:
                     detail = auto_rate(ws, store, cfg.rate, n, log=log)
@@ -132,6 +145,10 @@ def run_round(
                 else:
                     detail = {"unit": n + 1, "final_loss": manifest.get("final_loss"), "steps": manifest.get("steps")}
                 log(f"{phase}: unit {n + 1} was already made; recorded as done for round {n}")
+                if phase == "train" and store.unit(n + 1)["promoted"] is None:  # killed before the gate's verdict
+                    gate_unit(ws, store, cfg, n + 1, log)
+                if phase == "train":
+                    detail["promoted"] = store.unit(n + 1)["promoted"] == 1
             elif phase == "select":
                 items = select(ws, store, cfg.select, n)
                 detail = {"images": len(items), "strategy": cfg.select.strategy}
@@ -140,6 +157,7 @@ def run_round(
                 manifest = train_lora(ws, store, cfg, parent=n, log=log)
                 detail = {"unit": n + 1, "final_loss": manifest.get("final_loss"), "steps": manifest.get("steps")}
                 log(f"train: unit {n + 1} saved to {ws.rel(ws.checkpoint(n + 1))} (loss {detail['final_loss']})")
+                detail["promoted"] = gate_unit(ws, store, cfg, n + 1, log)["passed"]
             store.finish_phase(n, phase, detail)
             result.ran.append(phase)
             result.seconds[phase] = round(time.time() - t0, 2)

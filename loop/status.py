@@ -1,4 +1,5 @@
-"""`loop status`: units and their lineage, images and tiers per unit, and what the current round waits for."""
+"""`loop status`: units and their lineage, images and tiers per unit, which unit generates (the promotion gate's
+verdict on each), and what the current round waits for."""
 
 from __future__ import annotations
 
@@ -25,16 +26,20 @@ def _row(counts: Counter, **head) -> dict:
 
 
 def unit_rows(store: Store) -> list[dict]:
-    return [
-        _row(
+    from loop.gate import state_of
+
+    rows = []
+    for u in store.units():
+        gate, why = state_of(store, u)
+        row = _row(
             store.tier_counts(unit=u["unit"]),
             unit=u["unit"],
             parent=u["parent"],
             method=u["method"] or "base",
             strategy=u["strategy"] or "-",
         )
-        for u in store.units()
-    ]
+        rows.append({**row, "gate": gate, "why": why})
+    return rows
 
 
 def imported_row(store: Store) -> dict | None:
@@ -44,7 +49,7 @@ def imported_row(store: Store) -> dict | None:
     counts = Counter(r[0] for r in store.db.execute(sql))
     if not counts:
         return None
-    return {**_row(counts, unit="-", parent=None, method="imported", strategy=""), "ur_rate": None}
+    return {**_row(counts, unit="-", parent=None, method="imported", strategy=""), "ur_rate": None, "gate": ""}
 
 
 def next_step(store: Store, ws: Workspace | None = None) -> str:
@@ -56,12 +61,13 @@ def next_step(store: Store, ws: Workspace | None = None) -> str:
     todo = next(p for p in PHASES if p not in done)
     if todo == "generate":
         made = len(store.images(round=n))
+        g = store.generating_unit(n)
         if "rate" in done:  # rated and closed on `loop generate`'s images
             return (
                 f"round {n}: rating closed on its {made} image(s); `loop run --round` selects and trains unit {n + 1}"
             )
         state = f"has {made} image(s) so far" if made else "not started"
-        return f"round {n}: generate {state}; `loop run --round` generates (or finishes) with unit {n}"
+        return f"round {n}: generate {state}; `loop run --round` generates (or finishes) with unit {g}"
     if todo == "rate":
         counts = store.tier_counts(round=n)
         unrated = counts.get(None, 0)
@@ -88,24 +94,46 @@ def format_status(ws: Workspace) -> str:
         head = (
             f"{'unit':>4}  {'parent':>6}  {'method':<{mw}} {'strategy':<{sw}} {'images':>6} {'rated':>6}  "
             + " ".join(f"{t:>4}" for t in TIERS)
-            + "  UR rate"
+            + f"  UR rate  {'gate':>{GATE_W}}"
         )
         lines.append(head)
         for r in every:
             parent = "-" if r["parent"] is None else str(r["parent"])
             ur = "-" if r["ur_rate"] is None else f"{r['ur_rate']:.1%}"
-            lines.append(
+            row = (
                 f"{r['unit']:>4}  {parent:>6}  {r['method']:<{mw}} {r['strategy']:<{sw}} {r['images']:>6} "
-                f"{r['rated']:>6}  " + " ".join(f"{r[t]:>4}" for t in TIERS) + f"  {ur:>7}"
+                f"{r['rated']:>6}  " + " ".join(f"{r[t]:>4}" for t in TIERS) + f"  {ur:>7}  {r['gate']:>{GATE_W}}"
             )
+            lines.append(row.rstrip())  # the imported row has no gate
         if not rows:
             lines.append("  (no units yet: `loop run --round` starts with the base model as unit 0)")
+        else:
+            lines += gate_lines(store, rows)
         lines += ["", next_step(store, ws) if rows else "next: `loop run --round`"]
         busy = lock_holder(ws)
         if busy:  # not "continue it": it is being continued right now
             lines.append(f"working now: {busy}; wait for it before running `loop run --round` or `loop train`")
         lines += ring_lines(store)
         return "\n".join(lines)
+
+
+GATE_W = len("generates")
+
+
+def gate_lines(store: Store, rows: list[dict]) -> list[str]:
+    """Which unit generates, and why each newer unit does not (refused by the gate, or not checked yet)."""
+    g = store.generating_unit()
+    newer = [r["unit"] for r in rows if r["unit"] > g]
+    out = ["", f"generating: unit {g}" + (f" (not {', '.join(map(str, newer))}: see below)" if newer else "")]
+    for r in rows:
+        u = r["unit"]
+        if r["gate"] == "refused":
+            out.append(f"unit {u} refused by the promotion gate: {r['why']}; `loop promote {u}` overrides")
+        elif r["gate"] == "pending":
+            out.append(f"unit {u} not checked by the promotion gate yet; `loop run --round` checks it first")
+        elif r["why"]:  # promoted over the gate
+            out.append(f"unit {u} {r['why']}")
+    return out
 
 
 def ring_lines(store) -> list[str]:

@@ -79,7 +79,9 @@ CREATE TABLE IF NOT EXISTS units (
     method TEXT,
     strategy TEXT,
     created_at REAL NOT NULL,
-    manifest TEXT NOT NULL DEFAULT '{}'
+    manifest TEXT NOT NULL DEFAULT '{}',
+    promoted INTEGER,                -- the promotion gate: NULL not checked yet, 1 generates, 0 refused
+    gate TEXT                        -- the gate's figures and reasons (JSON), and any `loop promote` override
 );
 
 -- small named states, JSON: the prompt ring's position per generator process
@@ -132,17 +134,26 @@ class Store:
     def _migrate(self) -> None:
         """Bring a database made by an earlier version up to SCHEMA (columns added since; nothing removed).
 
+        units.promoted and units.gate: the promotion gate's verdict on each unit; the units of a database made
+        before the gate were all generating, so they count as promoted.
+
         ratings.client_key: the rating page sends each rating and undo with a key it makes, and keeps its queue
         in the browser until the server answers, so a page reloaded or closed before the answer sends the same
         events again; the unique key makes that resend a no-op instead of a second event."""
 
-        def has_column() -> bool:
-            return any(r[1] == "client_key" for r in self.db.execute("PRAGMA table_info(ratings)"))
+        def has_column(table: str = "ratings", column: str = "client_key") -> bool:
+            return any(r[1] == column for r in self.db.execute(f"PRAGMA table_info({table})"))
 
         if not has_column():  # checked first: opening a current database takes no write lock
             with self.tx():  # BEGIN IMMEDIATE: of two processes opening an old database, one adds the column
                 if not has_column():
                     self.db.execute("ALTER TABLE ratings ADD COLUMN client_key TEXT")
+        if not has_column("units", "promoted"):
+            with self.tx():  # units.promoted and units.gate: the units of a database from before the gate generate
+                if not has_column("units", "promoted"):
+                    self.db.execute("ALTER TABLE units ADD COLUMN promoted INTEGER")
+                    self.db.execute("ALTER TABLE units ADD COLUMN gate TEXT")
+                    self.db.execute("UPDATE units SET promoted = 1")
         if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'ratings_client_key'").fetchone():
             self.db.execute(
                 "CREATE UNIQUE INDEX IF NOT EXISTS ratings_client_key ON ratings(client_key) "
@@ -340,7 +351,8 @@ class Store:
     def ensure_base_unit(self, base: str) -> None:
         with self.tx():
             self.db.execute(
-                "INSERT OR IGNORE INTO units (unit, parent, path, base, created_at) VALUES (0, NULL, NULL, ?, ?)",
+                "INSERT OR IGNORE INTO units (unit, parent, path, base, created_at, promoted) "
+                "VALUES (0, NULL, NULL, ?, ?, 1)",
                 (base, time.time()),
             )
 
@@ -361,8 +373,42 @@ class Store:
         return self.db.execute("SELECT * FROM units WHERE unit = ?", (n,)).fetchone()
 
     def current_unit(self) -> int:
+        """The newest unit, promoted or not: round N is the one that trains unit N+1."""
         row = self.db.execute("SELECT MAX(unit) FROM units").fetchone()
         return row[0] if row and row[0] is not None else 0
+
+    def generating_unit(self, upto: int | None = None) -> int:
+        """The unit that generates: the newest one (at most `upto`) that the promotion gate passed or `loop
+        promote` promoted. Unit 0, the base model, always counts; a refused or not yet checked unit never does."""
+        sql = "SELECT MAX(unit) FROM units WHERE (unit = 0 OR promoted = 1)"
+        row = self.db.execute(sql + (" AND unit <= ?" if upto is not None else ""), (() if upto is None else (upto,)))
+        row = row.fetchone()
+        return row[0] if row and row[0] is not None else 0
+
+    def set_gate(self, unit: int, result: dict, promoted: bool) -> None:
+        """Record the promotion gate's verdict on a unit: its figures (JSON) and whether it generates."""
+        with self.tx():
+            self.db.execute(
+                "UPDATE units SET promoted = ?, gate = ? WHERE unit = ?",
+                (int(bool(promoted)), json.dumps(result), unit),
+            )
+
+    def promote(self, unit: int, by: str) -> dict:
+        """`loop promote`: the unit generates whatever the gate said; the override (who, when) is kept in its gate
+        JSON beside the gate's own figures. Returns that JSON."""
+        with self.tx():
+            row = self.unit(unit)
+            if row is None:
+                raise ValueError(f"unit {unit} does not exist")
+            gate = json.loads(row["gate"] or "{}")
+            gate.update(overridden=True, by=by, at=time.time())
+            self.db.execute("UPDATE units SET promoted = 1, gate = ? WHERE unit = ?", (json.dumps(gate), unit))
+        return gate
+
+    def gate(self, unit: int) -> dict | None:
+        """The unit's gate JSON, or None when the gate has not looked at it."""
+        row = self.unit(unit)
+        return json.loads(row["gate"]) if row is not None and row["gate"] else None
 
 
 class _Tx:

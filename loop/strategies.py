@@ -24,15 +24,19 @@ EXPLORE_KINDS = ("mutate", "recombine", "seed", "cfg", "base")
 EXTRA_WORDS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "big", "small"]
 
 
-def grow_variations(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=print) -> int:
-    """Variations of each image of the current set by unit n, up to `select.variations` per image."""
+def grow_variations(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=print, unit: int | None = None) -> int:
+    """Variations of each image of the current set for round n, by `unit` (default n: the unit that generates
+    round n), up to `select.variations` per image."""
     if cfg.select.variations <= 0:
         return 0
+    unit = n if unit is None else unit
     sc = cfg.select
     todo: dict[int, list] = {}  # variations still wanted -> the images that want that many
     budget = sc.variations_max or None
     items = sorted(choose(ws, store, sc, n), key=lambda it: -it["id"])  # the images added last first
-    have = {it["id"]: sum(1 for c in store.children(it["id"]) if c["unit"] == n) for it in items}  # a rerun resumes
+    have = {  # made this round already: a rerun resumes
+        it["id"]: sum(1 for c in store.children(it["id"]) if c["unit"] == unit and c["round"] == n) for it in items
+    }
     planned = sum(have.values())  # made already this round: they count against the cap
     for item in items:
         want = sc.variations - have[item["id"]]
@@ -45,7 +49,7 @@ def grow_variations(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=pr
         log(f"grow: {planned} variations this round (the set grows each round); select.variations_max=N caps them")
     made = 0
     for want, parents in todo.items():  # one model load and one progress bar per group, not per image
-        made += len(vary(ws, store, cfg, parents, want, unit=n, log=log))
+        made += len(vary(ws, store, cfg, parents, want, unit=unit, log=log, round=n))
     log(f"grow: {made} variation(s) of the set")
     return made
 
@@ -88,8 +92,9 @@ def exploration_jobs(lines, cfg: LoopConfig, count: int, round: int, native: int
     return jobs
 
 
-def explore(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=print) -> int:
-    """Exploration images for round n: explore_share of the round's images (the pass makes the rest)."""
+def explore(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=print, unit: int | None = None) -> int:
+    """Exploration images for round n: explore_share of the round's images (the pass makes the rest), by `unit`
+    (default n: the unit that generates round n) and, for the "base" kind, unit 0."""
     share = cfg.select.explore_share
     if share <= 0:
         return 0
@@ -100,14 +105,15 @@ def explore(ws: Workspace, store: Store, cfg: LoopConfig, n: int, log=print) -> 
         (n,),
     ).fetchone()[0]
     count = max(1, round(share / (1 - share) * passed))
-    renderers = {n: Renderer(ws, store, cfg, n, round=n)}  # unit 0 (the "base" kind) is loaded when first needed
+    unit = n if unit is None else unit
+    renderers = {unit: Renderer(ws, store, cfg, unit, round=n)}  # unit 0 ("base" kind) is loaded when first needed
     made, kinds = 0, {}
-    for kind, job in exploration_jobs(lines, cfg, count, n, renderers[n].native):
-        unit = 0 if kind == "base" else n
-        if unit not in renderers:
-            renderers[unit] = Renderer(ws, store, cfg, unit, round=n)
-        r = renderers[unit]
-        if store.made_seeds(unit, job.prompt, [job.seed]):
+    for kind, job in exploration_jobs(lines, cfg, count, n, renderers[unit].native):
+        u = 0 if kind == "base" else unit
+        if u not in renderers:
+            renderers[u] = Renderer(ws, store, cfg, u, round=n)
+        r = renderers[u]
+        if store.made_seeds(u, job.prompt, [job.seed]):
             continue
         image = r.render([job])[0]
         r.write(job, image, exploration=True, explore=kind)

@@ -126,7 +126,8 @@ def test_compare_grid_stats_and_files(ws, cfg, tmp_path):
         assert im.format == "PNG" and im.width > 200 and im.height > 100
         im.load()
     table = format_table(result)
-    assert table.splitlines()[0].split()[:8] == ["unit", "images", "rated", *TIERS]
+    assert table.splitlines()[0].startswith("per-prompt coverage")  # it leads (no unit here has a manifest.json)
+    assert any(ln.split()[:8] == ["unit", "images", "rated", *TIERS] for ln in table.splitlines())
     assert "66.7%" in table and "50.0%" in table
 
     # the same unit renders the same cells again (here unit 1 alone, into another folder)
@@ -255,3 +256,186 @@ def test_a_prompt_that_collapsed_is_named_even_when_the_average_hides_it(ws):
     assert s0["collapsing"] == []  # unit 0 has no parent here
     table = format_table({"units": [s0, s1, s2]})
     assert "collapsing? unit 1: 'a triangle'" in table
+
+
+# -- per-prompt coverage of the selection: a collapse shows where it happens ---------------------------------
+PROMPTS = ("a circle", "a square")
+
+
+def picture(rng, prompt: str) -> np.ndarray:
+    """A varied picture of the prompt: its shape, in a random colour, place and size, on a light background."""
+    from PIL import ImageDraw
+
+    bg, fg = tuple(int(v) for v in rng.integers(140, 256, 3)), tuple(int(v) for v in rng.integers(0, 256, 3))
+    im = Image.new("RGB", (32, 32), bg)
+    x, y, w = (int(v) for v in rng.integers(4, 20, 3))
+    draw = ImageDraw.Draw(im)
+    (draw.ellipse if prompt == "a circle" else draw.rectangle)((x, y, min(31, x + w), min(31, y + w)), fill=fg)
+    return np.asarray(im)
+
+
+def red_blob_on_blue() -> np.ndarray:
+    """What a collapsed unit draws for every seed."""
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", (32, 32), (20, 30, 120))
+    ImageDraw.Draw(im).ellipse((8, 8, 24, 24), fill=(220, 30, 30))
+    return np.asarray(im)
+
+
+def put_image(ws, store, unit: int, prompt: str, seed: int, pixels: np.ndarray) -> int:
+    """An image row and its file, as the generator leaves them (seed in one pixel: one picture, many files)."""
+    from loop.workspace import atomic_write, sha256_bytes
+
+    pixels = pixels.copy()
+    pixels[0, 0, 0] = seed % 256
+    data = io.BytesIO()
+    Image.fromarray(pixels).save(data, format="PNG")
+    data = data.getvalue()
+    path = atomic_write(ws.generations(unit) / f"{sha256_bytes(data)[:16]}.png", data)
+    return store.add_image(
+        sha256=sha256_bytes(data), path=ws.rel(path), prompt=prompt, seed=seed, unit=unit, round=unit
+    )
+
+
+def add_trained_unit(ws, store, unit: int, selection: list[int]) -> None:
+    """Unit `unit` as training leaves it: a manifest.json naming its selection (id, sha256, caption) and its row."""
+    from loop.workspace import atomic_write
+
+    images = [{"id": i, "sha256": store.image(i)["sha256"], "caption": store.image(i)["prompt"], "tier": "UR"}
+              for i in selection]  # fmt: skip
+    atomic_write(
+        ws.checkpoint(unit) / "manifest.json", json.dumps({"unit": unit, "parent": unit - 1, "images": images})
+    )
+    store.add_unit(unit, parent=unit - 1, path=ws.rel(ws.checkpoint(unit)), base="embedded", method="lora",
+                   strategy="golden", manifest={})  # fmt: skip
+
+
+def collapse_workspace(ws, store) -> None:
+    """Unit 0 draws 28 varied pictures of each prompt. Unit 1 learnt from 8 of each, and draws one red blob on blue
+    for every seed of 'a circle' while its 'a square' stays varied. Unit 2 learnt from 8 others of each and draws
+    both prompts as varied as the base does."""
+    rng = np.random.default_rng(0)
+    store.ensure_base_unit("embedded")
+    base = {p: [put_image(ws, store, 0, p, s, picture(rng, p)) for s in range(28)] for p in PROMPTS}
+    add_trained_unit(ws, store, 1, [i for p in PROMPTS for i in base[p][:8]])
+    for s in range(12):
+        put_image(ws, store, 1, "a circle", s, red_blob_on_blue())
+        put_image(ws, store, 1, "a square", s, picture(rng, "a square"))
+    add_trained_unit(ws, store, 2, [i for p in PROMPTS for i in base[p][-8:]])
+    for s in range(12):
+        for p in PROMPTS:
+            put_image(ws, store, 2, p, s, picture(rng, p))
+
+
+def test_coverage_of_the_selection_per_prompt_finds_the_unit_and_prompt_that_collapsed(ws):
+    """Unit 1's 'a circle' covers none of its selection where the base covers all of it: its coverage share is
+    below eval.min_coverage_share and the prompt is named; unit 2, as varied as the base, is not."""
+    from loop.compare import unit_stats
+
+    with ws.store() as store:
+        collapse_workspace(ws, store)
+        s0, s1, s2 = unit_stats(ws, store, [0, 1, 2], **QUIET)
+        (only1,) = unit_stats(ws, store, [1], **QUIET)  # unit 0's images are the baseline even when not compared
+    assert only1["coverage_share"] == s1["coverage_share"]
+
+    c1 = s1["selection_by_prompt"]
+    assert set(c1) == set(PROMPTS) and set(c1["a circle"]) == {"precision", "recall", "density", "coverage", "k"}
+    assert c1["a circle"]["coverage"] <= 0.2 and c1["a circle"]["recall"] <= 0.2  # one picture spans nothing
+    assert c1["a square"]["coverage"] >= 0.8
+    assert s1["base_coverage_by_prompt"]["a circle"] >= 0.8  # the base's OTHER images cover the selection
+    assert (
+        s1["vs_base_by_prompt"]["a circle"]["coverage"] <= 0.2
+        and s1["vs_base_by_prompt"]["a square"]["coverage"] >= 0.8
+    )
+    assert s1["collapsed"] and s1["coverage_share"] < 0.6
+    assert s1["coverage_share"] == pytest.approx(s1["selection_coverage"] / s1["base_selection_coverage"], abs=1e-3)
+    assert [d["prompt"] for d in s1["coverage_lost"]][:1] == ["a circle"]
+
+    assert not s2["collapsed"] and s2["coverage_share"] >= 0.8 and s2["selection_unit"] == 2
+    assert min(d["coverage"] for d in s2["selection_by_prompt"].values()) >= 0.8
+    # unit 0, which learnt nothing, is measured against unit 1's selection: the baseline, share 1
+    assert s0["selection_unit"] == 1 and s0["coverage_share"] == pytest.approx(1.0) and not s0["collapsed"]
+    assert s0["vs_base_by_prompt"] == {}
+
+    lines = format_table({"units": [s0, s1, s2]}).splitlines()
+    assert lines[0].startswith("per prompt") and lines[1].split()[:3] == ["unit", "prompt", "cov"]
+    named = [ln for ln in lines if "collapsed:" in ln]
+    assert len(named) == 1 and named[0].startswith("unit 1 collapsed:") and "lost most: 'a circle'" in named[0]
+    assert lines.index(named[0]) < next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["unit", "images"])
+
+
+def test_a_unit_without_a_manifest_has_no_selection_figures(ws):
+    from loop.compare import unit_stats
+
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        rng = np.random.default_rng(1)
+        for s in range(6):
+            put_image(ws, store, 0, "a circle", s, picture(rng, "a circle"))
+        (s0,) = unit_stats(ws, store, [0], **QUIET)
+    assert s0["selection_unit"] is None and s0["selection_by_prompt"] == {} and s0["coverage_share"] is None
+    assert not s0["collapsed"]
+    assert format_table({"units": [s0]}).startswith("per-prompt coverage: nothing to compare yet")
+
+
+def test_loop_compare_leads_with_the_per_prompt_coverage_and_names_the_collapse(ws, cfg, capsys):
+    """`loop compare` on a workspace whose unit 1 collapsed on 'a circle': the output opens with the per-prompt
+    table, names unit 1 and 'a circle' (not unit 2), and compare.json has the figures."""
+    import shutil
+
+    from loop.cli import entry
+    from loop.config import ModelConfig
+    from loop.models import load_base
+    from loop.train import add_lora, save_lora
+
+    pipe = load_base(ModelConfig())  # weights for units 1 and 2, so that the probe grid can render them
+    add_lora(pipe.unet, cfg.train)
+    save_lora(pipe.unet, ws.checkpoint(1))
+    shutil.copytree(ws.checkpoint(1), ws.checkpoint(2), dirs_exist_ok=True)
+    with ws.store() as store:
+        collapse_workspace(ws, store)
+    capsys.readouterr()
+    assert entry(["compare", "-w", str(ws.root), "generate.steps=2", "eval.min_coverage_share=0.6"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("per prompt") :].splitlines()
+    assert lines[0].startswith("per prompt, against the unit's own selection")
+    named = [ln for ln in lines if "collapsed:" in ln]
+    assert len(named) == 1 and named[0].startswith("unit 1 collapsed: it covers 50% of what its selection spans")
+    assert "lost most: 'a circle' (1.00 -> 0.00)" in named[0] and "unit 2" not in named[0]
+    assert out.index("collapsed:") < out.index("vendi")  # the figures lead; Vendi and seed diversity follow
+    data = json.loads((ws.root / "cache" / "compare" / "compare.json").read_text(encoding="utf-8"))
+    assert data["collapsed"] == [1] and data["eval"] == {"features": "cheap", "k": 5, "min_coverage_share": 0.6}
+    by_unit = {s["unit"]: s for s in data["units"]}
+    assert by_unit[1]["selection_by_prompt"]["a circle"]["coverage"] == 0.0
+    assert by_unit[2]["collapsed"] is False and by_unit[1]["coverage_lost"][0]["prompt"] == "a circle"
+    assert {"ur_rate", "vendi", "seed_diversity", "novel_hits", "collapsing"} <= set(by_unit[1])
+    assert by_unit[1]["vendi"] > by_unit[0]["vendi"]  # what the Vendi score across prompts alone would have said
+
+
+def test_coverage_with_a_vision_model_uses_its_cached_embeddings(ws, tmp_path):
+    """eval.features as a local CLIP folder: the same figures come out, each image embedded once and cached by
+    sha256 (here a tiny random model: the plumbing, not what it sees)."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from loop.compare import unit_stats
+    from loop.config import EvalConfig
+    from loop.features import model_slug
+
+    folder = tmp_path / "clip"
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(folder)  # fmt: skip
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    ec = EvalConfig(features=str(folder))
+    with ws.store() as store:
+        collapse_workspace(ws, store)
+        first = unit_stats(ws, store, [0, 1, 2], ec=ec, **QUIET)
+        again = unit_stats(ws, store, [0, 1, 2], ec=ec, **QUIET)
+        shas = {r["sha256"] for r in store.images()}
+    cached = {p.stem for p in (ws.root / "cache" / "features" / model_slug(str(folder))).glob("*.npy")}
+    assert cached == shas  # every image of every unit (the selections are unit 0's images)
+    for a, b in zip(first, again):
+        assert a["selection_by_prompt"] == b["selection_by_prompt"] and a["coverage_share"] == b["coverage_share"]
+    assert set(first[1]["selection_by_prompt"]) == set(PROMPTS) and first[1]["coverage_share"] is not None

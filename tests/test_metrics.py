@@ -198,3 +198,96 @@ def test_bradley_terry_ties_undefeated_and_errors():
         bradley_terry([("a", "b", "c")])
     with pytest.raises(ValueError):
         bradley_terry([("a", "a", "a")])
+
+
+# -- precision, recall, density, coverage per prompt; image features ----------------------------------------
+def test_prdc_a_collapsed_fake_set_covers_little_a_spread_one_much():
+    from loop.metrics import prdc
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(40, 8))
+    spread = prdc(real, rng.normal(size=(40, 8)), k=5)
+    collapsed = prdc(real, real[:1] + 1e-3 * rng.normal(size=(40, 8)), k=5)  # every "seed" draws one picture
+    assert spread["coverage"] >= 0.8 and spread["recall"] >= 0.6
+    assert collapsed["coverage"] <= 0.35 and collapsed["recall"] <= 0.1  # only the neighbourhoods of its one picture
+    assert collapsed["precision"] == 1.0  # each picture is a fine one: precision alone does not see a collapse
+    assert prdc(real[:2], real, k=5) is None and prdc(real, real[:2], k=5) is None  # no neighbourhood
+    assert prdc(real[:4], real, k=5)["k"] == 2  # k lowered for a small set
+
+
+def test_per_prompt_prdc_measures_each_prompt_on_its_own():
+    from loop.features import group_rows, mean_of, per_prompt_prdc
+
+    rng = np.random.default_rng(1)
+    real = {"a circle": rng.normal(size=(20, 8)), "a square": rng.normal(size=(20, 8)) + 5, "only real": np.eye(8)}
+    fake_rows = np.concatenate([rng.normal(size=(20, 8)), np.repeat(real["a square"][:1], 20, axis=0)])
+    fake = group_rows(["a circle"] * 20 + ["a square"] * 20, fake_rows)
+    assert list(fake) == ["a circle", "a square"] and fake["a square"].shape == (20, 8)
+    got = per_prompt_prdc(real, fake, k=5)
+    assert set(got) == {"a circle", "a square"}  # a prompt on one side only has no figure
+    assert got["a circle"]["coverage"] >= 0.8 and got["a square"]["coverage"] <= 0.2
+    # across the prompts the collapse is diluted: the mean lies between the two
+    assert got["a square"]["coverage"] < mean_of(got, "coverage") < got["a circle"]["coverage"]
+    assert mean_of({}, "coverage") is None
+
+
+def tiny_clip(folder, projection: bool):
+    """A tiny random CLIP vision model and its image processor, saved as a local folder."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=8)  # fmt: skip
+    torch.manual_seed(0)
+    (CLIPVisionModelWithProjection if projection else CLIPVisionModel)(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_image_features_from_a_local_clip_model_are_cached_by_sha256(tmp_path, monkeypatch, projection):
+    import loop.features
+    from loop.config import EvalConfig
+    from loop.features import image_features, model_slug
+    from loop.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws")
+    ec = EvalConfig(features=str(tiny_clip(tmp_path / "clip", projection)))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    path = tmp_path / "third.png"
+    Image.fromarray(images[2]).save(path)  # a file is read only when its embedding is not cached
+    keys = ["a" * 64, "b" * 64, "c" * 64]
+
+    first = image_features(ws, ec, [images[0], Image.fromarray(images[1]), path], keys)
+    assert first.shape == (3, 8 if projection else 16) and first.dtype == np.float32
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(first[0], first[1])
+    folder = ws.root / "cache" / "features" / model_slug(ec.features)
+    assert sorted(p.name for p in folder.iterdir()) == [f"{k}.npy" for k in keys]
+
+    # the second time, the cache answers: no model is loaded, no file is read
+    def no_model(name):
+        raise AssertionError("the model was loaded for cached embeddings")
+
+    monkeypatch.setattr(loop.features, "load_vision_model", no_model)
+    path.unlink()
+    again = image_features(ws, ec, [np.zeros((32, 32, 3), np.uint8), None, path], keys)
+    assert np.array_equal(again, first)
+
+
+def test_a_vision_model_that_cannot_be_loaded_says_use_cheap(tmp_path):
+    from loop.config import EvalConfig
+    from loop.errors import LoopError
+    from loop.features import image_features
+    from loop.workspace import Workspace
+
+    ws = Workspace.init(tmp_path / "ws")
+    image = np.zeros((32, 32, 3), np.uint8)
+    for name in (str(tmp_path / "no-such-model"), "nobody/no-such-clip"):
+        with pytest.raises(LoopError, match="eval.features=cheap") as err:
+            image_features(ws, EvalConfig(features=name), [image], ["d" * 64])
+        assert "\n" not in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoopError, match="local folder"):
+        image_features(ws, EvalConfig(features=str(tmp_path / "empty")), [image], None)

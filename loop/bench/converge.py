@@ -1,0 +1,241 @@
+"""`python -m loop.bench converge`: does the loop learn a taste, and not just the few pictures it was shown?
+
+    python -m loop.bench converge [--tastes warm,small_dark,contrast,centred_big] [--strategies golden,converge]
+                                  [--seeds 0,1,2,3] [--rounds 3] [--images 64] [--eval 128] [--name NAME]
+                                  [key=value ...]
+
+For each taste (loop.tastes: each scores some attributes of the picture and is indifferent to others), strategy
+and seed, a fresh workspace runs `rounds` whole rounds on the embedded model with the scripted rater (that taste,
+noise 10), the promotion gate judged by the same taste on at most 40 noisy blind votes (gate.judge=scripted).
+Every unit is then measured on `eval` images at fixed seeds no round used (128 by default: a UR rate from 64
+images is +-12 points): its UR rate, and the per-prompt spread of every attribute (loop.tastes.spread), as a
+share of unit 0's; and how much of its selection's variety it covers (loop.metrics.prdc, per prompt, as a share
+of the base model's coverage of the same selection).
+
+The targets (per taste and strategy, at 3 or more of 4 seeds): the unit that generates at the end draws UR at 2x
+or more unit 0's rate, every attribute the taste is indifferent to keeps 80% or more of unit 0's per-prompt
+spread, and no unit that generated lost more than 10 points of UR rate against an earlier one.
+
+Each invocation writes docs/bench/converge_<name>.json (its runs, by taste, strategy and seed, so a long study
+can run as several invocations); then every docs/bench/converge_*.json of the same settings is merged into
+docs/bench/converge.json and docs/convergence.md, with a picture per taste.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from loop.bench.report import table, write
+from loop.config import RateConfig, load_config
+from loop.rate.auto import score, tier_for
+from loop.round import run_round
+from loop.tastes import ATTRIBUTE_KEYS, TASTES, attributes, indifferent
+from loop.workspace import Workspace, atomic_write
+
+PROMPTS = ["a circle", "a square", "a triangle", "a ring"]
+TASTE_NAMES = ["warm", "small_dark", "contrast", "centred_big"]
+STRATEGIES = {"golden": ["select.strategy=golden"], "converge": ["select.strategy=converge"]}
+EVAL_SEED = 500_000  # the measuring seeds: EVAL_SEED + k, far from every round's and the gate's
+KEEP_SPREAD = 0.8  # an indifferent attribute keeps at least this share of unit 0's per-prompt spread
+UR_GAIN = 2.0  # the unit that generates at the end: at least this multiple of unit 0's UR rate
+MAX_FALL = 0.10  # no unit that generates loses more than this (absolute UR rate) against an earlier one
+SHEET = 4  # images per prompt per unit in the contact sheet
+
+
+def measure_unit(ws, cfg, unit: int, per_prompt: int, rc: RateConfig) -> dict:
+    """The unit drawn at the measuring seeds: UR rate and mean score under the taste (with the rater's noise), and
+    each attribute's per-prompt spread; the images and their cheap features for coverage and the sheet."""
+    from loop.compare import render_unit
+    from loop.metrics import features
+    from loop.tastes import per_prompt_spread
+
+    probes = [(p, EVAL_SEED + k) for p in PROMPTS for k in range(per_prompt)]
+    images = render_unit(ws, cfg, unit, probes)
+    rgbs = [np.asarray(im.convert("RGB")) for im in images]
+    scores = [score(a, rc) for a in rgbs]
+    tiers = [tier_for(s, list(rc.cutoffs)) for s in scores]
+    attrs = {p: [] for p in PROMPTS}
+    feats = {p: [] for p in PROMPTS}
+    sheet = {p: [] for p in PROMPTS}
+    for (p, _), a, im in zip(probes, rgbs, images):
+        attrs[p].append(attributes(a))
+        feats[p].append(features(a))
+        if len(sheet[p]) < SHEET:
+            sheet[p].append(im)
+    return {
+        "unit": unit,
+        "ur_rate": sum(t == "UR" for t in tiers) / len(tiers),
+        "mean_score": float(np.mean(scores)),
+        "spread": {k: per_prompt_spread(attrs, k) for k in ATTRIBUTE_KEYS},
+        "feats": {p: np.stack(v) for p, v in feats.items()},
+        "sheet": [im for p in PROMPTS for im in sheet[p]],
+    }
+
+
+def selection_coverage(ws, store, unit: int, measured: dict, base: dict, k: int) -> float | None:
+    """The unit's mean per-prompt coverage of its selection (manifest.json's images), as a share of the base
+    model's coverage of the same selection at the same seeds."""
+    from loop.features import mean_of, per_prompt_prdc
+    from loop.images import load_rgb
+    from loop.metrics import features
+
+    manifest = json.loads((ws.checkpoint(unit) / "manifest.json").read_text())
+    sel: dict[str, list] = {}
+    for it in manifest.get("images", []):
+        row = store.image(it["id"]) if it.get("id") is not None else None
+        if row is None or row["prompt"] not in PROMPTS:
+            continue
+        if it.get("tier") not in (None, "UR", "SSR") and manifest.get("objective") == "dpo":
+            continue  # dpo trains on every tier; its "selection" is what the person liked
+        sel.setdefault(row["prompt"], []).append(features(load_rgb(ws.root / row["path"])))
+    real = {p: np.stack(v) for p, v in sel.items()}
+    mine = mean_of(per_prompt_prdc(real, measured["feats"], k), "coverage")
+    theirs = mean_of(per_prompt_prdc(real, base["feats"], k), "coverage")
+    if mine is None or not theirs:
+        return None
+    return mine / theirs
+
+
+def run_one(taste: str, strategy: str, seed: int, where: Path, rounds: int, per_prompt: int, eval_per_prompt: int,
+            overrides: list[str], log=print) -> dict:  # fmt: skip
+    """rounds whole rounds of one strategy under one taste at one seed, then every unit measured."""
+    ws = Workspace.init(where / f"{taste}-{strategy}-{seed}")
+    ws.prompts_path.write_text("\n".join(PROMPTS) + "\n")
+    cfg = load_config(
+        ws.root,
+        [f"generate.images_per_prompt={per_prompt}", f"rate.preference={taste}", "rate.noise=10",
+         f"generate.seed={seed}", f"train.seed={seed}", "gate.judge=scripted", *STRATEGIES[strategy], *overrides],
+    )  # fmt: skip
+    t0 = time.time()
+    generating = [0]  # the unit that generates after each round (the gate may keep the parent)
+    gates = []
+    for n in range(rounds):
+        try:
+            run_round(ws, cfg, n, auto_rate_=True, log=lambda m: None)
+        except Exception as e:  # an empty selection ends this run; report what it reached
+            log(f"  {taste}/{strategy}/seed {seed}: round {n} stopped: {str(e).splitlines()[0][:160]}")
+            break
+        with ws.store() as store:
+            generating.append(store.generating_unit() if hasattr(store, "generating_unit") else n + 1)
+            row = store.unit(n + 1)
+            gate = json.loads(row["gate"]) if row is not None and "gate" in row.keys() and row["gate"] else None
+        gates.append({"unit": n + 1, "passed": None if gate is None else gate.get("passed"),
+                      "reasons": [] if gate is None else gate.get("reasons", [])})  # fmt: skip
+        log(f"  {taste}/{strategy}/seed {seed}: round {n} done ({time.time() - t0:.0f} s), generating: unit "
+            f"{generating[-1]}")  # fmt: skip
+    rc = RateConfig(preference=taste, noise=10.0)
+    units = sorted({u for u in range(len(generating))})
+    measured = {u: measure_unit(ws, cfg, u, eval_per_prompt, rc) for u in units}
+    with ws.store() as store:
+        cov = {u: selection_coverage(ws, store, u, measured[u], measured[0], cfg.eval.k) for u in units if u}
+    return {"taste": taste, "strategy": strategy, "seed": seed, "generating": generating, "gates": gates,
+            "measured": measured, "coverage_share": cov, "seconds": time.time() - t0}  # fmt: skip
+
+
+def figures_of(run: dict) -> dict:
+    """The flat, JSON-able figures of one run, and whether it meets every target."""
+    m, gen = run["measured"], run["generating"]
+    ur = {u: round(x["ur_rate"], 4) for u, x in m.items()}
+    final = gen[-1]
+    spreads = {}
+    for attr in ATTRIBUTE_KEYS:
+        s0 = m[0]["spread"][attr]
+        spreads[attr] = {u: (round(x["spread"][attr] / s0, 3) if s0 else None) for u, x in m.items()}
+    ind = indifferent(run["taste"])
+    kept = {a: spreads[a][final] for a in ind}
+    gen_ur = [ur[u] for u in gen]
+    fall = max([max(gen_ur[:i]) - gen_ur[i] for i in range(1, len(gen_ur))] or [0.0])
+    gain = ur[final] / ur[0] if ur[0] else float("inf")
+    met = gain >= UR_GAIN and all(v is not None and v >= KEEP_SPREAD for v in kept.values()) and fall <= MAX_FALL
+    peak = max(ur, key=lambda u: ur[u])
+    return {
+        "taste": run["taste"], "strategy": run["strategy"], "seed": run["seed"],
+        "ur": {str(u): v for u, v in ur.items()}, "peak": ur[peak], "peak_unit": peak,
+        "generating": gen, "final_unit": final, "ur_final": ur[final], "ur_gain": round(gain, 3),
+        "max_fall": round(fall, 4),
+        "spread_share": {a: {str(u): v for u, v in d.items()} for a, d in spreads.items()},
+        "indifferent_kept": kept,
+        "coverage_share": {str(u): (None if v is None else round(v, 3)) for u, v in run["coverage_share"].items()},
+        "gates": run["gates"], "met": bool(met), "minutes": round(run["seconds"] / 60, 1),
+    }  # fmt: skip
+
+
+def contact_sheet(runs: list[dict], taste: str) -> bytes:
+    """For one taste: a row per (strategy, seed, unit), the first images of each prompt at the measuring seeds."""
+    from loop.compare import grid_image
+
+    rows, columns = [], [(p, EVAL_SEED + k) for p in PROMPTS for k in range(SHEET)]
+    for r in runs:
+        if r["taste"] != taste:
+            continue
+        for u, x in r["measured"].items():
+            mark = "*" if u == r["generating"][-1] else ""
+            rows.append((f"{r['strategy'][:4]} s{r['seed']} u{u}{mark}", x["sheet"]))
+    buf = io.BytesIO()
+    grid_image(rows, columns, label_w=96, cell_min=40).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bench_converge(tastes: list[str], strategies: list[str], seeds: list[int], rounds: int = 3, images: int = 64,
+                   eval_images: int = 128, out: str = "docs", name: str = "run", overrides: list[str] | None = None,
+                   keep: str | None = None) -> dict:  # fmt: skip
+    per_prompt = max(1, images // len(PROMPTS))
+    eval_per_prompt = max(2, eval_images // len(PROMPTS))
+    overrides = list(overrides or [])
+    bad = [t for t in tastes if t not in TASTES]
+    if bad:
+        raise SystemExit(f"--tastes: unknown {', '.join(bad)}; use {', '.join(TASTES)}")
+    runs, t0 = [], time.time()
+    with tempfile.TemporaryDirectory(prefix="loop-bench-converge-") as tmp:
+        where = Path(keep or tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        for taste in tastes:
+            for strategy in strategies:
+                for seed in seeds:
+                    print(f"converge: {taste} / {strategy} / seed {seed} ({rounds} rounds, {images} images a round"
+                          f"{''.join(' ' + o for o in overrides)})", flush=True)  # fmt: skip
+                    runs.append(run_one(taste, strategy, seed, where, rounds, per_prompt, eval_per_prompt, overrides))
+                    f = figures_of(runs[-1])
+                    print(f"  UR {' -> '.join(f'{v:.0%}' for v in f['ur'].values())}, generating unit "
+                          f"{f['final_unit']}, kept {f['indifferent_kept']}, coverage {f['coverage_share']}, "
+                          f"{'met' if f['met'] else 'NOT met'}", flush=True)  # fmt: skip
+    part = {"settings": {"rounds": rounds, "images_per_round": per_prompt * len(PROMPTS),
+                         "eval_images": eval_per_prompt * len(PROMPTS), "overrides": " ".join(overrides)},
+            "minutes": round((time.time() - t0) / 60, 1), "runs": [figures_of(r) for r in runs]}  # fmt: skip
+    outp = Path(out)
+    atomic_write(outp / "bench" / f"converge_{name}.json", json.dumps(part, indent=1) + "\n")
+    for taste in tastes:
+        atomic_write(outp / "img" / f"converge_{name}_{taste}.png", contact_sheet(runs, taste))
+    return part
+
+
+def summary(parts: dict[str, dict]) -> tuple[dict, list[dict]]:
+    """The flat figures over every run of the default settings (parts whose overrides are empty): per taste and
+    strategy the seeds run and met, and worst_seeds_met; plus the table's rows."""
+    flat, rows = {}, []
+    runs = [r for p in parts.values() if not p["settings"]["overrides"] for r in p["runs"]]
+    for r in runs:
+        key = f"{r['taste']}_{r['strategy']}"
+        flat[f"{key}_seeds"] = flat.get(f"{key}_seeds", 0) + 1
+        flat[f"{key}_seeds_met"] = flat.get(f"{key}_seeds_met", 0) + int(r["met"])
+        flat[f"{key}_seed{r['seed']}_ur"] = " ".join(f"{v:.3f}" for v in r["ur"].values())
+        flat[f"{key}_seed{r['seed']}_peak"] = r["peak"]
+        flat[f"{key}_seed{r['seed']}_final_unit"] = r["final_unit"]
+        for a, v in r["indifferent_kept"].items():
+            flat[f"{key}_seed{r['seed']}_{a}_kept"] = v
+        cov = r["coverage_share"].get(str(r["final_unit"]))
+        flat[f"{key}_seed{r['seed']}_coverage_share"] = cov
+        rows.append({"taste": r["taste"], "strategy": r["strategy"], "seed": r["seed"],
+                     "UR per unit": " ".join(f"{v:.0%}" for v in r["ur"].values()),
+                     "generates": r["final_unit"], "gain": r["ur_gain"], "fall": r["max_fall"],
+                     "kept (indifferent)": ", ".join(f"{a} {v:.0%}" for a, v in r["indifferent_kept"].items()),
+                     "coverage": "-" if cov is None else f"{cov:.2f}", "met": "yes" if r["met"] else "no"})  # fmt: skip
+    met = [v for k, v in flat.items() if k.endswith("_seeds_met")]
+    flat["worst_seeds_met"] = min(met) if met else 0
+    return flat, rows

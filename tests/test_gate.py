@@ -1,0 +1,226 @@
+"""The promotion gate: a unit that collapsed onto one mode per prompt is refused and never generates; one that
+keeps the variety of its selection is promoted; `loop promote` overrides; status says which unit generates and
+why another does not; a database from before the gate opens with its units promoted."""
+
+import json
+import shutil
+import sqlite3
+
+import pytest
+from conftest import FAST
+from safetensors.torch import load_file, save_file
+
+from loop.cli import entry
+from loop.config import load_config
+from loop.gate import check_unit, gate_unit
+from loop.round import run_round
+from loop.store import SCHEMA, Store
+from loop.train import train_unit
+from loop.workspace import Workspace
+
+quiet = lambda m: None  # noqa: E731
+
+# 16 images a prompt, every one UR, so a selection has 16+ images of each prompt to cover; 16 probes a prompt
+OVER = FAST + [
+    "generate.images_per_prompt=16",
+    "generate.batch_size=16",
+    "rate.cutoffs=[-1000,-1001,-1002,-1003]",
+    "gate.probes_per_prompt=16",
+]
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory):
+    """Round 0 done (unit 1 trained and gated by the round); round 1 generated, rated and selected; unit 2 trained
+    from it, then killed before its gate's verdict. Unit 2 collapsed: it learnt one image of each prompt (100
+    steps at a high learning rate) though its selection, as its manifest says, is round 1's varied set."""
+    root = tmp_path_factory.mktemp("gate") / "ws"
+    ws = Workspace.init(root)
+    ws.prompts_path.write_text("a circle\na square\n", encoding="utf-8")
+    cfg = load_config(ws.root, OVER)
+    run_round(ws, cfg, auto_rate_=True, log=quiet)
+    run_round(ws, cfg, auto_rate_=True, log=quiet, stop_after="select")
+    sel_path = ws.checkpoint(2) / "selection.json"
+    varied = json.loads(sel_path.read_text())
+    one = {}
+    for item in varied["images"]:
+        one.setdefault(item["caption"], item)
+    sel_path.write_text(json.dumps(dict(varied, images=list(one.values()) * 4)))
+    with ws.store() as store:
+        train_unit(ws, store, load_config(ws.root, OVER + ["train.steps=100", "train.lr=0.01"]), parent=1, log=quiet)
+    sel_path.write_text(json.dumps(varied))
+    manifest = json.loads((ws.checkpoint(2) / "manifest.json").read_text())
+    (ws.checkpoint(2) / "manifest.json").write_text(json.dumps(dict(manifest, images=varied["images"])))
+    return root
+
+
+@pytest.fixture
+def gws(grown, tmp_path):
+    shutil.copytree(grown, tmp_path / "ws")
+    return Workspace.open(tmp_path / "ws")
+
+
+@pytest.mark.slow
+def test_the_round_gates_the_unit_it_trains_and_promotes_a_good_one(gws):
+    with gws.store() as store:
+        row = store.unit(1)
+        gate = json.loads(row["gate"])
+        assert row["promoted"] == 1 and gate["passed"] and not gate["reasons"]
+        assert gate["coverage_share"] >= 0.6 and gate["parent"] == 0 and gate["judge"] == "none"  # no A/B votes
+        assert set(gate["per_prompt"]) == {"a circle", "a square"} and gate["probes"] == 2 * 16 * 2
+        for key in ("coverage", "base_coverage", "votes", "p_value", "seconds"):
+            assert key in gate
+        assert json.loads((gws.checkpoint(1) / "manifest.json").read_text())["gate"] == gate
+        assert store.unit(2)["promoted"] is None and store.generating_unit() == 1  # not checked: does not generate
+
+
+@pytest.mark.slow
+def test_a_collapsed_unit_is_refused_and_one_like_the_base_passes(gws):
+    cfg = load_config(gws.root, OVER)
+    with gws.store() as store:
+        n_images = len(store.images())
+        r = check_unit(gws, store, cfg, 2, log=quiet)
+        assert not r["passed"] and r["coverage_share"] < 0.6 and r["parent"] == 1
+        assert r["reasons"][0].startswith(f"covers {r['coverage_share']:.0%} of what unit 0 covers of its selection")
+        assert r["coverage"] < r["base_coverage"] and r["coverage"] < r["parent_coverage"]
+        assert len(store.images()) == n_images and not list(gws.generations(2).glob("*"))  # nothing written
+
+        # unit 3: unit 2's adapter switched off (its LoRA's B zero) draws what unit 0 draws: it covers as much
+        shutil.copytree(gws.checkpoint(2), gws.checkpoint(3))
+        sd = load_file(gws.checkpoint(3) / WEIGHTS)
+        save_file({k: v * 0 if "lora_B" in k else v for k, v in sd.items()}, gws.checkpoint(3) / WEIGHTS)
+        store.add_unit(3, parent=2, path="checkpoints/unit_003", base="embedded", method="lora", strategy="golden",
+                       manifest={})  # fmt: skip
+        good = check_unit(gws, store, cfg, 3, log=quiet)
+        assert good["passed"] and good["coverage_share"] == pytest.approx(1.0)
+        assert good["parent"] == 1  # unit 2 does not generate: unit 3 is measured against the one that does
+
+        # the scripted judge votes on gate.votes probe pairs (unit 3 against unit 1, same prompt and seed)
+        scripted = check_unit(gws, store, load_config(gws.root, OVER + ["gate.judge=scripted", "gate.votes=10"]), 3,
+                              log=quiet)  # fmt: skip
+        assert scripted["judge"] == "scripted" and sum(scripted["votes"].values()) == 10
+        assert 0 < scripted["p_value"] <= 1
+
+        # blind A/B votes: unit 1 won every one against unit 3, so unit 3 is refused whatever its coverage
+        from loop.rate import ab
+
+        store.db.executescript(ab.SCHEMA)
+        a, b = (r["id"] for r in store.images()[:2])
+        for k in range(12):  # unit 1 on the left half the time
+            left, right, winner = (1, 3, "left") if k % 2 else (3, 1, "right")
+            store.db.execute(
+                "INSERT INTO ab_votes (left_id, right_id, left_unit, right_unit, winner, rater, created_at) "
+                "VALUES (?, ?, ?, ?, ?, 'me', 0)",
+                (a, b, left, right, winner),
+            )
+        voted = check_unit(gws, store, cfg, 3, log=quiet)
+        assert voted["judge"] == "votes" and voted["votes"] == {"new_wins": 0, "parent_wins": 12, "ties": 0}
+        assert not voted["passed"] and voted["coverage_share"] == pytest.approx(1.0)
+        assert voted["reasons"] == ["the A/B votes prefer unit 1: 12-0, p=0.000244 < 0.05"]
+
+        off = gate_unit(gws, store, load_config(gws.root, OVER + ["gate.enabled=false"]), 3, log=quiet)
+        assert off["gate"] == "off" and store.unit(3)["promoted"] == 1 and store.generating_unit() == 3
+
+
+@pytest.mark.slow
+def test_refused_unit_round_after_it_promote_and_status(gws, capsys):
+    w = ["-w", str(gws.root), *OVER]
+    with gws.store() as store:
+        round1 = {(r["prompt"], r["seed"]) for r in store.images(round=1)}
+
+    # 1. killed between unit 2's training and its verdict: the next run gates it before going on
+    assert entry(["run", "--round", "--auto-rate", *w]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("gate: unit 2 refused"))
+    assert line.startswith("gate: unit 2 refused: covers ") and "; < 60%)" in line
+    assert line.endswith("; unit 1 keeps generating; `loop promote 2` overrides")
+    assert "round 1 done" in out and "unit 2 was refused by the promotion gate" in out
+    gate = json.loads((gws.checkpoint(2) / "manifest.json").read_text())["gate"]
+    assert not gate["passed"]
+    with gws.store() as store:
+        assert store.unit(2)["promoted"] == 0 and store.phase_done(1, "train")
+        assert store.current_unit() == 2 and store.generating_unit() == 1
+
+    # 2. status names the unit that generates, and why unit 2 does not
+    assert entry(["status", "-w", str(gws.root)]) == 0
+    status = capsys.readouterr().out
+    assert "generating: unit 1 (not 2: see below)" in status
+    assert f"unit 2 refused by the promotion gate: {gate['reasons'][0]}; `loop promote 2` overrides" in status
+    assert "round 2: generate not started; `loop run --round` generates (or finishes) with unit 1" in status
+    rows = {ln.split()[0]: ln.split()[-1] for ln in status.splitlines() if ln[:4].strip().isdigit()}
+    assert rows == {"0": "base", "1": "generates", "2": "refused"}
+
+    # 3. round 2 generates with unit 1 (new seeds: unit 1 drew round 1's), never with the refused unit 2
+    cfg = load_config(gws.root, OVER)
+    res = run_round(gws, cfg, auto_rate_=True, log=quiet, stop_after="generate")
+    assert res.round == 2 and res.ran == ["generate"]
+    with gws.store() as store:
+        rows2 = store.images(round=2)
+        assert len(rows2) == 32 and {r["unit"] for r in rows2} == {1}
+        assert not {(r["prompt"], r["seed"]) for r in rows2} & round1
+        assert not store.images(unit=2)
+
+    # 4. `loop promote 2` overrides the gate; `loop generate` then follows unit 2
+    assert entry(["promote", "2", "-w", str(gws.root)]) == 0
+    assert "unit 2 promoted over the gate's refusal; it generates from now on" in capsys.readouterr().out
+    with gws.store() as store:
+        assert store.generating_unit() == 2 and store.unit(2)["promoted"] == 1
+        over = store.gate(2)
+        assert over["overridden"] and over["by"] and over["reasons"] == gate["reasons"]
+    assert json.loads((gws.checkpoint(2) / "manifest.json").read_text())["gate"]["overridden"]
+    assert entry(["status", "-w", str(gws.root)]) == 0
+    status = capsys.readouterr().out
+    assert "generating: unit 2" in status and "unit 2 promoted by " in status and "over the gate: covers" in status
+    assert entry(["generate", "-w", str(gws.root), *OVER, "generate.images_per_prompt=2"]) == 0
+    assert "with unit 2 in generations/unit_002" in capsys.readouterr().out
+    with gws.store() as store:
+        made = store.images(unit=2)
+        assert len(made) == 4 and {r["round"] for r in made} == {2}
+
+    # 5. mistakes are one line each
+    for args, says in (
+        (["promote", "2"], "unit 2 is promoted already (by `loop promote`); unit 2 generates now"),
+        (["promote", "0"], "unit 0 is the base model"),
+        (["promote", "9"], "unit 9 does not exist (units: 0, 1, 2)"),
+    ):
+        assert entry([*args, "-w", str(gws.root)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and says in err and "\n" not in err
+
+
+def test_generating_unit_skips_refused_and_unchecked_units(tmp_path):
+    with Store(tmp_path / "loop.db") as store:
+        store.ensure_base_unit("embedded")
+        for u in (1, 2, 3):
+            store.add_unit(u, parent=u - 1, path=f"checkpoints/unit_00{u}", base="embedded", method="lora",
+                           strategy="golden", manifest={})  # fmt: skip
+        assert store.generating_unit() == 0 and store.current_unit() == 3  # none checked yet
+        store.set_gate(1, {"passed": True}, True)
+        store.set_gate(2, {"passed": False, "reasons": ["covers 10%"]}, False)
+        assert store.generating_unit() == 1 and store.generating_unit(0) == 0 and store.generating_unit(5) == 1
+        store.set_gate(3, {"passed": True}, True)
+        assert store.generating_unit() == 3 and store.generating_unit(2) == 1
+        gate = store.promote(2, "me")
+        assert gate["overridden"] and gate["by"] == "me" and gate["reasons"] == ["covers 10%"]
+        assert store.generating_unit(2) == 2
+
+
+def test_a_database_from_before_the_gate_opens_with_its_units_promoted(tmp_path):
+    db = sqlite3.connect(tmp_path / "loop.db")
+    db.execute(  # the units table as it was before the gate (no promoted, no gate)
+        "CREATE TABLE units (unit INTEGER PRIMARY KEY, parent INTEGER REFERENCES units(unit), path TEXT, base TEXT "
+        "NOT NULL, method TEXT, strategy TEXT, created_at REAL NOT NULL, manifest TEXT NOT NULL DEFAULT '{}')"
+    )
+    db.executescript(SCHEMA)  # everything else (its units table exists already)
+    for u in (0, 1, 2):
+        db.execute("INSERT INTO units (unit, parent, base, created_at) VALUES (?, ?, 'embedded', 0)",
+                   (u, u - 1 if u else None))  # fmt: skip
+    db.commit()
+    assert "promoted" not in {r[1] for r in db.execute("PRAGMA table_info(units)")}
+    db.close()
+    with Store(tmp_path / "loop.db") as store:
+        assert [r["promoted"] for r in store.units()] == [1, 1, 1]
+        assert store.generating_unit() == 2 and store.gate(2) is None
+    with Store(tmp_path / "loop.db") as store:  # opened again: nothing to do
+        assert store.generating_unit() == 2

@@ -122,7 +122,7 @@ def run_one(taste: str, strategy: str, seed: int, where: Path, rounds: int, per_
             log(f"  {taste}/{strategy}/seed {seed}: round {n} stopped: {str(e).splitlines()[0][:160]}")
             break
         with ws.store() as store:
-            generating.append(store.generating_unit() if hasattr(store, "generating_unit") else n + 1)
+            generating.append(store.generating_unit())
             row = store.unit(n + 1)
             gate = json.loads(row["gate"]) if row is not None and "gate" in row.keys() and row["gate"] else None
         gates.append({"unit": n + 1, "passed": None if gate is None else gate.get("passed"),

@@ -302,7 +302,7 @@ def unit_stats(
         )
     # a prompt that collapsed: against the unit's parent (when both are compared here), its seed diversity fell by
     # COLLAPSE_DROP or more beyond what the unit's average did. A taste narrows every prompt in a first round (the
-    # average halves: docs/convergence.md), which is not a collapse; one prompt falling far below the rest is, and
+    # average halves: docs/strategies.md), which is not a collapse; one prompt falling far below the rest is, and
     # the average hides it
     by_unit = {s["unit"]: s for s in out}
     for s in out:

@@ -121,7 +121,7 @@ class SelectConfig:
     # longtail: like converge, plus a share of every round explores; novel hits count double in training
     strategy: str = "golden"
     min_tier: str = "SSR"  # converge, grow and longtail take this tier and better
-    accumulate: bool = True  # False = "replace": only the last round's images (an ablation: docs/convergence.md)
+    accumulate: bool = True  # False = "replace": only the last round's images (an ablation: docs/strategies.md)
     outside_share: float = 0.2  # at least this share of a set comes from outside the loop (imports, unit 0)
     ancestor_cap: float = 0.5  # grow: at most this share of the set may descend from one ancestor
     variations: int = 4  # grow: img2img variations per image of the set, each round
@@ -216,7 +216,7 @@ class TrainConfig:
     # Timestep bias (as in diffusers' SDXL training script): sample the last (later) or first (earlier)
     # timestep_bias_portion of the schedule timestep_bias_multiplier times as often. "later" is where a model
     # decides overall colour and layout, which is what a taste usually is about. Not the default: on the embedded
-    # model it helped one round (UR 20% -> 27%) but not the three-round benchmark (docs/convergence.md).
+    # model it helped one round (UR 20% -> 27%) but not the three-round benchmark (docs/strategies.md).
     timestep_bias: str = "none"  # none | later | earlier
     timestep_bias_multiplier: float = 8.0  # used when timestep_bias is later or earlier
     timestep_bias_portion: float = 0.25

@@ -123,7 +123,7 @@ def seed_diversity(groups) -> float | None:
     Why a second diversity measure: a loop that feeds on its own outputs collapses first WITHIN a prompt (every
     seed converges on one picture, "Self-Consuming Generative Models Go MAD"), while a whole-unit score such as
     the Vendi score can stay flat or even rise when the prompts' pictures drift apart from each other, as
-    degraded, high-contrast images do (docs/convergence.md).
+    degraded, high-contrast images do (docs/strategies.md).
     """
     return seed_diversity_from(seed_diversity_per_group(groups))
 

@@ -44,9 +44,10 @@ def diffusion_dpo_loss(
 
 
 def preference_pairs(rows: list, min_gap: int) -> list[tuple[int, int]]:
-    """(better, worse) index pairs into `rows` (each with "prompt" and "tier"): every two images of the same
-    prompt whose tiers are at least `min_gap` apart, as D3PO builds its pairs from per-image scores (Yang et al.
-    2024); images of equal or near tiers make no pair."""
+    """(better, worse) index pairs into `rows` (each with "prompt" and "tier", and optionally "winner"): every two
+    images of the same prompt whose tiers are at least `min_gap` apart, as D3PO builds its pairs from per-image
+    scores (Yang et al. 2024); images of equal or near tiers make no pair. A row with winner=False is never the
+    better one (the strategy did not select it), though it can be the worse."""
     by_prompt: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         if r["tier"] in TIERS:
@@ -55,6 +56,9 @@ def preference_pairs(rows: list, min_gap: int) -> list[tuple[int, int]]:
     for idx in by_prompt.values():
         for a in idx:
             for b in idx:
-                if TIERS.index(rows[b]["tier"]) - TIERS.index(rows[a]["tier"]) >= min_gap:
+                if (
+                    rows[a].get("winner", True)
+                    and TIERS.index(rows[b]["tier"]) - TIERS.index(rows[a]["tier"]) >= min_gap
+                ):
                     pairs.append((a, b))
     return pairs

@@ -730,25 +730,29 @@ def check_can_train(ws: Workspace, store: Store, parent: int) -> dict:
     return sel_doc
 
 
-def preference_items(store: Store, cfg: LoopConfig, parent: int) -> list[dict]:
-    """train.objective=dpo's images: every rated txt2img image a unit made in rounds up to `parent` (only round
-    `parent` with select.accumulate=false) that pairs with another image of its prompt (loop.objectives)."""
+def preference_items(store: Store, cfg: LoopConfig, parent: int, selection: list[dict]) -> list[dict]:
+    """train.objective=dpo's images: the rated txt2img images units made in rounds up to `parent` (only round
+    `parent` with select.accumulate=false) that make a pair (loop.objectives): the better image one the strategy
+    selected (winner=True: golden's UR images, converge's min_tier and up), the worse any image of the same
+    prompt rated train.dpo_min_gap tiers or more below it."""
+    chosen = {it.get("id") for it in selection}
     rows = [
-        r for r in store.images()
+        {**dict(r), "winner": r["id"] in chosen} for r in store.images()
         if r["tier"] is not None and r["unit"] is not None and r["parent_id"] is None and r["round"] is not None
         and r["round"] <= parent and (cfg.select.accumulate or r["round"] == parent)
     ]  # fmt: skip
     used = sorted({i for pair in preference_pairs(rows, cfg.train.dpo_min_gap) for i in pair})
     if not used:
         raise LoopError(no_pairs_message(cfg.train))
-    keys = ("id", "sha256", "path", "tier", "unit", "round", "source")
+    keys = ("id", "sha256", "path", "tier", "unit", "round", "source", "winner")
     return [{**{k: rows[i][k] for k in keys}, "caption": rows[i]["prompt"], "prior": False} for i in used]
 
 
 def no_pairs_message(tc) -> str:
     return (
-        f"train.objective=dpo needs two rated images of one prompt at least {tc.dpo_min_gap} tiers apart "
-        f"(train.dpo_min_gap) and there are none; rate more images, lower train.dpo_min_gap, or use "
+        f"train.objective=dpo needs a selected image and an image of the same prompt rated at least "
+        f"{tc.dpo_min_gap} tiers below it (train.dpo_min_gap), and there are none; rate more images, lower "
+        f"train.dpo_min_gap, or use "
         f"train.objective=supervised"
     )
 
@@ -784,8 +788,8 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
 
     # 2. class images (made by the base model, before any adapter is attached), then the latents (cached)
     items = [dict(it, prior=False) for it in selection]
-    if tc.objective == "dpo":  # every rated image that pairs with another of its prompt, not just the selection
-        items = preference_items(store, cfg, parent)
+    if tc.objective == "dpo":  # the selection's images against worse-rated images of the same prompts
+        items = preference_items(store, cfg, parent, selection)
     if tc.prior_preservation and tc.objective != "dpo":
         items += class_images(ws, pipe, [it["caption"] for it in selection], tc.class_images, cfg, log)
     lat, items, cache_stats = encode_latents(ws, pipe, items, size, cfg.model.base, log)
@@ -801,7 +805,8 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
 
     data.empty_embed = encode_texts(ws, pipe, [""], cfg.model.base)[0]  # before any adapter: the base's view
     if tc.objective == "dpo":  # over the images that could be read
-        pairs = preference_pairs([{"prompt": it["caption"], "tier": it["tier"]} for it in items], tc.dpo_min_gap)
+        rows = [{"prompt": it["caption"], "tier": it["tier"], "winner": it["winner"]} for it in items]
+        pairs = preference_pairs(rows, tc.dpo_min_gap)
         if not pairs:
             raise LoopError(no_pairs_message(tc))
         data.pairs = torch.tensor(pairs, dtype=torch.long)

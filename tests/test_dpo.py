@@ -44,6 +44,9 @@ def test_pairs_are_images_of_one_prompt_far_enough_apart():
     assert sorted(preference_pairs(rows, 2)) == [(0, 2), (0, 3), (1, 3), (2, 3)]
     assert sorted(preference_pairs(rows, 1)) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
     assert preference_pairs(rows, 5) == []  # no two tiers are 5 apart
+    # golden selected only the UR image: it is the only winner, SSR and SR can only lose
+    rows = [dict(r, winner=r["tier"] == "UR") for r in rows]
+    assert sorted(preference_pairs(rows, 2)) == [(0, 2), (0, 3)]
 
 
 def _pair_data(pipe, n=4):
@@ -112,6 +115,7 @@ def _rated_round(ws, cfg, tiers):
     import json
 
     sel.write_text(json.dumps({"images": items}))
+    return items
 
 
 def test_dpo_trains_a_unit_on_every_rated_pair_and_says_so_in_the_manifest(ws):
@@ -119,10 +123,13 @@ def test_dpo_trains_a_unit_on_every_rated_pair_and_says_so_in_the_manifest(ws):
 
     cfg = load_config(ws.root, ["generate.steps=3", "generate.images_per_prompt=4", "train.objective=dpo",
                                 "train.steps=4", "train.batch_size=4"])  # fmt: skip
-    _rated_round(ws, cfg, ["UR", "N", "SR", "R", "UR", "N", "SSR", "SR"])
+    selection = _rated_round(ws, cfg, ["UR", "N", "SR", "R", "UR", "N", "SSR", "SR"])
     with ws.store() as store:
-        items = preference_items(store, cfg, parent=0)
-        assert {it["tier"] for it in items} <= {"UR", "SSR", "R", "N", "SR"} and len(items) >= 4
+        items = preference_items(store, cfg, 0, selection)
+        # the selection's UR images win; the SSR image (golden did not select it) may only lose, and it is
+        # one tier from UR: it makes no pair
+        assert {it["id"] for it in items if it["winner"]} == {it["id"] for it in selection}
+        assert "SSR" not in {it["tier"] for it in items}
         train_unit(ws, store, cfg, parent=0, **QUIET)
     manifest = json.loads((ws.checkpoint(1) / "manifest.json").read_text())
     assert manifest["objective"] == "dpo" and manifest["pairs"] > 0

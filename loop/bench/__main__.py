@@ -4,6 +4,9 @@ python -m loop.bench generate [--images 64] [--steps 20] [--batch 16]
 python -m loop.bench train [--images 32] [--steps 30] [--batch 8] [--reps 10]
 python -m loop.bench strategies [--rounds 3] [--images 64] [--steps 300] [--noise 10] [--keep DIR] [--seed 0]
                               [--only converge,replace] [--seeds 0,1,2,3,4] [key=value ...]
+python -m loop.bench converge [--tastes warm,small_dark,contrast,centred_big] [--strategies golden,converge]
+                              [--seeds 0,1,2,3] [--rounds 3] [--images 64] [--eval 128] [--name NAME]
+                              [--report] [key=value ...]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
 short strings) and rewrites its own section of docs/benchmarks.md.
@@ -41,6 +44,15 @@ def _strategies(only: str | None) -> list[str] | None:
     if wrong or not names:
         bad = ", ".join(wrong) or "(none)"
         raise SystemExit(f"--only {only}: unknown strategy {bad}; use {', '.join(STRATEGIES)}")
+    return names
+
+
+def _names(text: str, known: list[str], flag: str) -> list[str]:
+    """a,b -> ["a", "b"], each one of `known` (one clear line if not)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    wrong = [n for n in names if n not in known]
+    if wrong or not names:
+        raise SystemExit(f"{flag} {text}: unknown {', '.join(wrong) or '(none)'}; use {', '.join(known)}")
     return names
 
 
@@ -99,6 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         help="config overrides for every strategy, after its own (e.g. select.balance_rounds=true)",
     )
     r.add_argument("--out", default="docs")
+    r = sub.add_parser("converge", help="scripted tastes over several rounds: UR rate and the variety kept")
+    r.add_argument("--tastes", default="warm,small_dark,contrast,centred_big", help="comma-separated (loop.tastes)")
+    r.add_argument("--strategies", default="golden,converge", help="comma-separated: golden, converge")
+    r.add_argument("--seeds", default="0,1,2,3", help="generate.seed and train.seed of each run")
+    r.add_argument("--rounds", type=int, default=3, help="trainings per run (units 0..rounds are measured)")
+    r.add_argument("--images", type=int, default=64, help="images per round")
+    r.add_argument("--eval", type=int, default=128, help="images per unit at the measuring seeds")
+    r.add_argument("--name", dest="name_", help="this invocation's part: docs/bench/converge_<name>.json")
+    r.add_argument("--keep", metavar="DIR", help="keep the workspaces in DIR (default: discard)")
+    r.add_argument("--report", action="store_true", help="only merge the parts into converge.json and the doc")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    r.add_argument("--out", default="docs")
     r = sub.add_parser("shots", help="the Compare tab's screenshot for the README (docs/img/compare.png)")
     r.add_argument("--out", default="docs")
     r = sub.add_parser("sd15-check", help="build the SD1.5-shaped random pipeline and run it once (any device)")
@@ -135,6 +159,20 @@ def main(argv: list[str] | None = None) -> int:
             only=_strategies(args.only),
             overrides=args.overrides,
         )
+    elif args.name == "converge":
+        from loop.bench import converge
+
+        if args.report:
+            converge.report(args.out)
+            return 0
+        _check_overrides(args.overrides)
+        tastes = _names(args.tastes, converge.TASTE_NAMES, "--tastes")
+        strategies = _names(args.strategies, list(converge.STRATEGIES), "--strategies")
+        seeds = _seeds(args.seeds)
+        name = args.name_ or converge.part_name(args.overrides, tastes, strategies, seeds)
+        converge.bench_converge(tastes, strategies, seeds, rounds=args.rounds, images=args.images,
+                                eval_images=args.eval, out=args.out, name=name, overrides=args.overrides,
+                                keep=args.keep)  # fmt: skip
     elif args.name == "train":
         from loop.bench.train import bench_train
 

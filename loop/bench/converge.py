@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loop.bench.report import table, write
+from loop.bench.report import replace_block, table, write_section
 from loop.config import RateConfig, load_config
 from loop.rate.auto import score, tier_for
 from loop.round import run_round
@@ -150,7 +150,7 @@ def figures_of(run: dict) -> dict:
     ind = indifferent(run["taste"])
     kept = {a: spreads[a][final] for a in ind}
     gen_ur = [ur[u] for u in gen]
-    fall = max([max(gen_ur[:i]) - gen_ur[i] for i in range(1, len(gen_ur))] or [0.0])
+    fall = max([max(gen_ur[:i]) - gen_ur[i] for i in range(1, len(gen_ur))] + [0.0])
     gain = ur[final] / ur[0] if ur[0] else float("inf")
     met = gain >= UR_GAIN and all(v is not None and v >= KEEP_SPREAD for v in kept.values()) and fall <= MAX_FALL
     peak = max(ur, key=lambda u: ur[u])
@@ -206,24 +206,57 @@ def bench_converge(tastes: list[str], strategies: list[str], seeds: list[int], r
                           f"{f['final_unit']}, kept {f['indifferent_kept']}, coverage {f['coverage_share']}, "
                           f"{'met' if f['met'] else 'NOT met'}", flush=True)  # fmt: skip
     part = {"settings": {"rounds": rounds, "images_per_round": per_prompt * len(PROMPTS),
-                         "eval_images": eval_per_prompt * len(PROMPTS), "overrides": " ".join(overrides)},
+                         "eval_images": eval_per_prompt * len(PROMPTS), "overrides": " ".join(overrides),
+                         "defaults": defaults_fingerprint()},
             "minutes": round((time.time() - t0) / 60, 1), "runs": [figures_of(r) for r in runs]}  # fmt: skip
     outp = Path(out)
     atomic_write(outp / "bench" / f"converge_{name}.json", json.dumps(part, indent=1) + "\n")
     for taste in tastes:
         atomic_write(outp / "img" / f"converge_{name}_{taste}.png", contact_sheet(runs, taste))
+    report(out)
     return part
 
 
+def part_name(overrides: list[str], tastes: list[str], strategies: list[str], seeds: list[int]) -> str:
+    """A file-name-safe name for an invocation's part: its overrides (or "defaults"), tastes, strategies, seeds."""
+    import hashlib
+    import re
+
+    what = "-".join(re.sub(r"[^A-Za-z0-9.=]+", "_", o) for o in overrides) or "defaults"
+    name = f"{what}-{'_'.join(tastes)}-{'_'.join(strategies)}-s{'_'.join(map(str, seeds))}"
+    return name if len(name) <= 100 else name[:80] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+
+
+def defaults_fingerprint() -> str:
+    """A short hash of the default train, select and gate settings: a part run before the defaults changed is not
+    counted as the defaults' figures."""
+    import dataclasses
+    import hashlib
+
+    cfg = load_config(None, [])
+    doc = {k: dataclasses.asdict(getattr(cfg, k)) for k in ("train", "select", "gate", "generate")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def is_defaults(part: dict) -> bool:
+    """A part of the defaults' study: no overrides, and run with today's defaults."""
+    st = part["settings"]
+    return not st["overrides"] and st.get("defaults") == defaults_fingerprint()
+
+
 def summary(parts: dict[str, dict]) -> tuple[dict, list[dict]]:
-    """The flat figures over every run of the default settings (parts whose overrides are empty): per taste and
-    strategy the seeds run and met, and worst_seeds_met; plus the table's rows."""
+    """The flat figures over every run of the default settings: per taste and strategy the seeds run and met
+    (0 and 0 where none ran), worst_seeds_met, and each seed's figures; plus the table's rows."""
     flat, rows = {}, []
-    runs = [r for p in parts.values() if not p["settings"]["overrides"] for r in p["runs"]]
+    for t in TASTE_NAMES:
+        for st in STRATEGIES:
+            flat[f"{t}_{st}_seeds"] = flat[f"{t}_{st}_seeds_met"] = 0
+    runs = sorted((r for p in parts.values() if is_defaults(p) for r in p["runs"]),
+                  key=lambda r: (TASTE_NAMES.index(r["taste"]), r["strategy"], r["seed"]))  # fmt: skip
     for r in runs:
         key = f"{r['taste']}_{r['strategy']}"
-        flat[f"{key}_seeds"] = flat.get(f"{key}_seeds", 0) + 1
-        flat[f"{key}_seeds_met"] = flat.get(f"{key}_seeds_met", 0) + int(r["met"])
+        flat[f"{key}_seeds"] += 1
+        flat[f"{key}_seeds_met"] += int(r["met"])
         flat[f"{key}_seed{r['seed']}_ur"] = " ".join(f"{v:.3f}" for v in r["ur"].values())
         flat[f"{key}_seed{r['seed']}_peak"] = r["peak"]
         flat[f"{key}_seed{r['seed']}_final_unit"] = r["final_unit"]
@@ -231,11 +264,116 @@ def summary(parts: dict[str, dict]) -> tuple[dict, list[dict]]:
             flat[f"{key}_seed{r['seed']}_{a}_kept"] = v
         cov = r["coverage_share"].get(str(r["final_unit"]))
         flat[f"{key}_seed{r['seed']}_coverage_share"] = cov
-        rows.append({"taste": r["taste"], "strategy": r["strategy"], "seed": r["seed"],
-                     "UR per unit": " ".join(f"{v:.0%}" for v in r["ur"].values()),
-                     "generates": r["final_unit"], "gain": r["ur_gain"], "fall": r["max_fall"],
-                     "kept (indifferent)": ", ".join(f"{a} {v:.0%}" for a, v in r["indifferent_kept"].items()),
-                     "coverage": "-" if cov is None else f"{cov:.2f}", "met": "yes" if r["met"] else "no"})  # fmt: skip
+        rows.append(run_row(r))
     met = [v for k, v in flat.items() if k.endswith("_seeds_met")]
     flat["worst_seeds_met"] = min(met) if met else 0
     return flat, rows
+
+
+def run_row(r: dict) -> dict:
+    cov = r["coverage_share"].get(str(r["final_unit"]))
+    return {"taste": r["taste"], "strategy": r["strategy"], "seed": r["seed"],
+            "UR per unit": " ".join(f"{v:.0%}" for v in r["ur"].values()),
+            "generates": r["final_unit"], "gain": r["ur_gain"], "fall": r["max_fall"],
+            "kept (indifferent)": ", ".join(f"{a} {v:.0%}" for a, v in r["indifferent_kept"].items()),
+            "coverage": "-" if cov is None else f"{cov:.2f}", "met": "yes" if r["met"] else "no"}  # fmt: skip
+
+
+def label_of(part: dict) -> str:
+    if is_defaults(part):
+        return "defaults"
+    return part["settings"]["overrides"] or "defaults of an earlier version"
+
+
+def tradeoff_points(parts: dict[str, dict]) -> list[dict]:
+    """One point per setting (a part's overrides; parts of one setting pooled): the mean UR gain of the unit that
+    generates at the end (its UR rate over unit 0's) against the mean of the smallest share of spread kept among
+    the attributes the taste is indifferent to; with the seeds and tastes behind it."""
+    pooled: dict[str, list[dict]] = {}
+    for part in parts.values():
+        pooled.setdefault(label_of(part), []).extend(part["runs"])
+    points = []
+    for label, runs in pooled.items():
+        kept = [min(v for v in r["indifferent_kept"].values() if v is not None) for r in runs]
+        gain = [r["ur_final"] - float(r["ur"]["0"]) for r in runs]
+        points.append({"setting": label, "runs": len(runs), "ur_gain_points": round(100 * float(np.mean(gain)), 1),
+                       "min_kept": round(float(np.mean(kept)), 3), "met": sum(r["met"] for r in runs),
+                       "tastes": ",".join(sorted({r["taste"] for r in runs})),
+                       "seeds": ",".join(str(s) for s in sorted({r["seed"] for r in runs}))})  # fmt: skip
+    return sorted(points, key=lambda q: (q["setting"] != "defaults", q["setting"]))
+
+
+def tradeoff_plot(points: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=100)
+    for q in points:
+        star = q["setting"] == "defaults"
+        ax.scatter(q["min_kept"], q["ur_gain_points"], s=220 if star else 50, marker="*" if star else "o",
+                   color="crimson" if star else "steelblue", zorder=3)  # fmt: skip
+        ax.annotate(f"{q['setting']} ({q['runs']})", (q["min_kept"], q["ur_gain_points"]), fontsize=7,
+                    xytext=(5, 4), textcoords="offset points")  # fmt: skip
+    ax.axvline(KEEP_SPREAD, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("smallest kept share of an indifferent attribute's per-prompt spread (mean over runs)")
+    ax.set_ylabel("UR rate gain, last generating unit vs unit 0 (points)")
+    ax.set_title("What each setting trades: taste learnt against variety kept (* = defaults)", fontsize=9)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def report(out: str = "docs") -> dict:
+    """Merge every docs/bench/converge_<name>.json into docs/bench/converge.json and docs/convergence.md's
+    generated section (between its markers; the prose around it is kept)."""
+    outp = Path(out)
+    parts = {f.stem.removeprefix("converge_"): json.loads(f.read_text())
+             for f in sorted((outp / "bench").glob("converge_*.json"))}  # fmt: skip
+    flat, rows = summary(parts)
+    points = tradeoff_points(parts)
+    doc = {**flat, "defaults": defaults_fingerprint(), "tradeoff": points,
+           "parts": {n: {"settings": p["settings"], "minutes": p["minutes"], "runs": p["runs"]}
+                     for n, p in parts.items()}}  # fmt: skip
+    atomic_write(outp / "bench" / "converge.json", json.dumps(doc, indent=1) + "\n")
+    if points:
+        atomic_write(outp / "img" / "converge_tradeoff.png", tradeoff_plot(points))
+    md = ["<!-- converge:generated -->", "## The figures (written by `python -m loop.bench converge`)", "",
+          f"Targets per taste and strategy, at 3 or more of 4 seeds: the last generating unit's UR rate at least "
+          f"{UR_GAIN:g}x unit 0's, every attribute the taste is indifferent to keeping {KEEP_SPREAD:.0%} of unit 0's "
+          f"per-prompt spread, and no generating unit losing more than {MAX_FALL * 100:g} points of UR rate.", "",
+          "### With the defaults (gate on)", ""]  # fmt: skip
+    if rows:
+        md += [table(rows), ""]
+        md += ["| taste / strategy | seeds run | seeds met |", "|---|---|---|"]
+        md += [f"| {t} / {st} | {flat[f'{t}_{st}_seeds']} | {flat[f'{t}_{st}_seeds_met']} |"
+               for t in TASTE_NAMES for st in STRATEGIES]  # fmt: skip
+        md += ["", f"worst_seeds_met: {flat['worst_seeds_met']}", ""]
+    else:
+        md += ["Not run yet with today's defaults.", ""]
+    md += ["### Every setting tried", "", "![trade-off](img/converge_tradeoff.png)", ""] if points else []
+    if points:
+        md += [table(points), ""]
+    for name, part in parts.items():
+        if is_defaults(part):
+            continue
+        md += [f"#### {label_of(part)} (`{name}`)", "", table([run_row(r) for r in part["runs"]]), ""]
+    md += ["### What the units draw", ""]
+    for name, part in parts.items():
+        for t in sorted({r["taste"] for r in part["runs"]}):
+            if (outp / "img" / f"converge_{name}_{t}.png").exists():
+                md += [f"{label_of(part)}, taste {t} (`{name}`; rows: strategy, seed, unit; * the unit that "
+                       f"generates at the end; columns: 4 measuring seeds of each prompt):", "",
+                       f"![{t}](img/converge_{name}_{t}.png)", ""]  # fmt: skip
+    md.append("<!-- /converge:generated -->")
+    path = outp / "convergence.md"
+    text = path.read_text() if path.exists() else "# Convergence without collapse\n"
+    atomic_write(path, replace_block(text, md[0], md[-1], "\n".join(md)))
+    seeds = {k: v for k, v in flat.items() if k.endswith(("_seeds", "_seeds_met")) or k == "worst_seeds_met"}
+    write_section("converge", "## converge\n\nSee [convergence.md](convergence.md): "
+                  + ", ".join(f"{k} {v}" for k, v in seeds.items() if k.endswith("_met")) + ".", out)  # fmt: skip
+    return doc

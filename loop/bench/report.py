@@ -29,12 +29,20 @@ def write(name: str, figures: dict, section_md: str, out: str = "docs") -> None:
     out_dir = Path(out)
     figures = {**figures, "machine": f"{platform.machine()} {platform.system()}", "date": time.strftime("%Y-%m-%d")}
     atomic_write(out_dir / "bench" / f"{name}.json", json.dumps(figures, indent=2) + "\n")
-    md_path = out_dir / "benchmarks.md"
+    write_section(name, section_md, out)
+
+
+def replace_block(text: str, start: str, end: str, block: str) -> str:
+    """text with what lies between the markers start and end (included) replaced by block; appended if absent."""
+    if start in text and end in text:
+        return re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def write_section(name: str, section_md: str, out: str = "docs") -> None:
+    """Replace the `<name>` section of docs/benchmarks.md."""
+    md_path = Path(out) / "benchmarks.md"
     md = md_path.read_text() if md_path.exists() else "# Benchmarks\n\nWritten by `python -m loop.bench <name>`.\n"
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{start}\n{section_md.strip()}\n{end}"
-    if start in md:
-        md = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, md, flags=re.S)
-    else:
-        md = md.rstrip() + "\n\n" + block + "\n"
-    atomic_write(md_path, md)
+    atomic_write(md_path, replace_block(md, start, end, block))

@@ -570,5 +570,7 @@ def bench_converge_seeds(
     print("\n".join(lines))
     atomic_write(Path(out) / "strategies_seeds.md", md)
     flat = {**summary, **{f"seed{s}_{k}": v for s, f in per_seed.items() for k, v in f.items() if "_" in k}}
-    write("strategies_seeds", flat, "## strategies across seeds\n\nSee [strategies_seeds.md](strategies_seeds.md).", out)
+    write(
+        "strategies_seeds", flat, "## strategies across seeds\n\nSee [strategies_seeds.md](strategies_seeds.md).", out
+    )
     return summary

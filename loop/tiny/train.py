@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # With the scaled-linear schedule the first sampling step still holds sqrt(alpha_bar) ~ 0.07 of the
         # image, so the starting noise's channel means leak straight into colour and decide 94% of the demo
-        # rater's score (docs/convergence.md); an epsilon loss barely sees colour at those timesteps, so a LoRA
+        # rater's score (docs/strategies.md); an epsilon loss barely sees colour at those timesteps, so a LoRA
         # could hardly move it. Zero terminal SNR removes the leak, and v-prediction makes the loss see x0 there.
         parts["scheduler"] = DDPMScheduler.from_config(
             parts["scheduler"].config,

@@ -792,6 +792,7 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
         items = preference_items(store, cfg, parent, selection)
     if tc.prior_preservation and tc.objective != "dpo":
         items += class_images(ws, pipe, [it["caption"] for it in selection], tc.class_images, cfg, log)
+    asked = {it["sha256"] for it in items if not it["prior"]}  # dpo: a selected image with no worse one is not
     lat, items, cache_stats = encode_latents(ws, pipe, items, size, cfg.model.base, log)
     log(f"encode cache: {cache_stats['cache_hits']} hit(s), {cache_stats['cache_misses']} miss(es)")
     if not any(not it["prior"] for it in items):
@@ -876,9 +877,24 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             "strategy": strategy,
             "modifier_token": token or None,
             "text_encoder_lora": te_lora,
-            # the images it learnt from: the selection less any that could not be read (named in left_out)
-            "images": [{k: it.get(k) for k in ("id", "sha256", "caption", "tier")} for it in items if not it["prior"]],
-            "left_out": [{k: it.get(k) for k in ("id", "sha256")} for it in selection if it["sha256"] not in trained],
+            # the images it learnt from: the selection less any that could not be read (named in left_out); with
+            # objective=dpo the selected images that won a pair, and in "losers" the images they were preferred to
+            "images": [
+                {k: it.get(k) for k in ("id", "sha256", "caption", "tier")}
+                for it in items
+                if not it["prior"] and it.get("winner", True)
+            ],
+            "losers": [
+                {k: it.get(k) for k in ("id", "sha256", "caption", "tier")}
+                for it in items
+                if not it.get("winner", True)
+            ],
+            "left_out": [
+                {k: it.get(k) for k in ("id", "sha256")}
+                for it in selection
+                if it["sha256"] in asked and it["sha256"] not in trained
+            ],
+            "unpaired": sum(it["sha256"] not in asked for it in selection) if tc.objective == "dpo" else 0,
             "class_images": sum(it["prior"] for it in items),
             "objective": tc.objective,
             "pairs": 0 if data.pairs is None else len(data.pairs),

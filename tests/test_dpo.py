@@ -133,6 +133,10 @@ def test_dpo_trains_a_unit_on_every_rated_pair_and_says_so_in_the_manifest(ws):
         train_unit(ws, store, cfg, parent=0, **QUIET)
     manifest = json.loads((ws.checkpoint(1) / "manifest.json").read_text())
     assert manifest["objective"] == "dpo" and manifest["pairs"] > 0
+    # what it learnt towards (what the gate and compare measure coverage against) is the selection, not the losers
+    assert {it["id"] for it in manifest["images"]} == {it["id"] for it in selection}
+    assert manifest["losers"] and {it["tier"] for it in manifest["losers"]} <= {"SR", "R", "N"}
+    assert manifest["left_out"] == [] and manifest["unpaired"] == 0
 
 
 def test_dpo_without_a_pair_says_what_to_do(ws):

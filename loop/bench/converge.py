@@ -78,9 +78,9 @@ def measure_unit(ws, cfg, unit: int, per_prompt: int, rc: RateConfig) -> dict:
     }
 
 
-def selection_coverage(ws, store, unit: int, measured: dict, base: dict, k: int) -> float | None:
-    """The unit's mean per-prompt coverage of its selection (manifest.json's images), as a share of the base
-    model's coverage of the same selection at the same seeds."""
+def selection_coverage(ws, store, unit: int, measured: dict, base: dict, k: int) -> tuple[float | None, float | None]:
+    """The unit's mean per-prompt coverage of its selection (manifest.json's images), and the base model's coverage
+    of the same selection at the same seeds."""
     from loop.features import mean_of, per_prompt_prdc
     from loop.images import load_rgb
     from loop.metrics import features
@@ -91,15 +91,11 @@ def selection_coverage(ws, store, unit: int, measured: dict, base: dict, k: int)
         row = store.image(it["id"]) if it.get("id") is not None else None
         if row is None or row["prompt"] not in PROMPTS:
             continue
-        if it.get("tier") not in (None, "UR", "SSR") and manifest.get("objective") == "dpo":
-            continue  # dpo trains on every tier; its "selection" is what the person liked
         sel.setdefault(row["prompt"], []).append(features(load_rgb(ws.root / row["path"])))
     real = {p: np.stack(v) for p, v in sel.items()}
     mine = mean_of(per_prompt_prdc(real, measured["feats"], k), "coverage")
     theirs = mean_of(per_prompt_prdc(real, base["feats"], k), "coverage")
-    if mine is None or not theirs:
-        return None
-    return mine / theirs
+    return mine, theirs
 
 
 def run_one(taste: str, strategy: str, seed: int, where: Path, rounds: int, per_prompt: int, eval_per_prompt: int,
@@ -135,7 +131,7 @@ def run_one(taste: str, strategy: str, seed: int, where: Path, rounds: int, per_
     with ws.store() as store:
         cov = {u: selection_coverage(ws, store, u, measured[u], measured[0], cfg.eval.k) for u in units if u}
     return {"taste": taste, "strategy": strategy, "seed": seed, "generating": generating, "gates": gates,
-            "measured": measured, "coverage_share": cov, "seconds": time.time() - t0}  # fmt: skip
+            "measured": measured, "coverage": cov, "seconds": time.time() - t0}  # fmt: skip
 
 
 def figures_of(run: dict) -> dict:
@@ -161,7 +157,8 @@ def figures_of(run: dict) -> dict:
         "max_fall": round(fall, 4),
         "spread_share": {a: {str(u): v for u, v in d.items()} for a, d in spreads.items()},
         "indifferent_kept": kept,
-        "coverage_share": {str(u): (None if v is None else round(v, 3)) for u, v in run["coverage_share"].items()},
+        "coverage": {str(u): (None if v[0] is None else round(v[0], 3)) for u, v in run["coverage"].items()},
+        "coverage_base": {str(u): (None if v[1] is None else round(v[1], 3)) for u, v in run["coverage"].items()},
         "gates": run["gates"], "met": bool(met), "minutes": round(run["seconds"] / 60, 1),
     }  # fmt: skip
 
@@ -203,7 +200,8 @@ def bench_converge(tastes: list[str], strategies: list[str], seeds: list[int], r
                     runs.append(run_one(taste, strategy, seed, where, rounds, per_prompt, eval_per_prompt, overrides))
                     f = figures_of(runs[-1])
                     print(f"  UR {' -> '.join(f'{v:.0%}' for v in f['ur'].values())}, generating unit "
-                          f"{f['final_unit']}, kept {f['indifferent_kept']}, coverage {f['coverage_share']}, "
+                          f"{f['final_unit']}, kept {f['indifferent_kept']}, coverage {f['coverage']} "
+                          f"(base {f['coverage_base']}), "
                           f"{'met' if f['met'] else 'NOT met'}", flush=True)  # fmt: skip
     part = {"settings": {"rounds": rounds, "images_per_round": per_prompt * len(PROMPTS),
                          "eval_images": eval_per_prompt * len(PROMPTS), "overrides": " ".join(overrides),
@@ -262,8 +260,7 @@ def summary(parts: dict[str, dict]) -> tuple[dict, list[dict]]:
         flat[f"{key}_seed{r['seed']}_final_unit"] = r["final_unit"]
         for a, v in r["indifferent_kept"].items():
             flat[f"{key}_seed{r['seed']}_{a}_kept"] = v
-        cov = r["coverage_share"].get(str(r["final_unit"]))
-        flat[f"{key}_seed{r['seed']}_coverage_share"] = cov
+        flat[f"{key}_seed{r['seed']}_coverage"] = r.get("coverage", {}).get(str(r["final_unit"]))
         rows.append(run_row(r))
     met = [v for k, v in flat.items() if k.endswith("_seeds_met")]
     flat["worst_seeds_met"] = min(met) if met else 0
@@ -271,12 +268,14 @@ def summary(parts: dict[str, dict]) -> tuple[dict, list[dict]]:
 
 
 def run_row(r: dict) -> dict:
-    cov = r["coverage_share"].get(str(r["final_unit"]))
+    u = str(r["final_unit"])
+    cov, base = r.get("coverage", {}).get(u), r.get("coverage_base", {}).get(u)
     return {"taste": r["taste"], "strategy": r["strategy"], "seed": r["seed"],
             "UR per unit": " ".join(f"{v:.0%}" for v in r["ur"].values()),
             "generates": r["final_unit"], "gain": r["ur_gain"], "fall": r["max_fall"],
             "kept (indifferent)": ", ".join(f"{a} {v:.0%}" for a, v in r["indifferent_kept"].items()),
-            "coverage": "-" if cov is None else f"{cov:.2f}", "met": "yes" if r["met"] else "no"}  # fmt: skip
+            "coverage (base)": "-" if cov is None else f"{cov:.2f} ({'-' if base is None else f'{base:.2f}'})",
+            "met": "yes" if r["met"] else "no"}  # fmt: skip
 
 
 def label_of(part: dict) -> str:

@@ -220,12 +220,14 @@ class TrainConfig:
     timestep_bias: str = "none"  # none | later | earlier
     timestep_bias_multiplier: float = 8.0  # used when timestep_bias is later or earlier
     timestep_bias_portion: float = 0.25
-    # supervised: learn the selection's images (DreamBooth-style). dpo: Diffusion-DPO (Wallace et al. 2023) on
-    # pairs of images of the same prompt whose tiers are dpo_min_gap or more apart, better against worse, from
-    # every rated round; the reference is this adapter switched off (the base), so where the ratings say nothing
-    # the unit stays near the base (loop.objectives)
-    objective: str = "supervised"
-    dpo_beta: float = 1000.0  # how hard the preference pulls against staying near the reference
+    # dpo (the default): Diffusion-DPO (Wallace et al. 2023) on pairs of images of the same prompt, each image the
+    # strategy selected against the images of its prompt rated dpo_min_gap or more tiers below it; the reference
+    # is this adapter switched off (the base), so where the ratings say nothing the unit stays near the base
+    # (loop.objectives). supervised: learn the selection's images (DreamBooth-style), the default before issue 22;
+    # it collapsed what the person was indifferent to (docs/convergence.md). Units whose text encoder learns
+    # (custom_diffusion, text_encoder_lora) train supervised
+    objective: str = "dpo"
+    dpo_beta: float = 300.0  # how hard staying near the reference pulls against the preference (lower: moves more)
     dpo_min_gap: int = 2  # tiers apart for a pair: 2 pairs UR with SR, R and N, and SSR with R and N
     dpo_sft_weight: float = 0.0  # dpo: plus this weight of the supervised loss on the pairs' winners
 

@@ -785,6 +785,11 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
     cd = tc.method == "custom_diffusion"
     token = tc.modifier_token if cd else ""
     te_lora = tc.method == "lora" and tc.text_encoder_lora
+    if tc.objective == "dpo" and (cd or te_lora):
+        log("train.objective=dpo trains the UNet's adapter only; this unit's text encoder learns too "
+            f"({'custom_diffusion' if cd else 'text_encoder_lora'}), so it trains supervised")  # fmt: skip
+        tc = dataclasses.replace(tc, objective="supervised")
+        cfg = dataclasses.replace(cfg, train=tc)
 
     # 2. class images (made by the base model, before any adapter is attached), then the latents (cached)
     items = [dict(it, prior=False) for it in selection]
@@ -812,6 +817,12 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             raise LoopError(no_pairs_message(tc))
         data.pairs = torch.tensor(pairs, dtype=torch.long)
         log(f"dpo: {len(pairs)} pair(s) of images of the same prompt, {tc.dpo_min_gap}+ tiers apart")
+        lone = sum(it["sha256"] not in asked for it in selection)
+        if lone:  # imports, seed images and variations have no worse-rated image of their prompt to be preferred to
+            log(
+                f"dpo: {lone} selected image(s) have no image of their prompt rated {tc.dpo_min_gap}+ tiers below "
+                f"them (imports, variations) and are not learnt from; train.objective=supervised learns every one"
+            )
 
     # 3. adapters: what learns depends on the method; their random init is seeded, so a unit is reproducible
     with torch.random.fork_rng():

@@ -272,7 +272,7 @@ def run_row(r: dict) -> dict:
     cov, base = r.get("coverage", {}).get(u), r.get("coverage_base", {}).get(u)
     return {"taste": r["taste"], "strategy": r["strategy"], "seed": r["seed"],
             "UR per unit": " ".join(f"{v:.0%}" for v in r["ur"].values()),
-            "generates": r["final_unit"], "gain": r["ur_gain"], "fall": r["max_fall"],
+            "generates": r["final_unit"], "gain": r["ur_gain"], "fall (points)": round(100 * r["max_fall"]),
             "kept (indifferent)": ", ".join(f"{a} {v:.0%}" for a, v in r["indifferent_kept"].items()),
             "coverage (base)": "-" if cov is None else f"{cov:.2f} ({'-' if base is None else f'{base:.2f}'})",
             "met": "yes" if r["met"] else "no"}  # fmt: skip
@@ -291,6 +291,11 @@ def tradeoff_points(parts: dict[str, dict]) -> list[dict]:
     pooled: dict[str, list[dict]] = {}
     for part in parts.values():
         pooled.setdefault(label_of(part), []).extend(part["runs"])
+    # the same runs for every setting (taste, strategy, seed), so that the points compare like with like
+    keys = [{(r["taste"], r["strategy"], r["seed"]) for r in runs} for runs in pooled.values()]
+    common = set.intersection(*keys) if keys else set()
+    if common:
+        pooled = {k: [r for r in v if (r["taste"], r["strategy"], r["seed"]) in common] for k, v in pooled.items()}
     points = []
     for label, runs in pooled.items():
         kept = [min(v for v in r["indifferent_kept"].values() if v is not None) for r in runs]
@@ -308,17 +313,25 @@ def tradeoff_plot(points: list[dict]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=100)
+    fig, ax = plt.subplots(figsize=(10, 5.2), dpi=100)
     for q in points:
         star = q["setting"] == "defaults"
         ax.scatter(q["min_kept"], q["ur_gain_points"], s=220 if star else 50, marker="*" if star else "o",
                    color="crimson" if star else "steelblue", zorder=3)  # fmt: skip
-        ax.annotate(f"{q['setting']} ({q['runs']})", (q["min_kept"], q["ur_gain_points"]), fontsize=7,
+        short = q["setting"].replace("train.", "").replace("gate.enabled=false", "(gate off)")
+        ax.annotate(f"{short}, {q['runs']} runs", (q["min_kept"], q["ur_gain_points"]), fontsize=7,
                     xytext=(5, 4), textcoords="offset points")  # fmt: skip
     ax.axvline(KEEP_SPREAD, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("smallest kept share of an indifferent attribute's per-prompt spread (mean over runs)")
+    ax.set_xlabel("per-prompt spread kept, the least-kept indifferent attribute (share of unit 0's; mean of runs)")
     ax.set_ylabel("UR rate gain, last generating unit vs unit 0 (points)")
-    ax.set_title("What each setting trades: taste learnt against variety kept (* = defaults)", fontsize=9)
+    ax.set_title(
+        "What each setting trades: taste learnt against variety kept (* = defaults; the runs every "
+        "setting has in common)",
+        fontsize=9,
+    )
+    ax.set_xlim(
+        min([0.2] + [q["min_kept"] - 0.05 for q in points]), max([1.3] + [q["min_kept"] + 0.35 for q in points])
+    )
     ax.grid(alpha=0.3)
     buf = io.BytesIO()
     fig.tight_layout()
@@ -361,13 +374,22 @@ def report(out: str = "docs") -> dict:
         if is_defaults(part):
             continue
         md += [f"#### {label_of(part)} (`{name}`)", "", table([run_row(r) for r in part["runs"]]), ""]
-    md += ["### What the units draw", ""]
-    for name, part in parts.items():
-        for t in sorted({r["taste"] for r in part["runs"]}):
-            if (outp / "img" / f"converge_{name}_{t}.png").exists():
-                md += [f"{label_of(part)}, taste {t} (`{name}`; rows: strategy, seed, unit; * the unit that "
-                       f"generates at the end; columns: 4 measuring seeds of each prompt):", "",
-                       f"![{t}](img/converge_{name}_{t}.png)", ""]  # fmt: skip
+    md += ["### What the units draw", "",
+           "Rows: strategy, seed, unit (* the unit that generates at the end); columns: the first 4 measuring seeds "
+           "of each prompt. One sheet per setting and taste is shown; the other seeds' are linked.", ""]  # fmt: skip
+    shown, more = set(), []
+    for name, part in sorted(parts.items(), key=lambda kv: (not is_defaults(kv[1]), kv[0])):
+        for t in sorted({r["taste"] for r in part["runs"]}, key=TASTE_NAMES.index):
+            img = f"img/converge_{name}_{t}.png"
+            if not (outp / img).exists():
+                continue
+            if (label_of(part), t) in shown:
+                more.append(f"[{t}, `{name}`]({img})")
+                continue
+            shown.add((label_of(part), t))
+            md += [f"{label_of(part)}, taste {t} (`{name}`):", "", f"![{t}]({img})", ""]
+    if more:
+        md += ["Other seeds: " + ", ".join(more) + ".", ""]
     md.append("<!-- /converge:generated -->")
     path = outp / "convergence.md"
     text = path.read_text() if path.exists() else "# Convergence without collapse\n"

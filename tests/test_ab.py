@@ -136,6 +136,10 @@ def test_compare_tab_votes_by_keyboard_and_renders_the_grid(tmp_path):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1200, "height": 900})
+            # every step waits for what must happen, not for how fast: on a loaded machine a vote's round trip or
+            # the ranking's bootstrap fit took longer than expect's 5 s default (a failure that asserted a pace)
+            page.set_default_timeout(120_000)
+            expect.set_options(timeout=60_000)
             page.goto(server.url + "/")
             page.get_by_role("tab", name="A/B").click()
             page.wait_for_function("document.querySelector('.ab-img[data-side=left]')?.naturalWidth > 0")
@@ -157,10 +161,8 @@ def test_compare_tab_votes_by_keyboard_and_renders_the_grid(tmp_path):
             # the results are folded away while voting: open on request, folded again by the next vote
             expect(page.locator(".ab-rank")).to_be_hidden()
             page.locator(".ab-results summary").click()
-            # the ranking is fetched when opened (a bootstrap fit): on a loaded machine that takes longer than
-            # expect's 5 s default, which would assert a pace, not the behaviour
-            expect(page.locator(".ab-rank")).to_be_visible(timeout=60_000)
-            expect(page.locator(".ab-rank")).to_contain_text("unit 1", timeout=60_000)
+            expect(page.locator(".ab-rank")).to_be_visible()
+            expect(page.locator(".ab-rank")).to_contain_text("unit 1")
             page.keyboard.press("ArrowDown")
             expect(page.locator(".ab-rank")).to_be_hidden()
             page.wait_for_function("document.querySelector('#loop-ab .ab').parentElement.dataset.votes == '4'")

@@ -734,7 +734,7 @@ def preference_items(store: Store, cfg: LoopConfig, parent: int, selection: list
     """train.objective=dpo's images: the rated txt2img images units made in rounds up to `parent` (only round
     `parent` with select.accumulate=false) that make a pair (loop.objectives): the better image one the strategy
     selected (winner=True: golden's UR images, converge's min_tier and up), the worse any image of the same
-    prompt rated train.dpo_min_gap tiers or more below it."""
+    prompt rated train.dpo_min_gap tiers or more below it. None make a pair: an empty list."""
     chosen = {it.get("id") for it in selection}
     rows = [
         {**dict(r), "winner": r["id"] in chosen} for r in store.images()
@@ -742,8 +742,6 @@ def preference_items(store: Store, cfg: LoopConfig, parent: int, selection: list
         and r["round"] <= parent and (cfg.select.accumulate or r["round"] == parent)
     ]  # fmt: skip
     used = sorted({i for pair in preference_pairs(rows, cfg.train.dpo_min_gap) for i in pair})
-    if not used:
-        raise LoopError(no_pairs_message(cfg.train))
     keys = ("id", "sha256", "path", "tier", "unit", "round", "source", "winner")
     return [{**{k: rows[i][k] for k in keys}, "caption": rows[i]["prompt"], "prior": False} for i in used]
 
@@ -751,9 +749,7 @@ def preference_items(store: Store, cfg: LoopConfig, parent: int, selection: list
 def no_pairs_message(tc) -> str:
     return (
         f"train.objective=dpo needs a selected image and an image of the same prompt rated at least "
-        f"{tc.dpo_min_gap} tiers below it (train.dpo_min_gap), and there are none; rate more images, lower "
-        f"train.dpo_min_gap, or use "
-        f"train.objective=supervised"
+        f"{tc.dpo_min_gap} tiers below it (train.dpo_min_gap), and there are none"
     )
 
 
@@ -785,16 +781,27 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
     cd = tc.method == "custom_diffusion"
     token = tc.modifier_token if cd else ""
     te_lora = tc.method == "lora" and tc.text_encoder_lora
+    fallback = ""  # why a unit asked to train with dpo trains supervised (said in the log and the manifest)
     if tc.objective == "dpo" and (cd or te_lora):
-        log("train.objective=dpo trains the UNet's adapter only; this unit's text encoder learns too "
-            f"({'custom_diffusion' if cd else 'text_encoder_lora'}), so it trains supervised")  # fmt: skip
+        fallback = ("train.objective=dpo trains the UNet's adapter only; this unit's text encoder learns too "
+                    f"({'custom_diffusion' if cd else 'text_encoder_lora'})")  # fmt: skip
+        log(f"{fallback}, so it trains supervised")
         tc = dataclasses.replace(tc, objective="supervised")
         cfg = dataclasses.replace(cfg, train=tc)
 
     # 2. class images (made by the base model, before any adapter is attached), then the latents (cached)
     items = [dict(it, prior=False) for it in selection]
     if tc.objective == "dpo":  # the selection's images against worse-rated images of the same prompts
-        items = preference_items(store, cfg, parent, selection)
+        paired = preference_items(store, cfg, parent, selection)
+        items = paired or items
+        if not paired:  # a small round, hand-picked or imported images: nothing to prefer them to
+            fallback = no_pairs_message(tc)
+            log(
+                f"{fallback}, so this unit trains supervised on its selection (rate more images of each prompt, "
+                "or lower train.dpo_min_gap, for a unit that learns from every tier)"
+            )
+            tc = dataclasses.replace(tc, objective="supervised")
+            cfg = dataclasses.replace(cfg, train=tc)
     if tc.prior_preservation and tc.objective != "dpo":
         items += class_images(ws, pipe, [it["caption"] for it in selection], tc.class_images, cfg, log)
     asked = {it["sha256"] for it in items if not it["prior"]}  # dpo: a selected image with no worse one is not
@@ -813,8 +820,11 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
     if tc.objective == "dpo":  # over the images that could be read
         rows = [{"prompt": it["caption"], "tier": it["tier"], "winner": it["winner"]} for it in items]
         pairs = preference_pairs(rows, tc.dpo_min_gap)
-        if not pairs:
-            raise LoopError(no_pairs_message(tc))
+        if not pairs:  # the images that made them could not be read (listed above)
+            raise LoopError(
+                f"{no_pairs_message(tc)} among the images that could be read; check the files listed "
+                "above, or train with train.objective=supervised"
+            )
         data.pairs = torch.tensor(pairs, dtype=torch.long)
         log(f"dpo: {len(pairs)} pair(s) of images of the same prompt, {tc.dpo_min_gap}+ tiers apart")
         lone = sum(it["sha256"] not in asked for it in selection)
@@ -908,6 +918,7 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             "unpaired": sum(it["sha256"] not in asked for it in selection) if tc.objective == "dpo" else 0,
             "class_images": sum(it["prior"] for it in items),
             "objective": tc.objective,
+            "objective_note": fallback or None,  # why it is not the train.objective asked for
             "pairs": 0 if data.pairs is None else len(data.pairs),
             "config": json.loads(json.dumps(_plain(cfg))),
             "steps": tc.steps,

@@ -12,7 +12,6 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from loop.config import ModelConfig, load_config
-from loop.errors import LoopError
 from loop.generate import generate_ring
 from loop.models import load_base
 from loop.objectives import diffusion_dpo_loss, per_item_error, preference_pairs
@@ -139,11 +138,19 @@ def test_dpo_trains_a_unit_on_every_rated_pair_and_says_so_in_the_manifest(ws):
     assert manifest["left_out"] == [] and manifest["unpaired"] == 0
 
 
-def test_dpo_without_a_pair_says_what_to_do(ws):
+def test_dpo_without_a_pair_trains_supervised_and_says_why(ws):
+    import json
+
     cfg = load_config(ws.root, ["generate.steps=3", "train.objective=dpo", "train.steps=2"])
-    _rated_round(ws, cfg, ["UR", "SSR", "UR", "SSR"])  # no two images of one prompt 2 tiers apart
-    with ws.store() as store, pytest.raises(LoopError, match="dpo_min_gap"):
-        train_unit(ws, store, cfg, parent=0, **QUIET)
+    selection = _rated_round(ws, cfg, ["UR", "SSR", "UR", "SSR"])  # no two images of one prompt 2 tiers apart
+    said = []
+    with ws.store() as store:
+        assert preference_items(store, cfg, 0, selection) == []
+        train_unit(ws, store, cfg, parent=0, log=said.append)
+    assert any("dpo_min_gap" in line and "trains supervised" in line for line in said), said
+    manifest = json.loads((ws.checkpoint(1) / "manifest.json").read_text())
+    assert manifest["objective"] == "supervised" and "dpo_min_gap" in manifest["objective_note"]
+    assert {it["id"] for it in manifest["images"]} == {it["id"] for it in selection} and manifest["pairs"] == 0
 
 
 def test_kill_9_mid_dpo_training_then_run_again_resumes(ws):

@@ -66,6 +66,17 @@ def check_key(key) -> str | None:
     return key
 
 
+def check_order(order) -> str:
+    """The grid's order: "" (unrated first, then by id), likely_ur or uncertain (see loop/rate/taste.py)."""
+    from loop.rate.taste import ORDERS
+
+    if order in (None, "", "default"):
+        return ""
+    if order not in ORDERS:
+        raise BadRequest(f"order must be default, likely_ur or uncertain, got {str(order)[:40]!r}")
+    return order
+
+
 def check_rater(rater) -> str:
     name = str(rater or "").strip()
     if not name or len(name) > MAX_RATER or any(ord(c) < 32 for c in name):
@@ -253,6 +264,7 @@ class RateHandlers:
         self._thumbs: dict[int, bytes] = {}
         self._thumb_size = 0
         self.claims = Claims()
+        self.taste = None  # the page's TasteService (page.build_app): orders and predicted tiers, read only
 
     # -- reading ---------------------------------------------------------------------------------------------
     def current_round(self) -> int:
@@ -300,9 +312,12 @@ class RateHandlers:
         im = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
         return ev, im
 
-    def images(self, round=None, unit=None, tier=None, unrated=False, q="", tab=None) -> dict:
+    def images(self, round=None, unit=None, tier=None, unrated=False, q="", tab=None, order="") -> dict:
         """The filtered images, unrated first, then by id; as parallel arrays so 10,000 stay small. `claims`:
-        [image id, rater] of the images other pages have their focus on (see Claims)."""
+        [image id, rater] of the images other pages have their focus on (see Claims). `order` likely_ur or
+        uncertain puts the unrated images the taste model has predicted first (see taste.order_index); `pred`:
+        each image's predicted tier where it is unrated and predicted (never a rating), `taste`: the model's
+        state (note: why the order is the default one)."""
         where, args = self._where(round, unit, tier, unrated, q)
         with self.lock:
             last_event, last_image = self._last_ids()
@@ -311,6 +326,7 @@ class RateHandlers:
                 f"WHERE i.id <= ?{where} ORDER BY (t.tier IS NOT NULL), i.id",
                 [last_image, *args],
             ).fetchall()
+        rows, taste = self._taste_order(rows, check_order(order))
         return {
             "ids": [r[0] for r in rows],
             "tiers": [r[1] or "" for r in rows],
@@ -320,7 +336,44 @@ class RateHandlers:
             "last_image": last_image,
             "claims": self._claims(tab),
             "w": self.token,  # for the thumbnail URLs (see workspace_token)
+            **taste,
         }
+
+    def _taste_order(self, rows: list, order: str) -> tuple[list, dict]:
+        """rows (id, tier, rater) in `order`, and what the page shows of the taste model for them."""
+        from loop.rate.taste import order_index
+
+        snap = self.taste.snapshot() if self.taste is not None else None
+        unrated = [r[1] is None for r in rows]
+        rows = [rows[n] for n in order_index([r[0] for r in rows], unrated, snap, order)]
+        preds = snap.preds if snap is not None and snap.ready else {}
+        return rows, {
+            "pred": [preds[r[0]][2] if r[1] is None and r[0] in preds else "" for r in rows],
+            "taste": self.taste_state(order),
+        }
+
+    def taste_state(self, order: str = "") -> dict:
+        """The model's state for the page: ready, note (one line: why it cannot order yet), version (changes
+        with each fit and prediction), and the order applied ("" when it falls back to the default)."""
+        if self.taste is None:
+            return {"ready": False, "note": "no taste model on this page", "version": 0, "order": ""}
+        s = self.taste.snapshot()
+        return {"ready": s.ready, "note": s.note(), "version": s.version, "order": order if s.ready else ""}
+
+    def predictions(self, round=None, unit=None, tier=None, unrated=False, q="", tab=None) -> dict:
+        """The predicted tiers of the filtered unrated images ([[id, tier], ...]): the page asks when the
+        model's version moved, to redraw its faint guesses (the order stays until the list is loaded again)."""
+        where, args = self._where(round, unit, tier, unrated, q)
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT i.id FROM images i LEFT JOIN current_tiers t ON t.image_id = i.id "
+                f"WHERE t.tier IS NULL{where}",
+                args,
+            ).fetchall()
+        ids = [r[0] for r in rows]
+        s = self.taste.snapshot() if self.taste is not None else None
+        preds = s.preds if s is not None and s.ready else {}
+        return {"pred": [[i, preds[i][2]] for i in ids if i in preds], "taste": self.taste_state()}
 
     def _claims(self, tab: str | None) -> list[list]:
         return [[i, who] for i, who in sorted(self.claims.others(tab).items())]
@@ -373,6 +426,7 @@ class RateHandlers:
             "counters": self.counters(round=round, unit=unit),
             "claims": self._claims(tab),
             "mine": None if tab is None else self.claims.held(tab),  # the image this page holds, if any
+            "taste": self.taste.snapshot().version if self.taste is not None else 0,  # new predictions to fetch
         }
 
     def counters(self, round=None, unit=None) -> dict:

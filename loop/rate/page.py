@@ -258,7 +258,17 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
 
     @app.get("/loop/api/images")
     def images(request: Request):
-        return ok(h.images(**_filters(request, h)))
+        # order: "" (default), likely_ur or uncertain (the taste model's, loop/rate/taste.py)
+        return ok(h.images(**_filters(request, h), order=request.query_params.get("order", "")))
+
+    @app.get("/loop/api/predictions")
+    def predictions(request: Request):
+        return ok(h.predictions(**_filters(request, h)))
+
+    @app.get("/loop/api/taste")
+    def taste():
+        # what the taste model learnt from and how well (TasteModel.summary), or why there is none yet
+        return ok(h.taste.snapshot().status() if h.taste is not None else {"ready": False, "model": None})
 
     @app.get("/loop/api/changes")
     def changes(request: Request):
@@ -392,6 +402,7 @@ def progress_markdown(h: RateHandlers) -> str:
         "",
         f"**Next:** {step}",
         "",
+        *taste_markdown(h),
         "### Every round",
         "",
         "| round | images | rated | " + " | ".join(TIERS) + " |",
@@ -409,6 +420,40 @@ def progress_markdown(h: RateHandlers) -> str:
         )
     lines += ["", f"<sub>updated {time.strftime('%H:%M:%S')}</sub>"]
     return "\n".join(lines)
+
+
+def taste_markdown(h: RateHandlers) -> list[str]:
+    """The Progress tab's taste-model section: what it learnt from (ratings, raters, tiers), how well (held-out
+    pairwise agreement) and when; or why it cannot order the page yet."""
+    lines = ["### Taste model", ""]
+    if h.taste is None:
+        return lines + ["not running on this page", ""]
+    snap = h.taste.snapshot()
+    m = snap.model
+    if not snap.ready:
+        lines.append(snap.note())
+        if m is not None and m.ratings:
+            tiers = ", ".join(f"{t} {k:,}" for t, k in m.tiers.items())
+            lines += ["", f"**Rated so far:** {m.ratings:,} ({tiers})"]
+        return lines + [""]
+    if m.agreement is None:
+        agree = "no held-out agreement yet: no two images of one prompt in different tiers"
+    else:
+        agree = (f"{m.agreement:.0%} over {m.pairs:,} held-out pairs (two images of one prompt in different tiers, "
+                 "each scored by a model fitted without it; 50% is chance)")  # fmt: skip
+    predicted = f"{len(snap.preds):,} unrated images predicted" + (" so far" if snap.predicting else "")
+    return lines + [
+        f"**Learnt from:** {m.ratings:,} ratings",
+        "",
+        "**Raters:** " + ", ".join(f"{_md(k)} {v:,}" for k, v in sorted(m.raters.items(), key=lambda x: -x[1])),
+        "",
+        "**Tiers:** " + " · ".join(f"{t} {m.tiers.get(t, 0):,}" for t in TIERS),
+        "",
+        f"**Pairwise agreement:** {agree}",
+        "",
+        f"**Fitted:** {time.strftime('%H:%M:%S', time.localtime(m.fitted_at))} (in {m.fit_s:.2f} s); {predicted}",
+        "",
+    ]
 
 
 def build_blocks(h: RateHandlers, cfg: LoopConfig | None = None) -> gr.Blocks:
@@ -482,17 +527,26 @@ def compare_html(h: RateHandlers, cfg: LoopConfig | None) -> tuple[str, str]:
 
 
 def build_app(
-    ws: Workspace, cfg: LoopConfig | None = None, auth: list[tuple[str, str]] | None = None, warm: int = 120
+    ws: Workspace,
+    cfg: LoopConfig | None = None,
+    auth: list[tuple[str, str]] | None = None,
+    warm: int = 120,
+    taste: bool = True,
 ):
     """The Blocks and the FastAPI app serving it with the grid's routes; returns (blocks, app).
 
     The current round's first `warm` thumbnails are made first (once; they stay in cache/), so the first
     screen a person opens is ready. `app.state.handlers` holds the RateHandlers (and through it the Store);
-    call `close_app(app)` when done.
+    `taste`: start the workspace's TasteService (handlers.taste). Call `close_app(app)` when done: it stops the
+    service's thread too.
     """
     h = RateHandlers(ws, ws.store())
     if warm:
         h.warm_thumbs(warm)
+    if taste:  # fits in its own thread, with its own connection; requests only read its last snapshot
+        from loop.rate.taste import TasteService
+
+        h.taste = TasteService(ws, cfg.eval if cfg is not None else None).start()
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.handlers = h
     add_routes(app, h)  # before the mount, so /loop/* is ours and the rest goes to Gradio
@@ -517,6 +571,8 @@ def build_app(
 
 def close_app(app: FastAPI) -> None:
     h = app.state.handlers
+    if h.taste is not None:
+        h.taste.stop()
     with h.lock:
         h.store.close()
 

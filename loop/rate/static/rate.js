@@ -15,6 +15,8 @@
   const UNDO_KEYS = new Set(["z", "Backspace"]);
   const TILE = 136, GAP = 8, STEP = TILE + GAP, OVERSCAN = 2;
   const POLL_MS = 2000;
+  // new predicted tiers (the taste model refits as ratings come) are fetched at most this often
+  const PRED_MS = 5000;
   // Another rater's fresh ratings this many places from the focus mean they work the same stretch: move away.
   const NEAR = 30;
   const API = "loop/api/";
@@ -63,11 +65,16 @@
     <label>Unit <select class="lr-unit"></select></label>
     <label>Tier <select class="lr-tier"><option value="">any</option></select></label>
     <label class="lr-check"><input type="checkbox" class="lr-unrated"> unrated only</label>
+    <label>Order <select class="lr-order"><option value="">unrated first</option>
+      <option value="likely_ur">likely UR first</option><option value="uncertain">least certain first</option></select></label>
+    <label class="lr-check" title="the taste model's guess on unrated tiles, faint and with a '?': never a rating">
+      <input type="checkbox" class="lr-showpred"> predicted tiers</label>
     <input class="lr-q" type="search" placeholder="prompt contains…" autocomplete="off">
     <span class="lr-fill"></span>
     <button class="lr-finish" type="button">Finish rating</button>
   </div>
   <div class="lr-stats"><span class="lr-counters">loading…</span><span class="lr-status"></span></div>
+  <div class="lr-taste" hidden></div>
   <div class="lr-legend"></div>
   <div class="lr-scroll"><div class="lr-canvas"></div><div class="lr-empty" hidden></div></div>
   <div class="lr-detail" hidden>
@@ -97,7 +104,8 @@
       status: $(".lr-status"), legend: $(".lr-legend"), scroll: $(".lr-scroll"), canvas: $(".lr-canvas"),
       empty: $(".lr-empty"), detail: $(".lr-detail"), dImg: $(".lr-d-img img"), dTier: $(".lr-d-tier"),
       dBy: $(".lr-d-by"), dTiers: $(".lr-d-tiers"), dGolden: $(".lr-d-golden"), dMeta: $(".lr-meta"),
-      dHist: $(".lr-d-hist"), dPos: $(".lr-d-pos"),
+      dHist: $(".lr-d-hist"), dPos: $(".lr-d-pos"), order: $(".lr-order"), showPred: $(".lr-showpred"),
+      taste: $(".lr-taste"),
     };
 
     const S = {
@@ -123,6 +131,10 @@
       // answers (a key pressed meanwhile must land on that image, not on the next one)
       myRatings: [],
       polling: false, pollTimer: 0,
+      // the taste model's predicted tier of unrated images (id -> tier): a faint guess on the tile when
+      // showPred is on, never a rating (never in S.tier, never sent, never counted). taste: its state from the
+      // last list (ready, note, version, order applied); predAt: when predictions were last fetched
+      pred: new Map(), showPred: localStorage.getItem("loop.predicted") === "1", taste: null, predAt: 0,
       gone: false, // the page is being left (pagehide): its stored queue is marked closed for the next page
     };
 
@@ -207,6 +219,7 @@
       });
       img.src = thumbUrl(id);
       t.append(img, el("span", "lr-badge"), el("span", "lr-by"), el("span", "lr-missing-label", "file missing or unreadable"));
+      t._pred = t.appendChild(el("span", "lr-pred"));
       paintTile(t, id);
       if (i === S.focus) t.classList.add("lr-focus");
       ui.canvas.append(t);
@@ -224,6 +237,10 @@
       t.classList.toggle("lr-claimed", !!on);
       t.children[2].textContent = tier ? S.by.get(id) || "" : on || "";
       t.title = `#${id}` + (tier ? ` · ${tier} by ${S.by.get(id)}` : on ? ` · unrated, ${on} is on it` : " · unrated");
+      const guess = !tier && S.showPred ? S.pred.get(id) || "" : "";
+      t._pred.textContent = guess ? `${guess}?` : "";
+      t._pred.className = guess ? `lr-pred lr-p-${guess}` : "lr-pred";
+      if (guess) t.title += ` · the taste model guesses ${guess} (not a rating)`;
     }
 
     function setClaims(list) {
@@ -377,7 +394,7 @@
     function filters() {
       return {
         round: ui.round.value, unit: ui.unit.value, tier: ui.unrated.checked ? "" : ui.tier.value,
-        unrated: ui.unrated.checked, q: ui.q.value.trim(),
+        unrated: ui.unrated.checked, q: ui.q.value.trim(), order: ui.order.value,
       };
     }
 
@@ -401,6 +418,10 @@
       S.lastEvent = r.last_event;
       S.lastImage = r.last_image;
       S.claims = new Map(r.claims || []);
+      S.pred = new Map();
+      (r.pred || []).forEach((t, n) => { if (t) S.pred.set(r.ids[n], t); });
+      S.predAt = Date.now();
+      paintTaste(r.taste);
       wsToken = r.w || "";
       S.focus = 0;
       S.ratedSinceLoad = 0;
@@ -429,6 +450,38 @@
       setFocus(j);
       const are = others.length > 1 ? "are" : "is";
       routine(`${others.join(", ")} ${are} rating too: you start at #${S.ids[j]}, half way down the unrated images`);
+    }
+
+    // One calm line when the rater asked for a taste order (or the predicted tiers) and the model cannot give
+    // them yet: why, as the server says (too few ratings, still fitting); the grid is then in the default order.
+    function paintTaste(t) {
+      if (t) S.taste = t;
+      t = S.taste;
+      let msg = "";
+      if (t && !t.ready && (ui.order.value || S.showPred)) msg = t.note;
+      else if (t && t.ready && ui.order.value && t.order !== ui.order.value) {
+        msg = "the taste model is ready now: choose the order again to apply it";
+      }
+      ui.taste.textContent = msg;
+      ui.taste.hidden = !msg;
+      root.dataset.order = t && t.ready ? t.order || "" : ""; // the order the grid is in
+    }
+
+    // The predicted tiers again, after the model refitted or predicted new images (the order stays as it is
+    // until the list is loaded again: tiles never move under the rater's eyes).
+    async function refreshPredictions() {
+      S.predAt = Date.now();
+      const gen = S.gen;
+      let r;
+      try {
+        r = await call("GET", API + "predictions?" + qs(filters()));
+      } catch (e) { return; /* the next poll tries again */ }
+      if (gen !== S.gen) return;
+      S.pred = new Map(r.pred);
+      paintTaste({ ...r.taste, order: S.taste ? S.taste.order : "" });
+      for (const t of S.live.values()) paintTile(t, t._id);
+      // the order asked for can apply now: at once if the rater has not started on this list
+      if (r.taste.ready && ui.order.value && !S.taste.order && !S.ratedSinceLoad && S.auto && !S.detail) load();
     }
 
     async function refreshCounters() {
@@ -487,6 +540,8 @@
             S.lastEvent = r.last_event;
             S.lastImage = r.last_image;
             renderCounters(r.counters);
+            if (S.taste && r.taste !== undefined && r.taste !== S.taste.version && (S.showPred || ui.order.value)
+              && Date.now() - S.predAt > PRED_MS) refreshPredictions();
             // no claim yet (the server did not answer), ours lapsed (the page was hidden, the server
             // restarted), or the image another page held is free now: claim the focus again
             const lapsed = S.claimTarget === S.claimed && (r.mine ?? null) !== S.claimed;
@@ -919,7 +974,16 @@
       ui.rater.classList.toggle("lr-need", !S.rater);
       if (S.rater) status("");
     });
-    for (const s of [ui.round, ui.unit, ui.tier, ui.unrated]) {
+    ui.showPred.checked = S.showPred;
+    ui.showPred.addEventListener("change", () => {
+      S.showPred = ui.showPred.checked;
+      localStorage.setItem("loop.predicted", S.showPred ? "1" : "0");
+      ui.showPred.blur();
+      for (const t of S.live.values()) paintTile(t, t._id);
+      paintTaste();
+      if (S.showPred) refreshPredictions();
+    });
+    for (const s of [ui.round, ui.unit, ui.tier, ui.unrated, ui.order]) {
       s.addEventListener("change", () => { ui.tier.disabled = ui.unrated.checked; s.blur(); load(); });
     }
     let qTimer = null;
@@ -949,7 +1013,8 @@
       // the menus and the first list in parallel: "current" lets the server pick the round before we know it
       const p = new URLSearchParams(location.search);
       const first = { round: p.get("round") || "current", unit: p.get("unit"), tier: p.get("tier"),
-        unrated: p.get("unrated") === "1", q: p.get("q") };
+        unrated: p.get("unrated") === "1", q: p.get("q"),
+        order: ["likely_ur", "uncertain"].includes(p.get("order")) ? p.get("order") : "" };
       const list = call("GET", API + "images?" + qs({ ...first, tab: S.tab }));
       list.catch(() => {});
       try {
@@ -982,6 +1047,7 @@
       ui.unrated.checked = first.unrated;
       ui.tier.disabled = ui.unrated.checked;
       ui.q.value = first.q || "";
+      ui.order.value = first.order;
       paintFinish();
       await load(list);
       adoptQueues(); // ratings a page closed before they were saved (after load: the tiles show them pending)

@@ -27,7 +27,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from loop.config import TIERS, EvalConfig
 from loop.errors import LoopError
@@ -53,7 +53,9 @@ PROBE_PROMPTS = 4  # the first N usable lines of configs/prompts.txt
 
 # grid layout: a label column on the left, a label row on top, then one cell per (unit, probe), no gaps
 GRID_LABEL_W = 64  # "unit N"
-GRID_LABEL_H = 30  # prompt, then "seed S", one line each
+GRID_LABEL_H = 30  # prompt, then "seed S", one line each; a prompt wider than its cell wraps onto more lines
+GRID_LINE_H = 14  # one more line of a wrapped prompt
+GRID_FONT_SIZE = 10
 GRID_CELL_MIN = 96  # images are upscaled (NEAREST, by a whole factor) until both sides are at least this
 GRID_BG = (255, 255, 255)
 GRID_INK = (0, 0, 0)
@@ -185,22 +187,42 @@ def grid_image(
     probes: list[tuple[str, int]],
     label_w: int = GRID_LABEL_W,
     cell_min: int = GRID_CELL_MIN,
+    log=None,
 ) -> Image.Image:
     """Units as rows (a row's label: "unit N" for an int, else the text given), probes as columns. Size:
-    (label_w + columns * cell_w, GRID_LABEL_H + rows * cell_h), the cell size given by the first image
-    (cell_size with `cell_min`)."""
+    (label_w + columns * cell_w, label_h + rows * cell_h), the cell size given by the first image (cell_size
+    with `cell_min`); label_h (also in `.info["label_h"]`) is GRID_LABEL_H, plus GRID_LINE_H for each line more
+    that the longest prompt wraps onto. The labels' font draws the prompts' characters (loop.fonts.label_font);
+    where no installed font does, one line to `log` (default: a warning) names them and the package to install."""
+    from loop.fonts import FONT_HINT, label_font, wrap
+
     first = rows[0][1][0]
     cw, ch = cell_size(first.width, first.height, cell_min)
-    out = Image.new("RGB", (label_w + len(probes) * cw, GRID_LABEL_H + len(rows) * ch), GRID_BG)
+    row_labels = [f"unit {unit}" if isinstance(unit, int) else str(unit) for unit, _ in rows]
+    font, lacking = label_font([p for p, _ in probes] + row_labels, GRID_FONT_SIZE)
+    if lacking:
+        shown = "".join(sorted(lacking)[:12]) + ("…" if len(lacking) > 12 else "")
+        msg = f"compare grid: no installed font draws {len(lacking)} character(s) of the labels ({shown}); {FONT_HINT}"
+        if log is None:
+            import warnings
+
+            warnings.warn(msg, stacklevel=2)
+        else:
+            log(msg)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [wrap(measure, prompt, font, cw - 4) for prompt, _ in probes]
+    top = GRID_LABEL_H + (max(map(len, wrapped), default=1) - 1) * GRID_LINE_H
+    out = Image.new("RGB", (label_w + len(probes) * cw, top + len(rows) * ch), GRID_BG)
+    out.info["label_h"] = top
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
-    for c, (prompt, seed) in enumerate(probes):
+    for c, (lines, (_, seed)) in enumerate(zip(wrapped, probes)):
         x = label_w + c * cw + 2
-        draw.text((x, 2), _fit(draw, prompt, font, cw - 4), fill=GRID_INK, font=font)
-        draw.text((x, GRID_LABEL_H // 2), _fit(draw, f"seed {seed}", font, cw - 4), fill=GRID_INK, font=font)
-    for r, (unit, images) in enumerate(rows):
-        y = GRID_LABEL_H + r * ch
-        label = f"unit {unit}" if isinstance(unit, int) else unit
+        for k, line in enumerate(lines):
+            draw.text((x, 2 + k * GRID_LINE_H), line, fill=GRID_INK, font=font)
+        seed_y = GRID_LABEL_H // 2 + (len(lines) - 1) * GRID_LINE_H
+        draw.text((x, seed_y), _fit(draw, f"seed {seed}", font, cw - 4), fill=GRID_INK, font=font)
+    for r, ((_, images), label) in enumerate(zip(rows, row_labels)):
+        y = top + r * ch
         draw.text((4, y + ch // 2 - 6), _fit(draw, label, font, label_w - 6), fill=GRID_INK, font=font)
         for c, im in enumerate(images):
             # fitted into the cell, its shape kept (a probe line's --w/--h may differ from the first image's)
@@ -489,7 +511,7 @@ def compare(
     for u in units:
         log(f"compare: rendering {len(pairs)} probe(s) with unit {u}")
         rows.append((u, render_unit(ws, cfg, u, pairs, lines, jobs_out=jobs)))
-    grid = atomic_write(out_dir / "compare_grid.png", _png(grid_image(rows, pairs)))
+    grid = atomic_write(out_dir / "compare_grid.png", _png(grid_image(rows, pairs, log=log)))
     log("compare: statistics from the store")
     stats = unit_stats(ws, store, units, log=log, ec=cfg.eval)
     plot = atomic_write(out_dir / "compare_plot.png", plot_png(stats))

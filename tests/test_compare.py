@@ -11,6 +11,7 @@ from loop.compare import (
     DEFAULT_SEEDS,
     GRID_LABEL_H,
     GRID_LABEL_W,
+    GRID_LINE_H,
     cell_size,
     compare,
     format_table,
@@ -171,11 +172,75 @@ def test_grid_layout_non_square():
     assert (cw, ch) == (192, 96)  # factor 4: the short side reaches 96
     assert cell_size(512, 512) == (512, 512)  # never shrunk
     im = grid_image([(0, images), (3, images[::-1])], probes)
-    assert im.size == (GRID_LABEL_W + 2 * cw, GRID_LABEL_H + 2 * ch)
+    top = im.info["label_h"]  # the long prompt wraps onto a second line: the label row grows by one line
+    assert top == GRID_LABEL_H + GRID_LINE_H
+    assert im.size == (GRID_LABEL_W + 2 * cw, top + 2 * ch)
     a = np.asarray(im)
-    assert tuple(a[GRID_LABEL_H + 5, GRID_LABEL_W + 5]) == (255, 0, 0)
-    assert tuple(a[GRID_LABEL_H + ch + 5, GRID_LABEL_W + 5]) == (0, 0, 255)
-    assert tuple(a[GRID_LABEL_H + ch - 1, GRID_LABEL_W + 2 * cw - 1]) == (0, 0, 255)
+    assert tuple(a[top + 5, GRID_LABEL_W + 5]) == (255, 0, 0)
+    assert tuple(a[top + ch + 5, GRID_LABEL_W + 5]) == (0, 0, 255)
+    assert tuple(a[top + ch - 1, GRID_LABEL_W + 2 * cw - 1]) == (0, 0, 255)
+
+
+def test_a_long_prompt_wraps_onto_lines_and_is_never_cut():
+    from PIL import ImageDraw
+
+    from loop.fonts import label_font, wrap
+
+    prompt = "a watercolour of a sleepy tabby cat curled up on a hill of red poppies under a wide summer sky at noon"
+    cell = Image.new("RGB", (32, 32), (0, 128, 0))
+    im = grid_image([(0, [cell])], [(prompt, 7)])
+    font, _ = label_font([prompt, "unit 0"])
+    lines = wrap(ImageDraw.Draw(im), prompt, font, cell_size(32, 32)[0] - 4)
+    assert len(lines) > 3 and " ".join(lines) == prompt  # every word, in order, none cut
+    assert im.info["label_h"] == GRID_LABEL_H + (len(lines) - 1) * GRID_LINE_H
+    a = np.asarray(im)
+    assert tuple(a[im.info["label_h"] + 3, GRID_LABEL_W + 3]) == (0, 128, 0)  # the cells start under the labels
+    # the label area holds ink down to its last line (the seed's), not just the first
+    ink = (a[: im.info["label_h"], GRID_LABEL_W:] < 128).any(axis=(1, 2))
+    assert ink[im.info["label_h"] - GRID_LINE_H :].any()
+    # a prompt with no spaces (as Japanese is written) breaks between characters
+    assert len(wrap(ImageDraw.Draw(im), "あ" * 40, font, 90)) > 1
+
+
+def test_a_japanese_prompt_is_drawn_with_a_font_that_has_its_glyphs():
+    from loop.fonts import FONT_PACKAGE, label_font, missing_chars
+
+    prompt = "夕焼けの海辺を歩く猫"
+    font, lacking = label_font([prompt])
+    if lacking:
+        pytest.skip(f"no installed font covers Japanese: install {FONT_PACKAGE} (.ci/run does)")
+    assert not missing_chars(font, prompt)
+    warned = []
+    im = grid_image([(0, [Image.new("RGB", (32, 32))])], [(prompt, 1)], log=warned.append)
+    assert warned == []
+    # drawn, not boxed: the default font's boxes for these characters are all alike, the glyphs are not
+    from PIL import ImageDraw, ImageFont
+
+    def label(f):
+        canvas = Image.new("L", (200, 20), 255)
+        ImageDraw.Draw(canvas).text((0, 0), prompt, font=f, fill=0)
+        return np.asarray(canvas)
+
+    assert not np.array_equal(label(font), label(ImageFont.load_default(10)))
+    assert (np.asarray(im)[:GRID_LABEL_H, GRID_LABEL_W:] < 128).any()
+
+
+def test_without_a_font_for_the_prompt_the_grid_says_which_package_to_install(monkeypatch):
+    import loop.fonts as fonts
+
+    monkeypatch.setattr(fonts, "KNOWN_FONTS", ())
+    monkeypatch.setattr(fonts, "_fontconfig", lambda chars: [])
+    fonts._choose.cache_clear()
+    try:
+        said = []
+        im = grid_image([(0, [Image.new("RGB", (32, 32))])], [("夕焼けの海辺", 1)], log=said.append)
+        assert im.size[1] >= GRID_LABEL_H  # drawn all the same, with PIL's default font
+        assert len(said) == 1 and "\n" not in said[0]
+        assert "fonts-noto-cjk" in said[0] and "夕" in said[0]
+        with pytest.warns(UserWarning, match="fonts-noto-cjk"):  # no log given: a warning
+            grid_image([(0, [Image.new("RGB", (32, 32))])], [("夕焼けの海辺", 1)])
+    finally:
+        fonts._choose.cache_clear()
 
 
 def test_a_probe_from_a_prompt_line_is_drawn_with_that_lines_options(ws, cfg):

@@ -226,3 +226,14 @@ def test_too_few_ratings_keep_the_default_order_and_say_why(tmp_path, browser):
     finally:
         server.stop()
         close_app(app)
+
+
+def test_the_page_names_fonts_that_draw_japanese_prompts(taste_site, browser):
+    """Defect 8: the page drew a Japanese prompt as boxes. Its font stack names CJK-capable fonts (Noto CJK,
+    Hiragino, Yu Gothic, ...) after the UI fonts, for the grid and the detail view alike."""
+    ws, url, service, _ = taste_site
+    page = open_page(browser, url, "round=1")
+    for sel in (".lr", ".lr-meta"):
+        family = page.evaluate(f"getComputedStyle(document.querySelector('{sel}')).fontFamily")
+        assert "Noto Sans CJK JP" in family and "Hiragino Sans" in family and "Yu Gothic" in family, family
+    page.context.close()

@@ -572,7 +572,7 @@ def build_app(
 def close_app(app: FastAPI) -> None:
     h = app.state.handlers
     if h.taste is not None:
-        h.taste.stop()
+        h.taste.stop(timeout=10)  # a daemon thread: one still inside a long fit dies with the process
     with h.lock:
         h.store.close()
 

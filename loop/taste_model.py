@@ -1,0 +1,189 @@
+"""A taste model per workspace: it learns from every rating, to help the person look.
+
+    the rating page        "likely UR first" and "least certain first" orders, a faint predicted tier on unrated
+                           tiles (never a rating), and on the Progress tab what it learnt from and how well
+    the promotion gate     gate.judge=model: a judge of a new unit against its parent, paired on held-out probes
+    python -m loop.bench taste
+
+What it is: an ordinal classifier on image features (`eval.features`: the cheap pixel features for the embedded
+model, a CLIP or DINOv2 embedding for real ones, cached by sha256). The five tiers are ordered, so it is fitted as
+four binary questions, "is this image rated SSR or better?", ..., one logistic regression each on the same
+features (Frank & Hall, ECML 2001); P(tier) follows from the differences. scikit-learn, because a regularised
+logistic regression on a few hundred to a few thousand labelled rows fits in well under a second and needs no
+tuning loop; a torch head would add training-loop code for no gain at this size.
+
+From the four answers: `p_ur` (P(UR)) orders "likely UR first"; `score` (the expected tier, 0 = N .. 4 = UR) orders
+pairs; `uncertainty` (1 - the most likely tier's probability) orders "least certain first"; `tier` is the most
+likely tier.
+
+It is never the only signal that trains a unit: a proxy reward optimised hard rises while the true one falls
+(Gao et al., ICML 2023). Selections come from the person's ratings alone; the model orders the page and may judge.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from loop.config import TIERS
+
+LEVEL = {t: len(TIERS) - 1 - i for i, t in enumerate(TIERS)}  # N = 0 .. UR = 4
+MIN_RATINGS = 30  # fewer than this, or fewer than two tiers used: the workspace says so instead of predicting
+C = 0.5  # the logistic regressions' inverse regularisation (chosen on the bench's seeds 0-1, docs/benchmarks.md)
+CV_FOLDS = 5  # held-out agreement: ratings split into this many folds, each predicted by a model fitted on the rest
+
+
+@dataclass
+class TasteModel:
+    """A fitted model, or why there is none (`ready` False and `reason`)."""
+
+    ready: bool
+    reason: str = ""
+    ratings: int = 0  # images with a current rating it learnt from
+    raters: dict = field(default_factory=dict)  # rater -> images whose current rating is theirs
+    tiers: dict = field(default_factory=dict)  # tier -> images
+    agreement: float | None = None  # held-out pairwise agreement within a prompt (CV_FOLDS-fold)
+    pairs: int = 0  # the held-out pairs that agreement is over
+    fit_s: float = 0.0
+    fitted_at: float = 0.0
+    levels: list = field(default_factory=list)  # the thresholds k (tier level >= k) with a classifier
+    models: list = field(default_factory=list)  # one fitted classifier per level in `levels`
+    constant: dict = field(default_factory=dict)  # k -> P(level >= k) where every rating is on one side
+
+    def summary(self) -> dict:
+        """What the Progress tab shows."""
+        return {"ready": self.ready, "reason": self.reason, "ratings": self.ratings, "raters": self.raters,
+                "tiers": self.tiers, "agreement": self.agreement, "pairs": self.pairs,
+                "fit_s": round(self.fit_s, 3), "fitted_at": self.fitted_at}  # fmt: skip
+
+    def predict(self, X: np.ndarray) -> dict:
+        """Per row of features: p_ur, score (expected level, 0..4), uncertainty (0..1), tier (most likely)."""
+        if not self.ready:
+            raise ValueError(f"no taste model: {self.reason}")
+        X = np.asarray(X, dtype=np.float64)
+        ge = np.ones((len(X), len(TIERS)))  # ge[:, k] = P(level >= k); level >= 0 always
+        fitted = dict(zip(self.levels, self.models))
+        for k in range(1, len(TIERS)):
+            ge[:, k] = fitted[k].predict_proba(X)[:, 1] if k in fitted else self.constant[k]
+        ge = np.minimum.accumulate(ge, axis=1)  # the answers of four separate fits, made to agree: monotone
+        p = np.clip(ge - np.append(ge[:, 1:], np.zeros((len(X), 1)), axis=1), 0.0, 1.0)  # P(level == k)
+        p /= p.sum(axis=1, keepdims=True)
+        level = p.argmax(axis=1)
+        return {
+            "p_ur": ge[:, -1],
+            "score": (p * np.arange(len(TIERS))).sum(axis=1),
+            "uncertainty": 1.0 - p.max(axis=1),
+            "tier": [TIERS[len(TIERS) - 1 - int(v)] for v in level],
+        }
+
+
+def fit(X: np.ndarray, tiers: list[str], prompts: list[str] | None = None, raters: list[str] | None = None,
+        agreement: bool = True) -> TasteModel:  # fmt: skip
+    """Fit on rated images: X one row of features per image, tiers its current tier. `prompts` (for the held-out
+    agreement, measured on pairs of one prompt) and `raters` (who gave each current rating) are reported."""
+    t0 = time.perf_counter()
+    counts = {t: tiers.count(t) for t in TIERS if t in tiers}
+    who: dict = {}
+    for r in raters or []:
+        who[r] = who.get(r, 0) + 1
+    if len(tiers) < MIN_RATINGS or len(counts) < 2:
+        need = (f"{MIN_RATINGS - len(tiers)} more rating(s)" if len(tiers) < MIN_RATINGS
+                else "ratings in at least two tiers")  # fmt: skip
+        return TasteModel(False, f"too few ratings to learn from: {len(tiers)} rated; it needs {need}",
+                          ratings=len(tiers), raters=who, tiers=counts)  # fmt: skip
+    model = _fit(np.asarray(X, dtype=np.float64), np.array([LEVEL[t] for t in tiers]))
+    model.ratings, model.raters, model.tiers = len(tiers), who, counts
+    if agreement:
+        model.agreement, model.pairs = cross_validated_agreement(X, tiers, prompts or [""] * len(tiers))
+    model.fit_s, model.fitted_at = time.perf_counter() - t0, time.time()
+    return model
+
+
+def _fit(X: np.ndarray, y: np.ndarray) -> TasteModel:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    levels, models, constant = [], [], {}
+    for k in range(1, len(TIERS)):
+        side = (y >= k).astype(int)
+        if side.min() == side.max():  # every rating on one side of this threshold
+            constant[k] = float(side[0])
+            continue
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=500))
+        levels.append(k)
+        models.append(clf.fit(X, side))
+    return TasteModel(True, levels=levels, models=models, constant=constant)
+
+
+def pairwise_agreement(scores, tiers: list[str], prompts: list[str]) -> tuple[float | None, int]:
+    """The share of pairs of images of one prompt with different tiers that the scores order as the tiers do (a
+    tie in score counts half), and the number of pairs."""
+    scores, lv = np.asarray(scores, dtype=np.float64), np.array([LEVEL[t] for t in tiers])
+    agree, n = 0.0, 0
+    for p in set(prompts):
+        idx = np.array([i for i, q in enumerate(prompts) if q == p])
+        if len(idx) < 2:
+            continue
+        ds = np.sign(scores[idx][:, None] - scores[idx][None, :])
+        dt = np.sign(lv[idx][:, None] - lv[idx][None, :])
+        mask = dt > 0  # each unordered pair once, where the tiers differ
+        agree += float(((ds == dt) & mask).sum() + 0.5 * ((ds == 0) & mask).sum())
+        n += int(mask.sum())
+    return (agree / n if n else None), n
+
+
+def cross_validated_agreement(X, tiers: list[str], prompts: list[str]) -> tuple[float | None, int]:
+    """Held-out agreement: each image scored by a model fitted without its fold (folds by a fixed shuffle)."""
+    X = np.asarray(X, dtype=np.float64)
+    y = np.array([LEVEL[t] for t in tiers])
+    fold = np.random.default_rng(0).permutation(len(tiers)) % CV_FOLDS
+    scores = np.zeros(len(tiers))
+    for f in range(CV_FOLDS):
+        train, test = fold != f, fold == f
+        if len(set(y[train])) < 2:
+            return None, 0
+        scores[test] = _fit(X[train], y[train]).predict(X[test])["score"]
+    return pairwise_agreement(scores, tiers, prompts)
+
+
+# -- a workspace's model -----------------------------------------------------------------------------------
+class FeatureCache:
+    """Image features by sha256, kept in memory for the life of the page (a vision model's embeddings are also
+    cached on disk by loop.features); an image that cannot be read gets no row and is left out."""
+
+    def __init__(self, ws, ec):
+        self.ws, self.ec, self.rows = ws, ec, {}
+
+    def get(self, rows) -> tuple[np.ndarray, list]:
+        """(features, the rows that have them), for rows with sha256 and path."""
+        from loop.features import image_features
+
+        todo = [r for r in rows if r["sha256"] not in self.rows]
+        for r in todo:  # one at a time: one unreadable file leaves out that image, not the batch
+            try:
+                self.rows[r["sha256"]] = image_features(self.ws, self.ec, [self.ws.root / r["path"]],
+                                                        [r["sha256"]])[0]  # fmt: skip
+            except Exception:  # a corrupt or missing file: no features, no prediction
+                self.rows[r["sha256"]] = None
+        kept = [r for r in rows if self.rows.get(r["sha256"]) is not None]
+        dim = next((len(v) for v in self.rows.values() if v is not None), 0)
+        X = np.stack([self.rows[r["sha256"]] for r in kept]) if kept else np.zeros((0, dim), dtype=np.float32)
+        return X, kept
+
+
+def rated_rows(store) -> list:
+    """Every image with a current rating: id, sha256, path, prompt, tier, rater."""
+    return store.db.execute(
+        "SELECT i.id, i.sha256, i.path, i.prompt, t.tier, t.rater FROM images i "
+        "JOIN current_tiers t ON t.image_id = i.id ORDER BY i.id"
+    ).fetchall()
+
+
+def fit_workspace(ws, store, ec, cache: FeatureCache | None = None) -> TasteModel:
+    """The workspace's taste model, fitted on all its current ratings."""
+    cache = cache or FeatureCache(ws, ec)
+    X, rows = cache.get(rated_rows(store))
+    return fit(X, [r["tier"] for r in rows], [r["prompt"] for r in rows], [r["rater"] for r in rows])

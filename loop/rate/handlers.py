@@ -579,16 +579,23 @@ class RateHandlers:
             states = {i: sync_golden(self.ws, self.store, i) for i in dict.fromkeys(i for i, _, _ in items)}
         return {"events": events, "images": states, **({"missing": missing} if missing else {})}
 
-    def undo(self, rater: str, key: str | None = None) -> dict:
+    def undo(self, rater: str, key: str | None = None, tab: str | None = None) -> dict:
         """Cancel this rater's newest effective rating (other raters' ratings are untouched). `key`: as for
-        ratings; an undo resent with its key undoes nothing more."""
+        ratings; an undo resent with its key undoes nothing more. `tab`: the page whose focus is on the image
+        it undoes; when that image is unrated again, the page's claim moves to it in the same step (`claimed`
+        says whether it did), so no other page's poll sees it unrated and free and sends its focus there."""
         rater = check_rater(rater)
         key = check_key(key)
+        tab = None if tab is None else Claims.check_tab(tab)
         with self.lock:
             image_id = self.store.undo(rater, key)
             if image_id is None:
                 return {"image_id": None}
-            return {"image_id": image_id, **sync_golden(self.ws, self.store, image_id)}
+            out = {"image_id": image_id, **sync_golden(self.ws, self.store, image_id)}
+            if tab is not None:
+                # under self.lock, as the undo: a poll that sees the image unrated sees this claim too
+                out["claimed"] = not out["tier"] and self.claims.claim(tab, image_id, rater) is None
+            return out
 
     def finish(self, round: int | None = None) -> dict:
         """Close the rate phase of the current round, so `loop run --round` goes on to select and train.

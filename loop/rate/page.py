@@ -299,7 +299,8 @@ def add_routes(app: FastAPI, h: RateHandlers) -> None:
     @app.post("/loop/api/undo")
     async def undo(request: Request):
         body = await _json_body(request)
-        return ok(await run_in_threadpool(h.undo, request_rater(request, body), body.get("key")))
+        # tab: the page going back to the image it undoes (see RateHandlers.undo)
+        return ok(await run_in_threadpool(h.undo, request_rater(request, body), body.get("key"), body.get("tab")))
 
     @app.post("/loop/api/finish")
     async def finish(request: Request):

@@ -130,6 +130,10 @@
       // the images this page rated, newest last: an undo goes back to the newest at once, before the server
       // answers (a key pressed meanwhile must land on that image, not on the next one)
       myRatings: [],
+      undoing: null, // the image the page went back to for an undo not yet answered
+      // review: a tier filter lists rated images to look at again, so the focus is the rater's from the start
+      // caughtUp: the status line holds a "nothing to rate" line (it goes once there is an image to rate)
+      review: false, caughtUp: false,
       polling: false, pollTimer: 0,
       // the taste model's predicted tier of unrated images (id -> tier): a faint guess on the tile when
       // showPred is on, never a rating (never in S.tier, never sent, never counted). taste: its state from the
@@ -176,11 +180,13 @@
       else render();
     }
 
-    // Scroll just enough for tile i to be in view, and draw.
+    // Scroll just enough for tile i to be in view, with the row below it when there is one (the images that
+    // come next are seen before the focus gets there), and draw.
     function reveal(i) {
       const y = GAP + Math.floor(i / S.cols) * STEP, top = ui.scroll.scrollTop, h = ui.scroll.clientHeight;
+      const below = Math.floor(i / S.cols) < Math.ceil(S.ids.length / S.cols) - 1 ? STEP : 0;
       if (y - GAP < top) ui.scroll.scrollTop = y - GAP;
-      else if (y + STEP > top + h) ui.scroll.scrollTop = y + STEP - h;
+      else if (y + STEP + below > top + h) ui.scroll.scrollTop = Math.min(y - GAP, y + STEP + below - h);
       render();
     }
 
@@ -252,6 +258,9 @@
     // If another page holds it (both got there within one round trip), or someone rated it since this page
     // last looked, a focus the page placed moves on.
     async function sendClaim() {
+      // back on an image whose undo is on its way: the undo moves the claim here (see pump), and a claim now
+      // would give it up (the image is rated until then), free for another page the moment the undo lands
+      if (S.undoing !== null && S.ids[S.focus] === S.undoing) return;
       const id = S.ids.length && !rated(S.focus) ? S.ids[S.focus] : null;
       if (id === S.claimTarget) return;
       S.claimTarget = id;
@@ -432,10 +441,14 @@
       clearTiles();
       layout();
       const first = nextUnrated(-1);
-      S.auto = true;
-      S.allDone = first < 0;
+      // A tier filter lists rated images, to look at again: the framed one is the rater's to re-rate, not a
+      // focus the page left on a finished rating (where a key is one too many and rates nothing).
+      S.review = !!f.tier;
+      S.auto = !S.review;
+      S.allDone = first < 0 && !S.review;
       setFocus(Math.max(0, first), false);
-      routine(""); // a message about the list before is stale now
+      // a message about the list before is stale now
+      routine(S.review && S.ids.length ? `${f.tier} images: a key re-rates the one in the frame` : "");
       root.dataset.ready = "1";
       performance.mark("loop-rate-grid");
       const c = await refreshCounters();
@@ -624,14 +637,14 @@
         // the page left the focus here because nothing is unrated: a key must not overwrite a finished rating,
         // another's or the rater's own (one key too many after the last image, or a rater faster than generation)
         const whose = theirs ? wasBy : "you";
-        status(`everything shown is rated; #${id} is ${was} by ${whose}: click it or move to it with the arrows `
-          + "to re-rate it", true, 6000);
+        caughtUp((S.allDone ? "all rated; new images appear as they are made · " : "")
+          + `#${id} is ${was} by ${whose}: to re-rate it, click it or move to it with the arrows`);
         return;
       }
       if (!was && S.auto && S.claims.has(id)) {
         // the page left the focus on an image another page holds (nothing else is free): theirs to rate
-        status(`#${id} is open on ${S.claims.get(id)}'s page; click it or move to it with the arrows to rate it `
-          + "anyway", true, 6000);
+        caughtUp(`#${id} is open on ${S.claims.get(id)}'s page; new images appear as they are made · to rate it `
+          + "anyway, click it or move to it with the arrows");
         return;
       }
       S.ratedSinceLoad++;
@@ -647,7 +660,9 @@
       S.myRatings.push(id);
       if (S.myRatings.length > 2000) S.myRatings.splice(0, 1000);
       pump();
-      if (advance) autoFocus(nextUnrated(S.focus)); // the next unrated image, or stay if there is none
+      // a list to look at again (see load) goes on in its order, and stays on its last image
+      if (advance && S.review) setFocus(S.focus + 1);
+      else if (advance) autoFocus(nextUnrated(S.focus)); // the next unrated image, or stay if there is none
       else if (S.detail) paintDetailTier();
       if (theirs) status(`#${id}: ${tier} overrides ${was} by ${wasBy}`, false, 5000);
       else if (S.allDone) routine("");
@@ -658,8 +673,21 @@
       const guess = S.myRatings.pop(); // the server decides (the rater's newest rating, from any page)
       S.queue.push({ kind: "undo", rater: S.rater, key: newKey(), guess });
       const i = guess === undefined ? -1 : S.ids.indexOf(guess);
-      if (i >= 0) { setFocus(i); S.auto = false; S.allDone = false; } // back on it now, to re-rate it
+      if (i >= 0) { // back on it now, to re-rate it
+        S.undoing = guess;
+        setFocus(i); S.auto = false; S.allDone = false;
+      }
       pump();
+    }
+
+    // Put image `id`, which the filters leave out, into the list at the focus; returns its place.
+    function bringIn(id) {
+      const at = Math.min(S.focus, S.ids.length);
+      S.ids.splice(at, 0, id);
+      if (at <= S.insertAt) S.insertAt++;
+      clearTiles();
+      layout();
+      return at;
     }
 
     async function pump() {
@@ -675,16 +703,29 @@
       const batch = S.queue.slice(0, n);
       try {
         if (head.kind === "undo") {
-          const r = await call("POST", API + "undo", { rater: head.rater, key: head.key });
+          // still on the image it went back to: the server moves this page's claim there with the undo
+          const back = head.guess !== undefined && S.ids[S.focus] === head.guess;
+          const r = await call("POST", API + "undo", { rater: head.rater, key: head.key, tab: back ? S.tab : null });
           S.queue.splice(0, n);
+          if (S.undoing === head.guess) S.undoing = null;
           if (r.image_id === null) status("nothing of yours to undo");
           else {
             if (!S.pending.get(r.image_id)) setTier(r.image_id, r.tier, r.rater); // (unless re-rated since)
-            const i = S.ids.indexOf(r.image_id);
-            if (i >= 0 && r.image_id !== head.guess) { // not the one the page went back to: go there
+            let i = S.ids.indexOf(r.image_id);
+            // rated before the filters were set, which leave it out: shown all the same, an undo is never unseen
+            const outside = i < 0;
+            if (outside) i = bringIn(r.image_id);
+            if (outside || r.image_id !== head.guess) { // not the one the page went back to: go there
               setFocus(i); S.auto = false; S.allDone = false;
             }
-            status(`undone: #${r.image_id} is now ${r.tier ? `${r.tier} by ${r.rater}` : "unrated"}`);
+            if (r.claimed && S.ids[S.focus] === r.image_id) { // this page holds it: an answer to a claim sent
+              S.claimGen++; // before is stale (should it have moved the claim off, the poll sees it and claims again)
+              S.claimTarget = S.claimed = r.image_id;
+              S.claimRefused = null;
+            } else sendClaim(); // the focus's claim, now that the undo is in (see sendClaim)
+            status(`undone: #${r.image_id} is now ${r.tier ? `${r.tier} by ${r.rater}` : "unrated"}`
+              + (outside ? " (shown here, though the filters leave it out)" : ""));
+            refreshHistory(r.image_id);
           }
           refreshCounters(); // now, not at the next poll
         } else {
@@ -706,6 +747,7 @@
           }
           if (r.missing) status(`not saved: #${r.missing.join(", #")} (no such image any more)`, true, 8000);
           if (S.detail) paintDetailTier();
+          if (S.detail && batch.some((o) => o.id === S.ids[S.focus])) refreshHistory(S.ids[S.focus]);
           routine(S.queue.length ? "saving…" : "saved");
         }
         if (single) S.single--;
@@ -826,18 +868,27 @@
       ui.status.classList.toggle("lr-bad", bad);
       ui.status.classList.remove("lr-offline");
       S.stickyUntil = holdMs ? performance.now() + holdMs : 0;
+      S.caughtUp = false;
     }
 
-    // A routine message, unless a held one is showing; while nothing is unrated, it says so too.
+    // A key that rated nothing because nothing here is left to rate. That is the normal state when raters
+    // outpace the generator, so it reads calmly; held against routine lines until there is an image to rate.
+    function caughtUp(msg) {
+      status(msg, false, 6000);
+      S.caughtUp = true;
+    }
+
+    // A routine message, unless a held one is showing (a held "nothing to rate" goes once there is one to
+    // rate: new images came, or one was let go); while nothing is unrated, it says so too.
     function routine(msg) {
-      if (performance.now() < S.stickyUntil) return;
+      if (performance.now() < S.stickyUntil && !(S.caughtUp && !S.allDone)) return;
       let done = "";
       if (S.allDone && S.ids.length) {
         const open = S.ids.filter((id) => !S.tier.get(id) && S.claims.has(id));
         done = open.length
           ? `the images left are open on ${[...new Set(open.map((id) => S.claims.get(id)))].join(", ")}'s page; `
             + "one comes here if they leave it"
-          : "everything shown is rated; new images get the focus when they come";
+          : "all rated; new images appear as they are made";
       }
       status([msg, done].filter(Boolean).join(" · "));
     }
@@ -892,15 +943,31 @@
         if (v === null || v === undefined || v === "") continue;
         ui.dMeta.append(el("dt", "", k), el("dd", "", String(v)));
       }
+      paintHistory(d.history);
+      paintDetailTier();
+    }
+
+    function paintHistory(history) {
       ui.dHist.replaceChildren(el("b", "", "History"));
-      if (!d.history.length) ui.dHist.append(el("div", "", "no ratings yet"));
-      for (const h of d.history) {
+      if (!history.length) ui.dHist.append(el("div", "", "no ratings yet"));
+      for (const h of history) {
         const when = new Date(h.at * 1000).toLocaleString();
         const line = el("div", h.undone ? "lr-undone" : "", h.undo ? `undo by ${h.rater}` : `${h.tier} by ${h.rater}`);
         line.append(el("span", "lr-when", ` ${when}`));
         ui.dHist.append(line);
       }
-      paintDetailTier();
+    }
+
+    // A rating or an undo of the image the detail view shows is stored: its History must show it now, not
+    // when the view is opened again.
+    async function refreshHistory(id) {
+      if (!S.detail || S.ids[S.focus] !== id) return;
+      const token = S.detailToken;
+      let d;
+      try {
+        d = await call("GET", API + `image/${id}`);
+      } catch (e) { return; /* it shows when the view is opened again */ }
+      if (token === S.detailToken && S.detail) paintHistory(d.history);
     }
 
     function paintDetailTier() {

@@ -821,6 +821,7 @@
     function refused(head, batch, e, single) {
       if (head.kind === "undo") {
         S.queue.splice(0, 1);
+        if (S.undoing === head.guess) { S.undoing = null; sendClaim(); } // no undo comes to move the claim
         status(`undo not saved: ${e.message}`, true, 8000);
         return;
       }

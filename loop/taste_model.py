@@ -149,6 +149,31 @@ def cross_validated_agreement(X, tiers: list[str], prompts: list[str]) -> tuple[
     return pairwise_agreement(scores, tiers, prompts)
 
 
+def taste_features(rgb) -> np.ndarray:
+    """The cheap features (loop.metrics.features: colour histogram and 8x8 thumbnail) and a figure-ground map: each
+    pixel's colour distance from the image's ground (the median of its border), as an 8x8 map, the ground's colour,
+    and the map's moments (mass, centroid, spread, the centroid's distance from the middle). A linear model cannot
+    read "how much the figure stands out, how big, where" from a histogram and a thumbnail; with these it can
+    (python -m loop.bench taste: the contrast taste needed 70% of the default order's ratings without them, 40%
+    with them; centred_big 92% and 64%). Generic: no scripted taste's attributes are used."""
+    from loop.metrics import features
+
+    a = np.asarray(rgb, dtype=np.float32)[..., :3]
+    h, w = a.shape[:2]
+    ground = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
+    dist = np.linalg.norm(a - ground, axis=-1) / 441.7  # 0..1
+    gh, gw = h // 8 * 8, w // 8 * 8
+    grid = dist[:gh, :gw].reshape(8, gh // 8, 8, gw // 8).mean(axis=(1, 3)).ravel()
+    m = dist / max(float(dist.sum()), 1e-6)
+    ys, xs = np.mgrid[0:h, 0:w]
+    ys, xs = ys / h, xs / w
+    cx, cy = float((m * xs).sum()), float((m * ys).sum())
+    sx, sy = float(np.sqrt((m * (xs - cx) ** 2).sum())), float(np.sqrt((m * (ys - cy) ** 2).sum()))
+    moments = [float(dist.mean()), cx, cy, sx, sy, float(np.hypot(cx - 0.5, cy - 0.5)), max(sx, sy),
+               float((dist > 0.11).mean())]  # fmt: skip
+    return np.concatenate([features(np.asarray(rgb)), grid, ground / 255.0, moments]).astype(np.float32)
+
+
 # -- a workspace's model -----------------------------------------------------------------------------------
 class FeatureCache:
     """Image features by sha256, kept in memory for the life of the page (a vision model's embeddings are also
@@ -164,8 +189,13 @@ class FeatureCache:
         todo = [r for r in rows if r["sha256"] not in self.rows]
         for r in todo:  # one at a time: one unreadable file leaves out that image, not the batch
             try:
-                self.rows[r["sha256"]] = image_features(self.ws, self.ec, [self.ws.root / r["path"]],
-                                                        [r["sha256"]])[0]  # fmt: skip
+                if self.ec.features == "cheap":
+                    from loop.images import load_rgb
+
+                    self.rows[r["sha256"]] = taste_features(load_rgb(self.ws.root / r["path"]))
+                else:
+                    self.rows[r["sha256"]] = image_features(self.ws, self.ec, [self.ws.root / r["path"]],
+                                                            [r["sha256"]])[0]  # fmt: skip
             except Exception:  # a corrupt or missing file: no features, no prediction
                 self.rows[r["sha256"]] = None
         kept = [r for r in rows if self.rows.get(r["sha256"]) is not None]

@@ -4,6 +4,7 @@ python -m loop.bench generate [--images 64] [--steps 20] [--batch 16]
 python -m loop.bench train [--images 32] [--steps 30] [--batch 8] [--reps 10]
 python -m loop.bench strategies [--rounds 3] [--images 64] [--steps 300] [--noise 10] [--keep DIR] [--seed 0]
                               [--only converge,replace] [--seeds 0,1,2,3,4] [key=value ...]
+python -m loop.bench taste [--tastes warm,small_dark,contrast,centred_big] [--images 1000] [--earlier 200]
 python -m loop.bench converge [--tastes warm,small_dark,contrast,centred_big] [--strategies golden,converge]
                               [--seeds 0,1,2,3] [--rounds 3] [--images 64] [--eval 128] [--name NAME]
                               [--report] [key=value ...]
@@ -123,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--report", action="store_true", help="only merge the parts into converge.json and the doc")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     r.add_argument("--out", default="docs")
+    r = sub.add_parser("taste", help="ratings to find 90% of a round's UR images, likely UR first vs default order")
+    r.add_argument("--tastes", default="warm,small_dark,contrast,centred_big", help="comma-separated (loop.tastes)")
+    r.add_argument("--images", type=int, default=1000, help="the round's unit-0 images")
+    r.add_argument("--earlier", type=int, default=200, help="an earlier round's rated images the model starts from")
+    r.add_argument("--refit", type=int, default=50, help="ratings between refits")
+    r.add_argument("--out", default="docs")
     r = sub.add_parser("shots", help="the Compare tab's screenshot for the README (docs/img/compare.png)")
     r.add_argument("--out", default="docs")
     r = sub.add_parser("sd15-check", help="build the SD1.5-shaped random pipeline and run it once (any device)")
@@ -173,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         converge.bench_converge(tastes, strategies, seeds, rounds=args.rounds, images=args.images,
                                 eval_images=args.eval, out=args.out, name=name, overrides=args.overrides,
                                 keep=args.keep)  # fmt: skip
+    elif args.name == "taste":
+        from loop.bench import taste
+
+        tastes = _names(args.tastes, taste.TASTE_NAMES, "--tastes")
+        taste.bench_taste(tastes, images=args.images, earlier=args.earlier, refit=args.refit, out=args.out)
     elif args.name == "train":
         from loop.bench.train import bench_train
 

@@ -1,0 +1,54 @@
+"""The taste model (loop.taste_model) and the taste bench's counting, without images of the model."""
+
+import numpy as np
+
+from loop.bench.taste import ratings_to_find
+from loop.taste_model import MIN_RATINGS, fit, pairwise_agreement, taste_features
+
+TIERS5 = ("N", "R", "SR", "SSR", "UR")
+
+
+def _data(n, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 12))
+    level = np.clip(np.round(1.5 * X[:, 0] + 2 + 0.3 * rng.normal(size=n)), 0, 4).astype(int)
+    return X, [TIERS5[v] for v in level], [f"p{i % 3}" for i in range(n)]
+
+
+def test_too_few_ratings_say_so_instead_of_predicting():
+    X, tiers, prompts = _data(MIN_RATINGS - 1)
+    model = fit(X, tiers, prompts)
+    assert not model.ready and "too few ratings" in model.reason and "1 more" in model.reason
+    one_tier = fit(X[:40] if len(X) >= 40 else np.zeros((40, 12)), ["SR"] * 40)
+    assert not one_tier.ready and "two tiers" in one_tier.reason
+
+
+def test_the_model_learns_an_ordering_it_was_not_shown():
+    X, tiers, prompts = _data(400)
+    model = fit(X[:300], tiers[:300], prompts[:300], raters=["a"] * 200 + ["b"] * 100)
+    assert model.ready and model.raters == {"a": 200, "b": 100} and model.agreement > 0.8
+    pred = model.predict(X[300:])
+    agree, pairs = pairwise_agreement(pred["score"], tiers[300:], prompts[300:])
+    assert pairs > 100 and agree > 0.85
+    ur = np.array([t == "UR" for t in tiers[300:]])
+    assert pred["p_ur"][ur].mean() > pred["p_ur"][~ur].mean() + 0.3
+    assert ((pred["uncertainty"] >= 0) & (pred["uncertainty"] <= 1)).all()
+    # reversed scores disagree as much as the scores agree
+    assert abs(pairwise_agreement(-pred["score"], tiers[300:], prompts[300:])[0] - (1 - agree)) < 1e-9
+
+
+def test_ratings_to_find_counts_until_nine_in_ten_ur_images():
+    tiers = ["N"] * 10 + ["UR"] * 10
+    assert ratings_to_find(list(range(20)), tiers) == 19  # 9 of 10 UR: the 19th image
+    assert ratings_to_find(list(range(19, -1, -1)), tiers) == 9
+
+
+def test_taste_features_see_where_the_figure_is():
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    img[:16, :16] = 255  # a white square in the top-left corner
+    f = taste_features(img)
+    centred = np.zeros_like(img)
+    centred[24:40, 24:40] = 255
+    g = taste_features(centred)
+    assert f.shape == g.shape and np.isfinite(f).all()
+    assert f[-3] > g[-3] + 0.3  # the centroid's distance from the middle

@@ -26,7 +26,7 @@ STARTS = ("from_base", "from_parent")
 # and background (loop.tastes), each indifferent to some attributes: small_dark, contrast, centred_big
 PREFERENCES = ("warm", "cool", "bright", "dark", "small_dark", "contrast", "centred_big")
 OBJECTIVES = ("supervised", "dpo")
-JUDGES = ("none", "votes", "scripted")
+JUDGES = ("none", "votes", "scripted", "model")
 MAX_SEED = 2**63 - 1  # seeds are stored as SQLite integers (signed 64-bit)
 
 
@@ -309,7 +309,8 @@ class GateConfig:
     min_coverage_share: float = 0.6
     # none: coverage alone decides. votes: the blind A/B votes between the unit and its parent, where there are
     # any. scripted: the scripted rater (rate.preference, with rate.noise) votes on at most `votes` probe pairs,
-    # as a person would in a quick blind A/B session (benchmarks)
+    # as a person would in a quick blind A/B session (benchmarks). model: the workspace's taste model
+    # (loop.taste_model, fitted on every rating) scores the same probe pairs; it judges, never trains a unit
     judge: str = "votes"
     votes: int = 40
     alpha: float = 0.05

@@ -103,7 +103,14 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
         if not sum(votes.values()):
             judge = "none"  # no A/B votes between the two yet: coverage alone decides
     seeds = [g.probe_seed + k for k in range(g.probes_per_prompt)]
-    judged = order if judge == "scripted" else []
+    taste = None
+    if judge == "model":  # the workspace's taste model (loop.taste_model), fitted on every rating so far
+        from loop.taste_model import fit_workspace
+
+        taste = fit_workspace(ws, store, ec)
+        if not taste.ready:
+            judge = "none"
+    judged = order if judge in ("scripted", "model") else []
     rendered = list(dict.fromkeys(measured + judged))
     versus = f"unit {against} and unit 0" if against else "unit 0"
     log(
@@ -155,6 +162,14 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
             a = score(np.asarray(images[unit][key].convert("RGB")), cfg.rate)
             b = score(np.asarray(images[against][key].convert("RGB")), cfg.rate)
             votes["new_wins" if a > b else "parent_wins" if b > a else "ties"] += 1
+    if judge == "model":  # the same pairs, scored by the expected tier the taste model predicts
+        from loop.taste_model import features_of_images
+
+        pairs = [(p, s) for s in seeds for p in judged][: g.votes]
+        a = taste.predict(features_of_images(ws, ec, [images[unit][k] for k in pairs]))["score"]
+        b = taste.predict(features_of_images(ws, ec, [images[against][k] for k in pairs]))["score"]
+        for x, y in zip(a, b):
+            votes["new_wins" if x > y else "parent_wins" if y > x else "ties"] += 1
     p_value = sign_test_worse(votes["new_wins"], votes["parent_wins"]) if judge != "none" else None
 
     # 5. the verdict
@@ -169,6 +184,11 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
         )
     if g.judge == "votes" and judge == "none":
         notes.append(f"no A/B votes between unit {unit} and unit {against} yet: coverage alone decides")
+    if g.judge == "model" and judge == "none":
+        notes.append(f"no taste model to judge with ({taste.reason}): coverage alone decides")
+    elif taste is not None:
+        notes.append(f"taste model fitted on {taste.ratings} rating(s), held-out agreement "
+                     f"{'-' if taste.agreement is None else f'{taste.agreement:.0%}'}")  # fmt: skip
     if p_value is not None and p_value < g.alpha:
         reasons.append(
             f"the {judge_name(judge)} {'prefer' if judge == 'votes' else 'prefers'} unit {against}: "
@@ -269,7 +289,7 @@ def _user() -> str:
 
 # -- words -------------------------------------------------------------------------------------------------
 def judge_name(judge: str) -> str:
-    return {"scripted": "scripted judge", "votes": "A/B votes"}.get(judge, judge)
+    return {"scripted": "scripted judge", "votes": "A/B votes", "model": "taste model"}.get(judge, judge)
 
 
 def _ties(votes: dict) -> str:

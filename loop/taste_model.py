@@ -204,6 +204,15 @@ class FeatureCache:
         return X, kept
 
 
+def features_of_images(ws, ec, images) -> np.ndarray:
+    """The model's features of PIL images that have no file (the promotion gate's probes)."""
+    if ec.features == "cheap":
+        return np.stack([taste_features(np.asarray(im.convert("RGB"))) for im in images])
+    from loop.features import image_features
+
+    return image_features(ws, ec, images)
+
+
 def rated_rows(store) -> list:
     """Every image with a current rating: id, sha256, path, prompt, tier, rater."""
     return store.db.execute(

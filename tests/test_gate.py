@@ -224,3 +224,26 @@ def test_a_database_from_before_the_gate_opens_with_its_units_promoted(tmp_path)
         assert store.generating_unit() == 2 and store.gate(2) is None
     with Store(tmp_path / "loop.db") as store:  # opened again: nothing to do
         assert store.generating_unit() == 2
+
+
+@pytest.mark.slow
+def test_the_taste_model_judges_only_where_it_has_learnt_and_the_gate_records_it(gws):
+    from loop.images import load_rgb
+
+    cfg = load_config(gws.root, OVER + ["gate.judge=model", "gate.votes=12"])
+    with gws.store() as store:
+        # every image is UR in this workspace: one tier, nothing to learn; coverage alone decides, and says why
+        alone = check_unit(gws, store, cfg, 2, log=quiet)
+        assert alone["judge"] == "none" and any("no taste model to judge with" in n for n in alone["notes"])
+        # the person re-rates: red-leaning images UR, the others N; now the model judges, on gate.votes pairs
+        rows = store.images()
+
+        def warm(r):
+            a = load_rgb(gws.root / r["path"]).astype(float)
+            return float(a[..., 0].mean() - a[..., 2].mean())
+
+        cut = sorted(warm(r) for r in rows)[len(rows) // 2]
+        store.rate_many([(r["id"], "UR" if warm(r) >= cut else "N") for r in rows], rater="me")
+        judged = check_unit(gws, store, cfg, 2, log=quiet)
+        assert judged["judge"] == "model" and sum(judged["votes"].values()) == 12 and 0 < judged["p_value"] <= 1
+        assert any(n.startswith(f"taste model fitted on {len(rows)} rating(s)") for n in judged["notes"])

@@ -31,7 +31,7 @@ from loop.config import TIERS
 
 LEVEL = {t: len(TIERS) - 1 - i for i, t in enumerate(TIERS)}  # N = 0 .. UR = 4
 MIN_RATINGS = 30  # fewer than this, or fewer than two tiers used: the workspace says so instead of predicting
-C = 0.5  # the logistic regressions' inverse regularisation (chosen on the bench's seeds 0-1, docs/benchmarks.md)
+C = 0.5  # the logistic regressions' inverse regularisation (not tuned: one value tried; docs/benchmarks.md)
 CV_FOLDS = 5  # held-out agreement: ratings split into this many folds, each predicted by a model fitted on the rest
 
 

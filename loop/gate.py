@@ -156,8 +156,8 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
     share = cov / base if cov is not None and base else None
 
     # 4. the judge: the new unit against the one it would replace, at the same prompt and seed
+    pairs = [(p, s) for s in seeds for p in judged][: g.votes]  # spread over the prompts
     if judge == "scripted":
-        pairs = [(p, s) for s in seeds for p in judged][: g.votes]  # spread over the prompts
         for key in pairs:
             a = score(np.asarray(images[unit][key].convert("RGB")), cfg.rate)
             b = score(np.asarray(images[against][key].convert("RGB")), cfg.rate)
@@ -165,7 +165,6 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
     if judge == "model":  # the same pairs, scored by the expected tier the taste model predicts
         from loop.taste_model import features_of_images
 
-        pairs = [(p, s) for s in seeds for p in judged][: g.votes]
         a = taste.predict(features_of_images(ws, ec, [images[unit][k] for k in pairs]))["score"]
         b = taste.predict(features_of_images(ws, ec, [images[against][k] for k in pairs]))["score"]
         for x, y in zip(a, b):

@@ -184,17 +184,10 @@ class FeatureCache:
 
     def get(self, rows) -> tuple[np.ndarray, list]:
         """(features, the rows that have them), for rows with sha256 and path."""
-        from loop.features import image_features
-
         todo = [r for r in rows if r["sha256"] not in self.rows]
         for r in todo:  # one at a time: one unreadable file leaves out that image, not the batch
             try:
-                if self.ec.features == "cheap":
-                    from loop.images import load_rgb
-
-                    self.rows[r["sha256"]] = taste_features(load_rgb(self.ws.root / r["path"]))
-                else:
-                    self.rows[r["sha256"]] = image_features(self.ws, self.ec, [self.ws.root / r["path"]],
+                self.rows[r["sha256"]] = features_of_images(self.ws, self.ec, [self.ws.root / r["path"]],
                                                             [r["sha256"]])[0]  # fmt: skip
             except Exception:  # a corrupt or missing file: no features, no prediction
                 self.rows[r["sha256"]] = None
@@ -204,13 +197,17 @@ class FeatureCache:
         return X, kept
 
 
-def features_of_images(ws, ec, images) -> np.ndarray:
-    """The model's features of PIL images that have no file (the promotion gate's probes)."""
-    if ec.features == "cheap":
-        return np.stack([taste_features(np.asarray(im.convert("RGB"))) for im in images])
+def features_of_images(ws, ec, images, keys=None) -> np.ndarray:
+    """The model's features of images (paths of files, or PIL images such as the promotion gate's probes): the
+    cheap ones with the figure-ground map, or eval.features' vision model (cached by `keys`, the sha256s)."""
     from loop.features import image_features
 
-    return image_features(ws, ec, images)
+    if ec.features != "cheap":
+        return image_features(ws, ec, images, keys)
+    from loop.images import load_rgb
+
+    rgbs = [load_rgb(im) if not hasattr(im, "convert") else np.asarray(im.convert("RGB")) for im in images]
+    return np.stack([taste_features(a) for a in rgbs])
 
 
 def rated_rows(store) -> list:

@@ -11,9 +11,78 @@ import os
 import resource
 import signal
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from loop.workspace import atomic_write
+
+
+# -- re-render from the record ---------------------------------------------------------------------------------
+def _infotext(path) -> dict:
+    """What AUTOMATIC1111's PNG Info reads from the `parameters` chunk (parse_generation_parameters' split):
+    Prompt, Negative prompt and each `Key: value` of the settings line."""
+    from loop.images import A1111_PARAM
+
+    with Image.open(path) as im:
+        text = im.info["parameters"]
+    *lines, last = text.strip().split("\n")
+    assert len(A1111_PARAM.findall(last)) >= 3, text
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {k: v[1:-1] if v.startswith('"') else v for k, v in A1111_PARAM.findall(last)}
+    return {**out, "Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+
+
+def test_every_image_re_renders_from_what_its_row_and_png_record(ws, cfg):
+    """ "Send to txt2img": the prompt, negative prompt, seed, steps, CFG, size and sampler an image records (in its
+    row and in its PNG) give that image again, through a fresh pipeline, one image at a time."""
+    from loop.generate import generate
+    from loop.images import SAMPLER_NAMES
+    from loop.models import load_unit, set_scheduler
+
+    # one line with the defaults, one with every per-line setting its own
+    ws.prompts_path.write_text('a circle\na square --n 3 --seed 40 --cfg 6 --steps 3 --neg "blue" --w 24 --h 40\n')
+    with ws.store() as store:
+        generate(ws, store, cfg, 0, log=lambda m: None)
+        rows = store.images()
+    assert len(rows) == 4 + 3
+    assert sorted(r["seed"] for r in rows) == [0, 1, 2, 3, 40, 41, 42]
+
+    pipe = load_unit(cfg.model, ws.checkpoint(0), 0)
+    by_label = {label: name for name, label in SAMPLER_NAMES.items()}
+    for row in rows:
+        png = ws.root / row["path"]
+        info = _infotext(png)
+        # the row and the PNG agree on every setting
+        assert info["Prompt"] == row["prompt"] and info["Negative prompt"] == row["negative_prompt"]
+        assert int(info["Seed"]) == row["seed"] and int(info["Steps"]) == row["steps"]
+        assert float(info["CFG scale"]) == row["cfg"]
+        assert info["Size"] == f"{row['width']}x{row['height']}"
+        assert by_label[info["Sampler"]] == row["sampler"]
+        width, height = (int(v) for v in info["Size"].split("x"))
+
+        set_scheduler(pipe, by_label[info["Sampler"]])
+        with torch.inference_mode():
+            again = pipe(
+                info["Prompt"],
+                negative_prompt=info["Negative prompt"] or None,
+                num_inference_steps=int(info["Steps"]),
+                guidance_scale=float(info["CFG scale"]),
+                width=width,
+                height=height,
+                generator=torch.Generator(pipe.device).manual_seed(int(info["Seed"])),
+                output_type="np",
+            ).images[0]
+        with Image.open(png) as im:
+            made = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+        assert made.shape == again.shape == (height, width, 3)
+        diff = np.abs(made - again).max() * 255
+        assert diff <= 3, f"image {row['id']} (seed {row['seed']}) is not what its record re-renders: {diff:.0f}/255"
 
 
 # -- atomic_write ----------------------------------------------------------------------------------------------

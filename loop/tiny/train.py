@@ -5,7 +5,7 @@
 
 A random-init tiny pipeline makes 64 nearly identical images, and LoRA training on its "best" outputs moves
 nothing; a trained one draws varied shapes and colours that follow the prompt and the seed. The weights are
-stored in fp16 (about 10 MB) and load as fp32 on the CPU.
+stored in fp32 (about 7 MB) so that every allowed library version loads them as they are.
 """
 
 from __future__ import annotations
@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from loop.tiny.build import IMAGE_SIZE, MODEL_DIR, assemble, load_tokenizer, tiny_components, write_tokenizer
+from loop.tiny.build import (
+    IMAGE_SIZE,
+    MODEL_DIR,
+    assemble,
+    load_tokenizer,
+    save_model,
+    tiny_components,
+    write_tokenizer,
+)
 from loop.tiny.shapes import batch as shape_batch
 from loop.train import loss_target
 
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
     )
 
-    # 5. save fp16 (half the bytes; loads as fp32 on CPU) and a card with the figures
+    # 5. save (fp32, readable by every allowed diffusers/transformers: see build.make_portable) and a card
     pipe = assemble(parts)
     metrics = evaluate(pipe)
     metrics.update(
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers import DDPMScheduler
 
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    pipe.to(torch.float16).save_pretrained(args.out, safe_serialization=True)
+    save_model(pipe, Path(args.out))
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
 

@@ -225,11 +225,10 @@ class Renderer:
                 rescale = self.cfg.generate.guidance_rescale
                 extra = {"guidance_rescale": rescale} if rescale else {}
                 return self.pipe(width=b0.width, height=b0.height, **args, **extra).images
-            if self._img2img is None:
-                from diffusers import StableDiffusionImg2ImgPipeline
+            if self._img2img is None:  # the family's img2img pipeline on the same components
+                from loop.families import img2img_from
 
-                self._img2img = StableDiffusionImg2ImgPipeline.from_pipe(self.pipe)
-                self._img2img.set_progress_bar_config(disable=True)
+                self._img2img = img2img_from(self.pipe)
             return self._img2img(image=parent_images, strength=b0.strength, **args).images
 
     def write(self, job: Job, image: Image.Image, **extra) -> int:

@@ -1,7 +1,8 @@
 """Loading a unit as a diffusers pipeline: the base model plus, for unit N > 0, its LoRA adapter.
 
-`model.base` is "embedded" (the tiny model shipped in loop/tiny/model), a local diffusers folder, or a hub
-id; all three go through `StableDiffusionPipeline.from_pretrained`.
+`model.base` is "embedded" (the tiny model shipped in loop/tiny/model), "embedded-xl" (a tiny SDXL-shaped pipeline
+built on first use by loop.tiny.build_xl), a local diffusers folder, or a hub id. SD 1.x/2.x and SDXL go through the
+same functions; the pipeline class is the family's (loop.families).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ EMBEDDED = Path(__file__).parent / "tiny" / "model"
 
 
 def resolve_base(base: str) -> str:
+    if base == "embedded-xl":
+        from loop.tiny.build_xl import ensure
+
+        return str(ensure())
     if base == "embedded":
         if not (EMBEDDED / "model_index.json").exists():
             raise LoopError(
@@ -31,7 +36,7 @@ def resolve_base(base: str) -> str:
 
 def check_base(base: str) -> None:
     """Fail at once, before anything is recorded, on a model.base that cannot be found (loading finds the rest)."""
-    if base == "embedded":
+    if base in ("embedded", "embedded-xl"):
         resolve_base(base)
         return
     what = "give a diffusers folder (with model_index.json), a Hugging Face hub id, or `embedded`"
@@ -88,15 +93,14 @@ def set_scheduler(pipe, name: str) -> None:
 
 
 def load_base(cfg: ModelConfig, device: torch.device | None = None, dtype: torch.dtype | None = None):
-    from diffusers import StableDiffusionPipeline
+    from loop import families
 
     base = resolve_base(cfg.base)
     device = device or pick_device(cfg)
     dtype = dtype or pick_dtype(cfg, device)
+    family = families.family_of_base(base)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            base, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        pipe = families.pipeline_class(family).from_pretrained(base, dtype=dtype, **families.load_options(family))
     except (OSError, ValueError) as e:
         where = "the folder" if Path(base).exists() else "neither a local folder nor a hub id available here"
         raise LoopError(
@@ -135,8 +139,10 @@ def load_unit(cfg: ModelConfig, checkpoints: Path | None, unit: int):
         finally:
             dlog.set_verbosity(level)
         token = unit_trigger(folder)
-        if token:  # Custom Diffusion's modifier token: its learned embedding row
-            pipe.load_textual_inversion(str(folder), weight_name="learned_embeds.safetensors", token=token)
+        if token:  # Custom Diffusion's modifier token: its learned embedding row (one per text encoder)
+            from loop.families import load_embedding
+
+            load_embedding(pipe, folder / "learned_embeds.safetensors", token)
     return pipe
 
 
@@ -209,7 +215,9 @@ def unit_trigger(folder: Path | None) -> str:
     path = Path(folder) / "learned_embeds.safetensors"
     try:
         with safe_open(str(path), "pt") as f:
-            keys = list(f.keys())
+            keys, meta = list(f.keys()), f.metadata()
     except (OSError, SafetensorError) as e:
         raise LoopError(f"{path} is not a readable safetensors file ({e}); retrain the unit") from e
-    return keys[0] if len(keys) == 1 else ""
+    from loop.families import embedding_token
+
+    return embedding_token(keys, meta)

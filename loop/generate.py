@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from loop.config import MAX_SEED, GenerateConfig, LoopConfig
 from loop.errors import LoopError
-from loop.images import png_bytes, to_rgb
+from loop.images import png_bytes, schedule_type, to_rgb
 from loop.models import load_unit, set_scheduler, unit_trigger
 from loop.prompts import LINE_OPTIONS, PromptLine, Ring, parse_line, read_prompts  # noqa: F401 (re-exported)
 from loop.store import IMAGE_COLUMNS, Store
@@ -240,6 +240,7 @@ class Renderer:
             steps=job.steps,
             cfg=job.cfg,
             sampler=self.cfg.generate.scheduler,
+            schedule_type=schedule_type(self.pipe.scheduler.config, self.cfg.generate.scheduler),  # (A1111 1.9+)
             width=image.width,
             height=image.height,
             model=self.cfg.model.base,

@@ -18,6 +18,25 @@ from PIL import Image, PngImagePlugin
 SAMPLER_NAMES = {"dpm++": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "ddpm": "DDPM"}
 
 
+def schedule_type(config, sampler: str = "dpm++") -> str:
+    """AUTOMATIC1111's `Schedule type` (1.9+, modules/sd_schedulers.py's labels) for the noise levels a diffusers
+    scheduler with this config steps through as loop's `sampler`. An infotext without the field reads as
+    "Automatic", which for DPM++ 2M means Karras: not what diffusers' DPMSolverMultistepScheduler draws unless
+    use_karras_sigmas is set. Diffusers' "trailing" and "linspace" spacings step evenly in time from the last
+    training timestep, as A1111's "SGM Uniform" does; "leading" (steps_offset 1) is A1111's "DDIM" schedule,
+    except for DPM++ 2M, which steps by 1000 // (steps + 1) there, nearest to "SGM Uniform"."""
+    config = dict(config or {})
+    for flag, label in (
+        ("use_karras_sigmas", "Karras"),
+        ("use_exponential_sigmas", "Exponential"),
+        ("use_beta_sigmas", "Beta"),
+    ):
+        if config.get(flag):
+            return label
+    leading = config.get("timestep_spacing", "linspace") == "leading"
+    return "DDIM" if leading and sampler != "dpm++" else "SGM Uniform"
+
+
 # one `Key: value` of A1111's settings line; a value with a comma, colon or newline is JSON-quoted
 # (modules/infotext_utils.py: re_param_code, and quote() in processing.py's create_infotext)
 A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -57,6 +76,7 @@ def a1111_parameters(meta: dict) -> str:
     settings = [
         f"Steps: {meta.get('steps')}",
         f"Sampler: {_quote(SAMPLER_NAMES.get(meta.get('sampler'), meta.get('sampler')))}",
+        *([f"Schedule type: {meta['schedule_type']}"] if meta.get("schedule_type") else []),  # (A1111 1.9+)
         f"CFG scale: {meta.get('cfg')}",
         *([f"Rescale CFG: {meta['guidance_rescale']}"] if meta.get("guidance_rescale") else []),  # (Forge's label)
         f"Seed: {meta.get('seed')}",

@@ -426,3 +426,72 @@ def test_our_parameters_read_back_through_a1111s_parser():
     assert a1111_prompt(text) == "a ring, red"
     settings = {k: v.strip('"') for k, v in A1111_PARAM.findall(text.splitlines()[-1])}
     assert settings["Model"] == "C:/models/sd, v1.5" and settings["Seed"] == "3" and settings["Loop unit"] == "2"
+
+
+# -- the infotext's schedule -------------------------------------------------------------------------------------
+def _a1111_sigmas(alphas_cumprod, n: int, label: str) -> np.ndarray:
+    """The n noise levels (before the final 0) AUTOMATIC1111 1.9+ steps through for a `Schedule type`, from the
+    model's training sigmas (modules/sd_schedulers.py; k-diffusion's log-linear t_to_sigma and get_sigmas_karras)."""
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    sigmas = np.sqrt((1 - ac) / ac)
+    log_s, top = np.log(sigmas), len(sigmas) - 1
+
+    def t_to_sigma(t):
+        low, high = int(np.floor(t)), min(int(np.ceil(t)), top)
+        w = t - low
+        return float(np.exp((1 - w) * log_s[low] + w * log_s[high]))
+
+    if label == "SGM Uniform":
+        return np.array([t_to_sigma(t) for t in np.linspace(top, 0, n + 1)[:-1]])
+    if label == "Karras":
+        lo, hi = sigmas[0] ** (1 / 7), sigmas[-1] ** (1 / 7)
+        return (hi + np.linspace(0, 1, n) * (lo - hi)) ** 7
+    if label == "DDIM":
+        return sigmas[1 :: max(len(sigmas) // n, 1)][::-1]
+    raise ValueError(label)
+
+
+# what differs in Stable Diffusion 1.5's scheduler_config.json from the embedded model's
+SD15_SCHEDULER = {"timestep_spacing": "leading", "steps_offset": 1, "rescale_betas_zero_snr": False,
+                  "prediction_type": "epsilon"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "sampler, overrides, label, exact",
+    [
+        ("dpm++", {}, "SGM Uniform", True),  # what loop draws with the embedded model (trailing spacing)
+        ("euler", {}, "SGM Uniform", True),
+        ("dpm++", {"use_karras_sigmas": True}, "Karras", True),
+        ("euler", SD15_SCHEDULER, "DDIM", True),
+        ("dpm++", SD15_SCHEDULER, "SGM Uniform", False),  # no exact A1111 twin: the nearest
+    ],
+)
+def test_the_infotext_names_the_schedule_loop_drew_with(base_pipe, sampler, overrides, label, exact):
+    """AUTOMATIC1111 1.9+ reads a missing `Schedule type` as Automatic, which for DPM++ 2M is Karras: the infotext
+    names the schedule the scheduler really steps through (or the nearest A1111 has), checked against A1111's own
+    formulas."""
+    from types import SimpleNamespace
+
+    from loop.images import a1111_parameters, schedule_type
+    from loop.models import set_scheduler
+
+    # the embedded model's scheduler config, with the overrides; set_scheduler touches only pipe.scheduler
+    config = {**base_pipe.scheduler.config, **overrides}
+    pipe = SimpleNamespace(scheduler=base_pipe.scheduler.__class__.from_config(config))
+    set_scheduler(pipe, sampler)
+    assert schedule_type(pipe.scheduler.config, sampler) == label
+    for n in (4, 20):
+        pipe.scheduler.set_timesteps(n)
+        ours = pipe.scheduler.sigmas.double().numpy()[:n]
+        errors = {
+            other: np.abs(np.log(ours / _a1111_sigmas(pipe.scheduler.alphas_cumprod, n, other))).mean()
+            for other in ("SGM Uniform", "Karras", "DDIM")
+        }
+        assert min(errors, key=errors.get) == label, errors  # (Karras: what A1111 draws without the field)
+        if exact:
+            assert np.allclose(ours, _a1111_sigmas(pipe.scheduler.alphas_cumprod, n, label), rtol=0.02), errors
+
+    meta = {"prompt": "a ring", "steps": 20, "sampler": sampler, "schedule_type": label, "cfg": 4.0, "seed": 1,
+            "width": 32, "height": 32, "model": "embedded"}  # fmt: skip
+    settings = a1111_parameters(meta).splitlines()[-1]
+    assert f", Schedule type: {label}, CFG scale: 4.0," in settings  # where A1111 writes it, right after Sampler

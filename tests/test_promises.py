@@ -42,7 +42,7 @@ def test_every_image_re_renders_from_what_its_row_and_png_record(ws, cfg):
     """ "Send to txt2img": the prompt, negative prompt, seed, steps, CFG, size and sampler an image records (in its
     row and in its PNG) give that image again, through a fresh pipeline, one image at a time."""
     from loop.generate import generate
-    from loop.images import SAMPLER_NAMES
+    from loop.images import SAMPLER_NAMES, schedule_type
     from loop.models import load_unit, set_scheduler
 
     # one line with the defaults, one with every per-line setting its own
@@ -67,6 +67,8 @@ def test_every_image_re_renders_from_what_its_row_and_png_record(ws, cfg):
         width, height = (int(v) for v in info["Size"].split("x"))
 
         set_scheduler(pipe, by_label[info["Sampler"]])
+        # the schedule it names is the one the pipeline steps through (A1111 reads a missing one as Karras)
+        assert info["Schedule type"] == schedule_type(pipe.scheduler.config, row["sampler"]) == "SGM Uniform"
         with torch.inference_mode():
             again = pipe(
                 info["Prompt"],
@@ -156,3 +158,68 @@ def test_atomic_write_keeps_the_mode_a_plain_open_gives(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+# -- the latent cache ------------------------------------------------------------------------------------------
+def _images_in(ws, n: int) -> list[dict]:
+    """`n` random-noise PNGs in the workspace, as training items (sha256 and workspace-relative path)."""
+    import io
+
+    from loop.workspace import sha256_bytes
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(buf, format="PNG")
+        data = buf.getvalue()
+        path = atomic_write(ws.generations(0) / f"{i}.png", data)
+        items.append({"id": i, "sha256": sha256_bytes(data), "path": ws.rel(path), "caption": "noise"})
+    return items
+
+
+def _changed_vae(pipe, which: str):
+    """The pipeline with another VAE of the same config: every weight moved, or only the encoder's last layer (the
+    one that makes the latents; the first weights, which a cheap fingerprint might look at, stay the same)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in pipe.vae.named_parameters():
+            if which == "all" or name.startswith("quant_conv."):
+                p.add_(torch.randn_like(p) * 0.1)
+    return pipe
+
+
+@pytest.mark.parametrize("vae_change", ["all", "last encoder layer"])
+def test_the_latent_cache_misses_when_the_resolution_or_the_vae_changes(ws, vae_change):
+    from loop.config import ModelConfig
+    from loop.models import load_base
+    from loop.train import encode_latents
+
+    items = _images_in(ws, 3)
+    pipe = load_base(ModelConfig())
+    first, kept, stats = encode_latents(ws, pipe, items, 32, "embedded", log=lambda m: None)
+    assert len(kept) == 3 and stats == {"cache_hits": 0, "cache_misses": 3}
+    again, _, stats = encode_latents(ws, pipe, items, 32, "embedded", log=lambda m: None)
+    assert stats == {"cache_hits": 3, "cache_misses": 0}  # the cache is used at all
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+    # another training resolution: encoded again, at that size
+    small, _, stats = encode_latents(ws, pipe, items, 16, "embedded", log=lambda m: None)
+    assert stats == {"cache_hits": 0, "cache_misses": 3}
+    assert small[0].shape[-2:] == tuple(s // 2 for s in first[0].shape[-2:])
+
+    # another VAE (same model.base, same config, other weights): encoded again, by that VAE
+    other = _changed_vae(load_base(ModelConfig()), vae_change)
+    theirs, _, stats = encode_latents(ws, other, items, 32, "embedded", log=lambda m: None)
+    assert stats == {"cache_hits": 0, "cache_misses": 3}
+    assert not any(torch.allclose(a, b, atol=1e-3) for a, b in zip(first, theirs))
+    from loop.train import load_square
+
+    with torch.no_grad():
+        x = load_square(ws.root / items[0]["path"], 32).unsqueeze(0)
+        direct = other.vae.encode(x).latent_dist.mean[0] * other.vae.config.scaling_factor
+    assert torch.allclose(theirs[0], direct, atol=1e-5)
+
+    # and each VAE still finds its own encodings
+    assert encode_latents(ws, pipe, items, 32, "embedded", log=lambda m: None)[2]["cache_hits"] == 3
+    assert encode_latents(ws, other, items, 32, "embedded", log=lambda m: None)[2]["cache_hits"] == 3

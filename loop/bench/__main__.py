@@ -8,6 +8,7 @@ python -m loop.bench taste [--tastes warm,small_dark,contrast,centred_big] [--im
 python -m loop.bench converge [--tastes warm,small_dark,contrast,centred_big] [--strategies golden,converge]
                               [--seeds 0,1,2,3] [--rounds 3] [--images 64] [--eval 128] [--name NAME]
                               [--report] [key=value ...]
+python -m loop.bench sdxl [--steps 20] [--images 4] [--train-steps 10] [--tiny]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
 short strings) and rewrites its own section of docs/benchmarks.md.
@@ -132,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default="docs")
     r = sub.add_parser("shots", help="the Compare tab's screenshot for the README (docs/img/compare.png)")
     r.add_argument("--out", default="docs")
+    r = sub.add_parser("sdxl", help="SDXL-shaped random weights at 1024px, bf16, CUDA: generate/train speed, memory")
+    r.add_argument("--steps", type=int, default=20, help="denoising steps per generated image")
+    r.add_argument("--images", type=int, default=4, help="images generated (timed, after one warm-up)")
+    r.add_argument("--train-steps", type=int, default=10, help="timed LoRA steps per setting (after 2 warm-up)")
+    r.add_argument("--tiny", action="store_true", help="the same code on the embedded SDXL at 32px; writes nothing")
+    r.add_argument("--out", default="docs")
     r = sub.add_parser("sd15-check", help="build the SD1.5-shaped random pipeline and run it once (any device)")
     r.add_argument("--size", type=int, default=64)
     args = ap.parse_args(argv)
@@ -193,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         from loop.bench.generate import bench_generate
 
         bench_generate(images=args.images, steps=args.steps, batch=args.batch, reps=args.reps, out=args.out)
+    elif args.name == "sdxl":
+        from loop.bench.sdxl import bench_sdxl
+
+        return bench_sdxl(steps=args.steps, images=args.images, train_steps=args.train_steps, out=args.out,
+                          tiny=args.tiny)  # fmt: skip
     elif args.name == "sd15-check":
         from loop.bench.generate import sd15_check
 

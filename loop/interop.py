@@ -66,7 +66,8 @@ def export_lora(ws, store, unit: int, fmt: str, out: Path | None = None, log=pri
     default = f"{unit_name(unit)}_{fmt}.safetensors"
     out = Path(out).expanduser() if out is not None else ws.checkpoint(unit) / default
     if out.is_dir():
-        out = out / default
+        # diffusers' own name in a folder of its own, so `pipe.load_lora_weights(folder)` finds it
+        out = out / (WEIGHTS if fmt == "diffusers" and out.resolve() != src.parent.resolve() else default)
     if out.suffix.lower() != ".safetensors":
         raise LoopError(f"--out {out} should name a .safetensors file or an existing folder")
     if out.resolve() == src.resolve():
@@ -77,10 +78,12 @@ def export_lora(ws, store, unit: int, fmt: str, out: Path | None = None, log=pri
         tensors, meta = _read_safetensors(src)
         from loop.models import mixed_lora_names, peft_names
 
-        if mixed_lora_names(tensors):  # saved with two namings, which diffusers half skips (DIFFUSERS_LORA_NAMES)
+        named = peft_names(tensors) if mixed_lora_names(tensors) else tensors  # diffusers half skips two namings
+        named = {_clip_text_model_level(k): v for k, v in named.items()}
+        if list(named) != list(tensors):
             from safetensors.torch import save
 
-            data = save(peft_names(tensors), metadata=meta)
+            data = save(named, metadata=meta)
         summary = {"modules": len({_module_of(k) for k in tensors}), **_adapter_summary(ws, unit, meta)}
     else:
         data, summary = _kohya_bytes(ws, unit, src)
@@ -141,6 +144,20 @@ def _read_safetensors(path: Path):
     except (SafetensorError, ValueError, OSError) as e:
         raise LoopError(f"{path} is not a readable safetensors file ({e}); retrain the unit") from e
     return tensors, meta
+
+
+# the children of CLIP's text transformer: transformers 5 flattened CLIPTextModel (no `text_model.` level), so a
+# unit trained there names its text-encoder LoRA without it; transformers 4.x and the loaders built on it (diffusers
+# 0.35 fails with "Cannot copy out of meta tensor", ComfyUI, AUTOMATIC1111) need it, and transformers 5 maps it away
+CLIP_TEXT_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def _clip_text_model_level(key: str) -> str:
+    """'text_encoder.encoder.layers.0...' -> 'text_encoder.text_model.encoder.layers.0...' (others unchanged)."""
+    comp, _, path = key.partition(".")
+    if comp in ("text_encoder", "text_encoder_2") and path.startswith(CLIP_TEXT_PARTS):
+        return f"{comp}.text_model.{path}"
+    return key
 
 
 def _module_of(key: str) -> str:
@@ -260,11 +277,7 @@ def _kohya_bytes(ws, unit: int, src: Path) -> tuple[bytes, dict]:
         # PEFT scales by alpha/r (alpha/sqrt(r) with rsLoRA); kohya loaders always use alpha/r
         scale = alpha / math.sqrt(rank) if conf.get("use_rslora") else alpha / rank
         kohya_alpha = scale * rank
-        named = module
-        if comp.startswith("text_encoder") and not path.startswith("text_model."):
-            # transformers 5 flattened CLIPTextModel (encoder.layers.N...); kohya's names, the only ones ComfyUI
-            # (comfy/lora.py) and AUTOMATIC1111 (networks.py) map, keep CLIP's text_model level
-            named = f"{comp}.text_model.{path}"
+        named = _clip_text_model_level(module)  # kohya's names keep CLIP's text_model level (see CLIP_TEXT_PARTS)
         peft = {f"{named}.lora_A.weight": parts["A"], f"{named}.lora_B.weight": parts["B"]}
         converted = convert_state_dict_to_kohya(peft)
         alpha_keys = [k for k in converted if k.endswith(".alpha")]

@@ -142,6 +142,41 @@ def test_diffusers_export_and_errors(ws, tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["unit_001_kohya.safetensors"]  # no temporary left behind
 
 
+def test_a_text_encoder_units_diffusers_export_loads_in_a_plain_pipeline(ws, base_pipe, tmp_path):
+    """The diffusers export of a unit with a text-encoder LoRA loads through a plain pipeline's load_lora_weights
+    (the file, or the folder it was exported into) and gives the unit's images as loop renders them. Its
+    text-encoder keys keep CLIP's text_model level: without it, transformers 4.x (and diffusers 0.35 on it: "Cannot
+    copy out of meta tensor") cannot place them; transformers 5 maps the level away."""
+    from diffusers import DiffusionPipeline
+
+    from loop.config import ModelConfig
+    from loop.models import EMBEDDED, load_unit
+
+    make_unit(ws, text_encoder=True)
+    folder = tmp_path / "my_lora"
+    folder.mkdir()
+    with ws.store() as store:
+        as_file = Path(export_lora(ws, store, 1, "diffusers", log=lambda m: None)["path"])
+        in_folder = Path(export_lora(ws, store, 1, "diffusers", folder, log=lambda m: None)["path"])
+    assert as_file == ws.checkpoint(1) / "unit_001_diffusers.safetensors"
+    assert in_folder == folder / "pytorch_lora_weights.safetensors"  # the name load_lora_weights(folder) looks for
+    with safe_open(as_file, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    te = [k for k in keys if k.startswith("text_encoder.")]
+    assert len(te) == 2 * 4 * 2 and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in te), te[:2]
+    assert "lora_adapter_metadata" in meta  # rank and alpha travel with it
+
+    loops = render(load_unit(ModelConfig(), ws.checkpoint(1), 1))  # the unit as loop renders it
+    assert not same(loops, render(base_pipe))
+    for where in (as_file, folder):
+        pipe = DiffusionPipeline.from_pretrained(str(EMBEDDED))  # plain: no dtype, no loop code
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(where))
+        assert any("lora_A" in n for n, _ in pipe.text_encoder.named_parameters()), "text-encoder LoRA not loaded"
+        theirs = render(pipe)
+        assert same(theirs, loops), (where, np.abs(theirs - loops).max())
+
+
 def test_kohya_alpha_from_config_when_metadata_missing(ws):
     """Weights saved without adapter metadata: alpha comes from the unit's config.yaml, not from the rank."""
     weights = make_unit(ws)

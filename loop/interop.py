@@ -346,8 +346,40 @@ def _tiers_for(which: str) -> tuple[str, ...]:
     raise LoopError(f"unknown set {which!r}; use golden or a tier ({', '.join(TIERS)}) meaning that tier and above")
 
 
+def _custom_diffusion_captions(ws) -> dict[str, tuple[str, str]]:
+    """sha256 -> (modifier token, caption) of the images a Custom Diffusion unit with a modifier token trained on
+    (the latest such unit's, from the units' manifest.json): it trained on "<token> caption"."""
+    found = {}
+    for folder in sorted((ws.root / "checkpoints").glob("unit_*")):
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(manifest, dict) or not manifest.get("modifier_token"):
+            continue
+        token = manifest["modifier_token"]
+        for item in manifest.get("images") or []:
+            if isinstance(item, dict) and item.get("sha256"):
+                found[item["sha256"]] = (token, item.get("caption") or "")
+    return found
+
+
+def _trigger(row) -> str:
+    """The modifier token a Custom Diffusion unit put before the prompt it made this image from ("" for none)."""
+    try:
+        params = json.loads(row["params"] or "{}")
+    except (ValueError, TypeError):
+        return ""
+    return str(params.get("trigger") or "") if isinstance(params, dict) else ""
+
+
 def export_set(ws, store, which: str, out: Path, log=print) -> dict:
-    """Write the images rated `which` (golden = UR; a tier = it and above) as a Hugging Face imagefolder."""
+    """Write the images rated `which` (golden = UR; a tier = it and above) as a Hugging Face imagefolder.
+
+    Each image's `text` is the caption to train it with: the one a Custom Diffusion unit trained on it with (its
+    modifier token first), else the text the model was given (a Custom Diffusion unit's images: its token, then the
+    prompt), else the prompt; `modifier_token` names that token (a trainer adds it to the tokenizer; export-lora
+    gives its embedding), and `negative_prompt` is the image's own."""
     tiers = _tiers_for(which)
     out = Path(out).expanduser().resolve()
     if out == ws.root or ws.root in out.parents:  # into generations/ or golden/ it would pollute the workspace
@@ -372,6 +404,7 @@ def export_set(ws, store, which: str, out: Path, log=print) -> dict:
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
     written, missing, damaged = 0, 0, 0
+    trained = _custom_diffusion_captions(ws)
     try:
         lines = []
         for r in rows:
@@ -395,10 +428,13 @@ def export_set(ws, store, which: str, out: Path, log=print) -> dict:
                 continue
             name = f"{r['sha256'][:16]}{Path(r['path']).suffix.lower() or '.png'}"
             (tmp / name).write_bytes(data)  # the bytes just checked, not the file again
+            token, caption = trained.get(r["sha256"]) or (_trigger(r), r["prompt"] or "")
             lines.append(
                 {
                     "file_name": name,
-                    "text": r["prompt"] or "",
+                    "text": f"{token} {caption}" if token else caption,
+                    "negative_prompt": r["negative_prompt"] or "",
+                    "modifier_token": token or None,
                     "tier": r["tier"],
                     "unit": r["unit"],
                     "seed": r["seed"],

@@ -275,6 +275,56 @@ def test_export_golden_set_loads_as_imagefolder(ws, tmp_path):
             export_set(ws, store, "best", tmp_path / "x", log=lambda m: None)
 
 
+def test_the_exported_set_captions_images_as_a_custom_diffusion_unit_trained_on_them(ws, tmp_path):
+    """A trainer reading the set needs each image's caption as the unit learnt it: a Custom Diffusion unit trained on
+    "<new1> a circle" and its images were made from "<new1> a circle", so that is their `text` (the token named in
+    `modifier_token`), and the negative prompt they were made with is in its own column."""
+    import datasets
+
+    from loop.config import load_config
+    from loop.generate import generate_ring
+    from loop.train import train_unit
+
+    quiet = dict(log=lambda m: None)
+    train = ["train.method=custom_diffusion", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=0"]
+    cfg = load_config(ws.root, ["generate.steps=2", "generate.negative_prompt=blue, dark", *train])
+    ws.prompts_path.write_text("a circle\na square\n", encoding="utf-8")
+    with ws.store() as store:
+        store.ensure_base_unit("embedded")
+        generate_ring(ws, store, cfg, unit=0, count=3, **quiet)  # a circle, a square, a circle
+        made = store.images()
+        chosen = [{"id": r["id"], "sha256": r["sha256"], "path": r["path"], "caption": r["prompt"], "tier": "UR"}
+                  for r in made[:2]]  # fmt: skip
+        (ws.checkpoint(1) / "selection.json").parent.mkdir(parents=True)
+        (ws.checkpoint(1) / "selection.json").write_text(json.dumps({"images": chosen}), encoding="utf-8")
+        assert train_unit(ws, store, cfg, parent=0, **quiet)["modifier_token"] == "<new1>"
+        generate_ring(ws, store, cfg, unit=1, count=2, **quiet)
+        rows = store.images()
+        for r in rows:
+            store.rate(r["id"], "UR", rater="test")
+        export_set(ws, store, "golden", tmp_path / "set", **quiet)
+
+    lines = {x["sha256"]: x for x in map(json.loads, (tmp_path / "set" / "metadata.jsonl").read_text().splitlines())}
+    assert len(lines) == 5
+    trained_on, left, unit1 = made[:2], made[2], [r for r in rows if r["unit"] == 1]
+    for r in trained_on:  # the caption unit 1 trained with
+        assert (lines[r["sha256"]]["text"], lines[r["sha256"]]["modifier_token"]) == (
+            f"<new1> {r['prompt']}",
+            "<new1>",
+        )
+    assert (lines[left["sha256"]]["text"], lines[left["sha256"]]["modifier_token"]) == ("a circle", None)
+    for r in unit1:  # the text unit 1 was given, as the PNG's parameters say
+        with Image.open(ws.root / r["path"]) as im:
+            given = im.info["parameters"].splitlines()[0]
+        assert lines[r["sha256"]]["text"] == given == f"<new1> {r['prompt']}"
+        assert lines[r["sha256"]]["modifier_token"] == "<new1>"
+    assert {x["negative_prompt"] for x in lines.values()} == {"blue, dark"}
+
+    ds = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "set"), cache_dir=str(tmp_path / "hf"))["train"]
+    assert {"text", "negative_prompt", "modifier_token"} <= set(ds.column_names)
+    assert sorted(ds["modifier_token"], key=str) == sorted(["<new1>"] * 4 + [None], key=str)
+
+
 # -- import ------------------------------------------------------------------------------------------------------
 def test_import_keeps_good_images_and_skips_bad_ones(ws, tmp_path):
     src = tmp_path / "incoming"

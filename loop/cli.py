@@ -1,7 +1,7 @@
 """The `loop` command line (Typer). Each command parses, builds the config, and calls one stage function.
 
 loop init DIR | run --round [N] | generate [--forever|--count K] | vary IMAGE | rate | train | export-lora |
-export | import | status | promote N | config
+export-model | export | import | status | promote N | config
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _open(workspace: Path, overrides: list[str] | None, model: bool = True):
     ws = Workspace.open(workspace)
     cfg = load_config(ws.root, overrides)
     if model:  # before a command records anything about a model that isn't there
-        check_base(cfg.model.base)
+        check_base(cfg.model.base, cfg.model.config)
     return ws, cfg
 
 
@@ -499,6 +499,25 @@ def export_lora_cmd(
     ws = _open_checked(workspace, overrides)
     with ws.store() as store:
         export_lora(ws, store, unit, fmt, out, log=_echo)  # its last line says what was written
+
+
+@app.command("export-model")
+def export_model_cmd(
+    unit: Annotated[int, typer.Option("--unit", help="the unit to merge into its base (0: the base itself)")],
+    out: Annotated[Path, typer.Option("--out", help="the .safetensors file to write (or a folder)")],
+    dtype: Annotated[str, typer.Option("--dtype", help="float16 (as models are shared), float32 or bfloat16")] = (
+        "float16"
+    ),
+    workspace: WorkspaceOpt = Path("."),
+    overrides: OverridesArg = None,
+) -> None:
+    """Write a unit merged into its base as one checkpoint file (AUTOMATIC1111 / ComfyUI layout; loop reads it back
+    as model.base)."""
+    from loop.checkpoint import export_model
+
+    ws, cfg = _open(workspace, overrides, model=False)
+    with ws.store() as store:
+        export_model(ws, store, cfg, unit, out, dtype, log=_echo)
 
 
 @app.command("export")

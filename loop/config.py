@@ -37,7 +37,12 @@ def _check(ok: bool, key: str, value, hint: str) -> None:
 
 @dataclass
 class ModelConfig:
-    base: str = "embedded"  # "embedded" (the shipped tiny model), a local diffusers folder, or a hub id
+    # "embedded" (the shipped tiny model), "embedded-xl", a local diffusers folder, a hub id, or a .safetensors
+    # single-file checkpoint (AUTOMATIC1111 / ComfyUI layout)
+    base: str = "embedded"
+    # for a single-file base: a diffusers folder or hub id of the same architecture, whose configs build it (default:
+    # the configs the file carries, as loop's export-model writes them, else the Hugging Face cache)
+    config: str = ""
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from loop.checkpoint import check_single_file, is_single_file, load_single_file
 from loop.config import ModelConfig
 from loop.errors import LoopError
 
@@ -34,8 +35,9 @@ def resolve_base(base: str) -> str:
     return base
 
 
-def check_base(base: str) -> None:
-    """Fail at once, before anything is recorded, on a model.base that cannot be found (loading finds the rest)."""
+def check_base(base: str, config: str = "") -> None:
+    """Fail at once, before anything is recorded, on a model.base that cannot be found (loading finds the rest);
+    `config` is model.config (a single-file base's configs)."""
     if base in ("embedded", "embedded-xl"):
         resolve_base(base)
         return
@@ -45,8 +47,11 @@ def check_base(base: str) -> None:
         if not (p / "model_index.json").is_file():
             raise LoopError(f"model.base={base!r} is a folder without model_index.json; {what}")
         return
+    if is_single_file(base):  # .safetensors (or a refused pickle): loop.checkpoint says what is wrong
+        check_single_file(base, config)
+        return
     if p.exists():
-        raise LoopError(f"model.base={base!r} is a file, not a diffusers folder; {what}")
+        raise LoopError(f"model.base={base!r} is a file, not a diffusers folder or a .safetensors checkpoint; {what}")
     parts = base.split("/")
     if p.is_absolute() or base.startswith((".", "~")) or "\\" in base or len(parts) > 2 or not all(parts):
         raise LoopError(f"model.base={base!r}: no such folder; {what}")
@@ -98,6 +103,10 @@ def load_base(cfg: ModelConfig, device: torch.device | None = None, dtype: torch
     base = resolve_base(cfg.base)
     device = device or pick_device(cfg)
     dtype = dtype or pick_dtype(cfg, device)
+    if is_single_file(base):  # an AUTOMATIC1111 / ComfyUI checkpoint file
+        pipe = load_single_file(base, cfg.config, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
     family = families.family_of_base(base)
     try:
         pipe = families.pipeline_class(family).from_pretrained(base, dtype=dtype, **families.load_options(family))

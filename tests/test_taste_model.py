@@ -3,7 +3,7 @@
 import numpy as np
 
 from loop.bench.taste import ratings_to_find
-from loop.taste_model import MIN_RATINGS, fit, pairwise_agreement, taste_features
+from loop.taste_model import FIGURE_FEATURES, MIN_RATINGS, fit, pairwise_agreement, taste_features
 
 TIERS5 = ("N", "R", "SR", "SSR", "UR")
 
@@ -51,4 +51,9 @@ def test_taste_features_see_where_the_figure_is():
     centred[24:40, 24:40] = 255
     g = taste_features(centred)
     assert f.shape == g.shape and np.isfinite(f).all()
-    assert f[-3] > g[-3] + 0.3  # the centroid's distance from the middle
+    moments, figure = -3 - FIGURE_FEATURES, -FIGURE_FEATURES
+    assert f[moments] > g[moments] + 0.3  # the map's centroid's distance from the middle
+    assert f[figure + 2] == g[figure + 2] == 0.25  # the figure's bounding box: its longer side
+    assert f[figure + 5] > g[figure + 5] + 0.3  # the box's centre's distance from the middle
+    assert f[figure + 9] == g[figure + 9] == 0.0625  # its area
+    assert np.allclose(f[figure + 10 : figure + 13], 1.0)  # its colour: white

@@ -339,7 +339,11 @@ def load_single_file(base: str, config: str, dtype: torch.dtype):
     source = check_single_file(base, config)
     path = Path(base).expanduser()
     cls = StableDiffusionXLPipeline if _is_sdxl(_header(path)[0]) else StableDiffusionPipeline
-    extra = {} if cls is StableDiffusionXLPipeline else dict(safety_checker=None, requires_safety_checker=False)
+    extra = (  # no invisible watermark (it would change the pixels a unit is compared by), no safety checker
+        dict(add_watermarker=False)
+        if cls is StableDiffusionXLPipeline
+        else dict(safety_checker=None, requires_safety_checker=False)
+    )
     with tempfile.TemporaryDirectory(prefix="loop-single-file-") as tmp:
         if source == "model.config":
             where = str(Path(config).expanduser()) if Path(config).expanduser().is_dir() else config

@@ -289,3 +289,26 @@ def test_export_model_errors_are_one_line(ws, tmp_path, capsys):
     assert "modifier token" in err and "export-lora" in err and "\n" not in err, err
     assert entry(["export-model", "--unit", "0", "--out", str(tmp_path / "m.ckpt"), "-w", str(ws.root)]) == 2
     assert ".safetensors" in capsys.readouterr().err
+
+
+def test_an_sdxl_base_goes_to_one_file_with_both_text_encoders_and_back(ws, tmp_path):
+    """embedded-xl (random weights, SDXL-shaped) as one file: CLIP-L under conditioner.embedders.0, OpenCLIP-bigG
+    under conditioner.embedders.1 (fused q/k/v); loaded back as model.base it draws the same image."""
+    from loop.checkpoint import export_model
+    from loop.config import ModelConfig
+    from loop.models import load_base
+
+    cfg = load_config(ws.root, ["model.base=embedded-xl"])
+    out = tmp_path / "xl.safetensors"
+    with ws.store() as store:
+        export_model(ws, store, cfg, 0, out, "float32", **QUIET)
+    with safe_open(str(out), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in keys
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert "conditioner.embedders.1.model.text_projection" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys  # the pooled text + size embedding
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    base, from_file = load_base(ModelConfig(base="embedded-xl")), load_base(ModelConfig(base=str(out)))
+    assert type(from_file).__name__ == "StableDiffusionXLPipeline"
+    np.testing.assert_allclose(_render(from_file, steps=2), _render(base, steps=2), atol=1e-4)

@@ -214,6 +214,7 @@ def test_an_exported_unit_as_model_base_draws_the_units_images(ws, tmp_path):
         from_file = _pixels(other, store, 0)
     assert from_file.keys() == unit_images.keys()
     worst = max(np.abs(from_file[k] - unit_images[k]).max() for k in unit_images)
+    print(f"exported unit vs unit: max difference {worst}/255")
     assert worst <= 4, f"the file draws up to {worst}/255 away from the unit"
 
     # and a unit trains on the file base (latent and text caches keyed by it)

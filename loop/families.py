@@ -51,10 +51,18 @@ def family_of_folder(folder: str | Path) -> str:
 
 
 def family_of_base(base: str) -> str:
-    """The family of a resolved model.base: a diffusers folder, or a hub id read from the Hugging Face cache (a hub
-    id not in the cache is SD until it is downloaded; from_pretrained then fails or loads it as SD)."""
+    """The family of a resolved model.base: a diffusers folder, a single-file checkpoint, or a hub id read from the
+    Hugging Face cache (a hub id not in the cache is SD until it is downloaded; loading then fails or says why)."""
     if Path(base).is_dir():
         return family_of_folder(base)
+    if Path(base).is_file():  # a single-file checkpoint: SDXL's has the second text encoder under embedders.1
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(base), "pt") as f:
+                return SDXL if any(k.startswith("conditioner.embedders.1.") for k in f.keys()) else SD
+        except Exception:  # not a safetensors file: loading says why
+            return SD
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -117,14 +125,15 @@ def zero_empty(pipe) -> bool:
 
 
 def token_ids(pipe, captions: list[str]) -> torch.Tensor:
-    """Token ids of each caption for each text encoder: (captions, encoders, max length)."""
+    """Token ids of each caption: (captions, max length) for SD's one text encoder, (captions, encoders, max
+    length) for SDXL's two (each encoder has its own tokenizer)."""
     ids = [
         tok(
             captions, padding="max_length", truncation=True, max_length=tok.model_max_length, return_tensors="pt"
         ).input_ids
         for tok, _ in text_encoders(pipe)
     ]
-    return torch.stack(ids, dim=1)
+    return ids[0] if len(ids) == 1 else torch.stack(ids, dim=1)
 
 
 def encoder_output(family: str, index: int, count: int, encoder, ids: torch.Tensor):
@@ -170,6 +179,29 @@ def prompt_encoder(pipe) -> PromptEncoder:
     return PromptEncoder(family_of(pipe), [enc for _, enc in text_encoders(pipe)], zeros_for)
 
 
+def learning_text_encoder(pipe):
+    """What training hands the fitting loop when text encoders learn (a LoRA, a modifier token): SD's own text
+    encoder (token ids (batch, length)), SDXL's two as one PromptEncoder (ids (batch, 2, length))."""
+    return prompt_encoder(pipe) if family_of(pipe) == SDXL else pipe.text_encoder
+
+
+def encode_ids(text_encoder, ids: torch.Tensor):
+    """(hidden states, pooled or None) from a learning text encoder (see learning_text_encoder) and its ids."""
+    if ids.dim() == 2:
+        return text_encoder(ids)[0], None
+    return text_encoder(ids)
+
+
+def encoder_modules(text_encoder) -> list:
+    """The CLIP text encoder(s) inside a learning text encoder, in pipeline order."""
+    return list(text_encoder.encoders) if isinstance(text_encoder, PromptEncoder) else [text_encoder]
+
+
+def embedding_tables(text_encoder) -> list[torch.Tensor]:
+    """The token-embedding table of each encoder inside a learning text encoder."""
+    return [enc.get_input_embeddings().weight for enc in encoder_modules(text_encoder)]
+
+
 def encoder_tags(pipe) -> list[str]:
     """What each encoder's cached output is (part of the text cache's key: SD's te1 output is not SDXL's)."""
     if family_of(pipe) == SDXL:
@@ -182,6 +214,14 @@ def encoder_tags(pipe) -> list[str]:
 def time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int], target_hw: tuple[int, int]):
     """SDXL's six size-and-crop ids: original (height, width), crop (top, left), target (height, width)."""
     return torch.tensor([*original_hw, *crop_top_left, *target_hw], dtype=torch.float32)
+
+
+def size_ids(pipe, geometries: list[tuple], size: int) -> torch.Tensor | None:
+    """SDXL: each training image's time ids, (images, 6), from its ((height, width), (crop top, crop left)) before
+    and after the square crop to `size`; SD: None (it has no such conditioning)."""
+    if family_of(pipe) != SDXL:
+        return None
+    return torch.stack([time_ids(original, crop, (size, size)) for original, crop in geometries])
 
 
 def unet_inputs(hidden: torch.Tensor, pooled: torch.Tensor | None = None, times: torch.Tensor | None = None) -> dict:
@@ -223,6 +263,17 @@ def embedding_token(keys: list[str], metadata: dict | None) -> str:
     if sorted(keys) == sorted(SDXL_EMBED_KEYS):
         return (metadata or {}).get("token", "")
     return keys[0] if len(keys) == 1 else ""
+
+
+def read_embedding(path: Path) -> tuple[str, list[torch.Tensor]]:
+    """(token, one row per text encoder) of a learned_embeds file (SD's or SDXL's layout)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        token = embedding_token(keys, meta)
+        names = list(SDXL_EMBED_KEYS) if sorted(keys) == sorted(SDXL_EMBED_KEYS) else keys[:1]
+        return token, [f.get_tensor(k).reshape(-1) for k in names]
 
 
 def load_embedding(pipe, path: Path, token: str) -> None:

@@ -100,10 +100,29 @@ def export_lora(ws, store, unit: int, fmt: str, out: Path | None = None, log=pri
 def _export_embedding(src: Path, out: Path, fmt: str, log=print) -> str:
     """The modifier token's embedding beside the LoRA file, as a textual-inversion file: diffusers' own
     ({token: vector}, for `pipe.load_textual_inversion(path)`) or AUTOMATIC1111's ({"emb_params": vector}, whose
-    trigger word is the file's name; ComfyUI reads it as `embedding:NAME`)."""
+    trigger word is the file's name; ComfyUI reads it as `embedding:NAME`). An SDXL unit's file has a row per text
+    encoder, {"clip_l", "clip_g"}, which is AUTOMATIC1111's SDXL layout already, and is copied as it is."""
     from safetensors.torch import save
 
-    tensors, _ = _read_safetensors(src)
+    from loop.families import SDXL_EMBED_KEYS, embedding_token
+
+    tensors, meta = _read_safetensors(src)
+    if sorted(tensors) == sorted(SDXL_EMBED_KEYS):
+        token = embedding_token(list(tensors), meta)
+        word = re.sub(r"[^A-Za-z0-9_]", "", token) or "token"
+        dest = out.with_name(f"{out.stem}_{'embedding' if fmt == 'diffusers' else word}.safetensors")
+        atomic_write(dest, save({k: v.contiguous() for k, v in tensors.items()}, metadata={"token": token}))
+        log(
+            f"modifier token {token}: its SDXL embedding (clip_l, clip_g) is in {dest}; "
+            + (
+                "load each row with pipe.load_textual_inversion(state_dict['clip_l'], token=..., "
+                "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer) and clip_g into text_encoder_2/tokenizer_2"
+                if fmt == "diffusers"
+                else f"put it in AUTOMATIC1111's embeddings/ folder (ComfyUI: models/embeddings) and write "
+                f"{dest.stem} in prompts where the unit was trained with {token}"
+            )
+        )
+        return str(dest)
     token, vector = next(iter(tensors.items()))
     if fmt == "diffusers":
         dest = out.with_name(f"{out.stem}_embedding.safetensors")
@@ -264,7 +283,8 @@ def _kohya_bytes(ws, unit: int, src: Path) -> tuple[bytes, dict]:
 
     kohya: dict[str, torch.Tensor] = {}
     ranks, alphas = set(), set()
-    two_text_encoders = any(m.startswith("text_encoder_2.") for m in modules)
+    # SDXL: a second text encoder in the file, or a UNet-only LoRA of a unit trained on an SDXL base
+    two_text_encoders = any(m.startswith("text_encoder_2.") for m in modules) or _unit_family(ws, unit) == "sdxl"
     for module, parts in sorted(modules.items()):
         if set(parts) != {"A", "B"}:
             raise LoopError(f"{src}: module {module} has no {'up' if 'A' in parts else 'down'} weight; retrain")
@@ -316,6 +336,33 @@ def _kohya_bytes(ws, unit: int, src: Path) -> tuple[bytes, dict]:
         "tensors": len(kohya),
     }
     return save(kohya, metadata=metadata), summary
+
+
+def _unit_family(ws, unit: int) -> str:
+    """The model family (loop.families) of the base a unit was trained on, from its manifest or config.yaml; "sd"
+    where neither says or the base is not here to look at."""
+    base = None
+    try:
+        base = json.loads((ws.checkpoint(unit) / "manifest.json").read_text(encoding="utf-8")).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        pass
+    if not base and (ws.checkpoint(unit) / "config.yaml").is_file():
+        try:
+            from omegaconf import OmegaConf
+
+            base = OmegaConf.to_container(OmegaConf.load(ws.checkpoint(unit) / "config.yaml")).get("model") or {}
+            base = base.get("base")
+        except Exception:  # a damaged config.yaml: the weights decide
+            base = None
+    if not base:
+        return "sd"
+    try:
+        from loop.families import family_of_base
+        from loop.models import resolve_base
+
+        return family_of_base(resolve_base(str(base)))
+    except Exception:  # the base is gone (a deleted folder, a hub id not cached): the weights decide
+        return "sd"
 
 
 def _base_version(modules: dict, two_text_encoders: bool) -> str:

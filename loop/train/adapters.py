@@ -1,0 +1,150 @@
+"""What learns: PEFT LoRA adapters on the UNet (and the text encoder), Custom Diffusion's modifier token, a parent
+unit's adapter to start from, and the adapter file a unit leaves.
+
+    loop train --unit N     (train.method, train.start)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from loop.errors import LoopError
+from loop.models import peft_named_copy
+from loop.workspace import TMP_MARK, UMASK
+
+WEIGHTS = "pytorch_lora_weights.safetensors"
+EMBEDS = "learned_embeds.safetensors"
+CD_TARGETS = ["attn2.to_k", "attn2.to_v"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def add_lora(unet, tc, targets: list[str] | None = None):
+    """Freeze the UNet and attach a PEFT LoRA adapter to `targets` (default tc.target_modules)."""
+    from peft import LoraConfig
+
+    targets = list(targets or tc.target_modules)
+    unet.requires_grad_(False)
+    lora = LoraConfig(r=tc.rank, lora_alpha=tc.alpha, init_lora_weights="gaussian", target_modules=targets)
+    try:
+        unet.add_adapter(lora)
+    except ValueError as e:
+        raise LoopError(f"train.target_modules={targets} matched nothing in the UNet: {e}") from e
+    return unet
+
+
+def add_text_lora(text_encoder, tc):
+    from peft import LoraConfig
+
+    text_encoder.requires_grad_(False)
+    text_encoder.add_adapter(
+        LoraConfig(r=tc.rank, lora_alpha=tc.alpha, init_lora_weights="gaussian", target_modules=TE_TARGETS)
+    )
+    return text_encoder
+
+
+def add_modifier_token(tokenizer, text_encoder, token: str, initializer: str) -> int:
+    """Add `token` to the tokenizer; its embedding row starts as the initializer word's (mean over its pieces).
+    Returns the new row's index."""
+    if token in tokenizer.get_vocab():
+        raise LoopError(f"train.modifier_token={token!r} is already a word of the tokenizer; pick a new one")
+    init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
+    if not init_ids:
+        raise LoopError(f"train.initializer_token={initializer!r} gives no tokens; give an ordinary word")
+    tokenizer.add_tokens([token])
+    new_id = tokenizer.convert_tokens_to_ids(token)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[new_id] = table[init_ids].mean(dim=0)
+    return new_id
+
+
+def load_parent_adapter(pipe, folder: Path, tc) -> None:
+    """from_parent: copy unit N's adapter weights into the freshly attached adapter(s) of the same shape."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    if not (folder / WEIGHTS).exists():
+        raise LoopError(f"train.start=from_parent needs the parent's weights at {folder / WEIGHTS}")
+    with peft_named_copy(folder / WEIGHTS) as where:  # a unit saved with both namings (see DIFFUSERS_LORA_NAMES)
+        sd, _ = StableDiffusionPipeline.lora_state_dict(str(where.parent), weight_name=where.name)
+    unet_sd = convert_unet_state_dict_to_peft({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
+    try:
+        out = set_peft_model_state_dict(pipe.unet, unet_sd, adapter_name="default")
+    except RuntimeError as e:  # shapes differ: another rank
+        raise LoopError(
+            f"the parent adapter at {folder} does not match this one ({str(e).splitlines()[1].strip()[:120]}): "
+            "train.method, rank and target_modules must be the parent's for from_parent"
+        ) from e
+    missing = [k for k in getattr(out, "missing_keys", []) if "lora_" in k]
+    unexpected = list(getattr(out, "unexpected_keys", []))
+    if missing or unexpected:
+        raise LoopError(
+            f"the parent adapter at {folder} does not match this one ({len(missing)} missing, {len(unexpected)} "
+            "unexpected weights): train.method, rank and target_modules must be the parent's for from_parent"
+        )
+    te_sd = {k[13:]: v for k, v in sd.items() if k.startswith("text_encoder.")}
+    if te_sd and getattr(pipe.text_encoder, "peft_config", None):
+        set_peft_model_state_dict(pipe.text_encoder, convert_unet_state_dict_to_peft(te_sd), adapter_name="default")
+
+
+def _trainable(*modules) -> dict[str, torch.nn.Parameter]:
+    """The parameters that learn, by "<module index>.<name>" (the key of a checkpoint's trainable.pt)."""
+    return {
+        f"{i}.{n}": p
+        for i, m in enumerate(modules)
+        if m is not None
+        for n, p in m.named_parameters()
+        if p.requires_grad
+    }
+
+
+def _attach(pipe, tc, cd: bool, token: str, te_lora: bool):
+    """The method's adapters: returns (unet, learning text encoder or None, rows to keep, new token row)."""
+    keep_rows, text_encoder, new_row = None, None, None
+    if token:
+        new_row = add_modifier_token(pipe.tokenizer, pipe.text_encoder, token, tc.initializer_token)
+        table = pipe.text_encoder.get_input_embeddings().weight
+        table.requires_grad_(True)
+        keep_rows = (table.detach().clone().cpu(), new_row)
+        text_encoder = pipe.text_encoder
+    if te_lora:
+        text_encoder = add_text_lora(pipe.text_encoder, tc)
+    unet = add_lora(pipe.unet, tc, CD_TARGETS if cd else None)
+    return unet, text_encoder, keep_rows, new_row
+
+
+def save_lora(unet, folder: Path, text_encoder=None) -> Path:
+    """Write the adapter(s) as folder/pytorch_lora_weights.safetensors (diffusers' file, `unet.` and
+    `text_encoder.` prefixes, rank and alpha in its metadata), atomically.
+
+    The weights keep PEFT's names (lora_A/lora_B) for every module. diffusers' training scripts pass them through
+    convert_state_dict_to_diffusers first, which renames only attention projections, so a LoRA on other modules
+    too would get a file with two namings that diffusers' loader half skips (see loop.models.DIFFUSERS_LORA_NAMES).
+    """
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".save{TMP_MARK}{os.getpid()}-{time.time_ns()}"
+    layers = get_peft_model_state_dict(unet)
+    extra = {}
+    if text_encoder is not None:
+        extra = dict(
+            text_encoder_lora_layers=get_peft_model_state_dict(text_encoder),
+            text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict(),
+        )
+    StableDiffusionPipeline.save_lora_weights(
+        tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), **extra
+    )
+    os.chmod(tmp / WEIGHTS, 0o666 & ~UMASK)  # diffusers writes it 0600; every other file here is plain mode
+    (tmp / WEIGHTS).replace(folder / WEIGHTS)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder / WEIGHTS

@@ -1,0 +1,157 @@
+"""A unit's training data: images read square, their latents and captions' embeddings (cached), and the class
+images of prior preservation.
+
+    loop train / loop run --round     (encodes only the images the cache lacks)
+
+Cache: latents keyed by image hash, VAE identity and resolution; text embeddings keyed by caption and
+text-encoder identity (when the text encoder is frozen). Non-square images are resized on their shorter side and
+centre-cropped (documented crop policy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from loop.config import LoopConfig
+from loop.workspace import Workspace, atomic_write, sha256_file
+
+
+def _identity(model, base: str) -> str:
+    """A short fingerprint of a frozen encoder: where it came from, its config, and a strided sample of every weight
+    tensor (a slice of the first alone missed a VAE that differs after its first layer: stale latents)."""
+    h = hashlib.sha256(base.encode())
+    h.update(
+        json.dumps(
+            dict(model.config) if hasattr(model.config, "keys") else model.config.to_dict(),
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
+    for p in model.parameters():
+        flat = p.detach().flatten()
+        h.update(flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def load_square(path: Path, size: int) -> torch.Tensor:
+    """RGB in [-1, 1], CHW: shorter side resized to `size`, then centre-cropped."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def _token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_latents(ws: Workspace, pipe, items: list[dict], size: int, base: str, log=print):
+    """Latents for every readable item, computing only what the cache lacks; returns (latents, kept, stats)."""
+    vae_id = _identity(pipe.vae, base)
+    lat_dir = ws.cache("latents")
+    latents, kept, hits, misses = [], [], 0, 0
+    for it in items:
+        lat_path = lat_dir / f"{it['sha256']}-{vae_id}-{size}.safetensors"
+        if lat_path.exists():
+            lat = load_file(lat_path)["latent"]
+            hits += 1
+        else:
+            try:
+                x = load_square(ws.root / it["path"], size).unsqueeze(0).to(pipe.device, pipe.vae.dtype)
+            except (OSError, ValueError) as e:
+                log(f"warning: {it['path']} could not be read ({e}); left out of training")
+                continue
+            lat = (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor)[0].float().cpu()
+            atomic_write(lat_path, _st_bytes({"latent": lat.contiguous()}))
+            misses += 1
+        latents.append(lat)
+        kept.append(it)
+    return latents, kept, {"cache_hits": hits, "cache_misses": misses}
+
+
+@torch.no_grad()
+def encode_texts(ws: Workspace, pipe, captions: list[str], base: str) -> torch.Tensor:
+    """Frozen-text-encoder embeddings, one per caption, each distinct caption read or encoded once."""
+    te_id = _identity(pipe.text_encoder, base)
+    txt_dir = ws.cache("text")
+    seen: dict[str, torch.Tensor] = {}
+    out = []
+    for cap in captions:
+        if cap not in seen:
+            path = txt_dir / f"{hashlib.sha256(cap.encode()).hexdigest()[:24]}-{te_id}.safetensors"
+            if path.exists():
+                seen[cap] = load_file(path)["embedding"]
+            else:
+                seen[cap] = pipe.text_encoder(_token_ids(pipe.tokenizer, [cap]).to(pipe.device))[0][0].float().cpu()
+                atomic_write(path, _st_bytes({"embedding": seen[cap].contiguous()}))
+        out.append(seen[cap])
+    return torch.stack(out)
+
+
+def _st_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors, metadata=metadata)
+
+
+@dataclass
+class TrainData:
+    """What one step samples from: cached latents, and either cached text embeddings or token ids (when the
+    text encoder learns). Items with prior=True are class images for prior preservation."""
+
+    latents: torch.Tensor
+    embeds: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    prior: torch.Tensor | None = None  # bool per item
+    weights: torch.Tensor | None = None  # sampling weight per item (selection.json's "weight"); None: uniform
+    empty: torch.Tensor | None = None  # the empty caption's embedding (or ids): what a dropped caption becomes
+    empty_embed: torch.Tensor | None = None  # the empty caption through the frozen text encoder (base targets)
+    pairs: torch.Tensor | None = None  # train.objective=dpo: (better, worse) rows into latents, one pair a row
+
+
+# -- class images (prior preservation) ---------------------------------------------------------------------
+@torch.no_grad()
+def class_images(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig, log=print) -> list[dict]:
+    """`n` base-model images per prompt, made once and cached under cache/class/ (keyed by base identity)."""
+    folder = ws.cache("class", _identity(pipe.unet, cfg.model.base))
+    items, todo = [], []
+    for prompt in sorted(set(prompts)):
+        key = hashlib.sha256(prompt.encode()).hexdigest()[:16]
+        for seed in range(n):
+            path = folder / f"{key}-{seed}.png"
+            (items if path.exists() else todo).append((prompt, seed, path))
+    if todo:
+        log(f"prior preservation: making {len(todo)} class image(s) with the base model (once; cached)")
+    for prompt, seed, path in todo:
+        image = pipe(
+            prompt,
+            num_inference_steps=cfg.generate.steps,
+            guidance_scale=cfg.generate.cfg,
+            generator=torch.Generator(pipe.device).manual_seed(seed),
+        ).images[0]
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        atomic_write(path, buf.getvalue())
+    out = []
+    for prompt, _seed, path in sorted(items + todo, key=lambda x: (x[0], x[1])):
+        sha = sha256_file(path)
+        out.append({"id": None, "sha256": sha, "path": ws.rel(path), "caption": prompt, "prior": True})
+    return out

@@ -1,0 +1,272 @@
+"""A whole unit: check its selection, load the base, gather the data, attach the adapters, fit, and save the
+adapter, config.yaml and manifest.json (last: it marks the unit done).
+
+    loop train [--unit N]
+    loop run --round        (the train phase)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from loop.config import LoopConfig, to_yaml
+from loop.errors import LoopError
+from loop.models import load_base, pick_device
+from loop.objectives import preference_pairs
+from loop.store import Store
+from loop.train.adapters import EMBEDS, _attach, load_parent_adapter, save_lora
+from loop.train.data import TrainData, _st_bytes, _token_ids, class_images, encode_latents, encode_texts
+from loop.train.fit import Checkpoints, fit
+from loop.workspace import Workspace, atomic_write, unit_name
+
+
+def check_can_train(ws: Workspace, store: Store, parent: int) -> dict:
+    """The selection.json of unit parent+1, or LoopError saying why it cannot be trained now (also checked before
+    `loop train --processes N` launches its workers, so a mistake is said once, not once per process)."""
+    unit = parent + 1
+    out = ws.checkpoint(unit)
+    if store.unit(parent) is None:
+        from loop.round import raise_missing_unit  # round imports this module
+
+        raise_missing_unit(store, parent)
+    if store.unit(unit) is not None:
+        # retraining would replace the weights that unit's images (and any later unit) were made with
+        raise LoopError(
+            f"unit {unit} already exists ({ws.rel(out)}, trained from unit {parent}); retraining it would replace the "
+            f"weights its images came from. `--unit N` names the parent: to train unit {store.current_unit() + 1}, "
+            f"run `loop run --round` (or `loop train` once that round has a selection)"
+        )
+    sel_path = out / "selection.json"
+    if not sel_path.exists():
+        raise LoopError(f"no selection for unit {unit} at {ws.rel(sel_path)}; run `loop run --round {parent}` first")
+    sel_doc = json.loads(sel_path.read_text())
+    if not sel_doc.get("images"):
+        raise LoopError(f"the selection for unit {unit} is empty; rate some images higher, then select again")
+    return sel_doc
+
+
+def preference_items(store: Store, cfg: LoopConfig, parent: int, selection: list[dict]) -> list[dict]:
+    """train.objective=dpo's images: the rated txt2img images units made in rounds up to `parent` (only round
+    `parent` with select.accumulate=false) that make a pair (loop.objectives): the better image one the strategy
+    selected (winner=True: golden's UR images, converge's min_tier and up), the worse any image of the same
+    prompt rated train.dpo_min_gap tiers or more below it. None make a pair: an empty list."""
+    chosen = {it.get("id") for it in selection}
+    rows = [
+        {**dict(r), "winner": r["id"] in chosen} for r in store.images()
+        if r["tier"] is not None and r["unit"] is not None and r["parent_id"] is None and r["round"] is not None
+        and r["round"] <= parent and (cfg.select.accumulate or r["round"] == parent)
+    ]  # fmt: skip
+    used = sorted({i for pair in preference_pairs(rows, cfg.train.dpo_min_gap) for i in pair})
+    keys = ("id", "sha256", "path", "tier", "unit", "round", "source", "winner")
+    return [{**{k: rows[i][k] for k in keys}, "caption": rows[i]["prompt"], "prior": False} for i in used]
+
+
+def no_pairs_message(tc) -> str:
+    return (
+        f"train.objective=dpo needs a selected image and an image of the same prompt rated at least "
+        f"{tc.dpo_min_gap} tiers below it (train.dpo_min_gap), and there are none"
+    )
+
+
+def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=print, stop_after=None) -> dict:
+    """Train unit parent+1 from its selection.json; writes the adapter, manifest.json and config.yaml."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    tc = cfg.train
+    unit = parent + 1
+    out = ws.checkpoint(unit)
+    sel_doc = check_can_train(ws, store, parent)
+    selection = sel_doc["images"]
+    # the unit records the strategy its selection was made with: select.* given now (after the select phase was
+    # done) cannot change what this unit learns from, only the next round's selection
+    strategy = sel_doc.get("strategy") or cfg.select.strategy
+    if strategy != cfg.select.strategy:
+        log(f"the selection for unit {unit} was made with select.strategy={strategy} (selection.json); "
+            f"select.strategy={cfg.select.strategy} applies from the next round")  # fmt: skip
+        cfg = dataclasses.replace(cfg, select=dataclasses.replace(cfg.select, strategy=strategy))
+    t0 = time.time()
+
+    # 1. the base model in fp32 (accelerate handles mixed precision); everything frozen
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=pick_device(cfg.model).type == "cpu")
+    pipe = load_base(cfg.model, device=accelerator.device, dtype=torch.float32)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
+        m.requires_grad_(False)
+    cd = tc.method == "custom_diffusion"
+    token = tc.modifier_token if cd else ""
+    te_lora = tc.method == "lora" and tc.text_encoder_lora
+    fallback = ""  # why a unit asked to train with dpo trains supervised (said in the log and the manifest)
+    if tc.objective == "dpo" and (cd or te_lora):
+        fallback = ("train.objective=dpo trains the UNet's adapter only; this unit's text encoder learns too "
+                    f"({'custom_diffusion' if cd else 'text_encoder_lora'})")  # fmt: skip
+        log(f"{fallback}, so it trains supervised")
+        tc = dataclasses.replace(tc, objective="supervised")
+        cfg = dataclasses.replace(cfg, train=tc)
+
+    # 2. class images (made by the base model, before any adapter is attached), then the latents (cached)
+    items = [dict(it, prior=False) for it in selection]
+    if tc.objective == "dpo":  # the selection's images against worse-rated images of the same prompts
+        paired = preference_items(store, cfg, parent, selection)
+        items = paired or items
+        if not paired:  # a small round, hand-picked or imported images: nothing to prefer them to
+            fallback = no_pairs_message(tc)
+            log(
+                f"{fallback}, so this unit trains supervised on its selection (rate more images of each prompt, "
+                "or lower train.dpo_min_gap, for a unit that learns from every tier)"
+            )
+            tc = dataclasses.replace(tc, objective="supervised")
+            cfg = dataclasses.replace(cfg, train=tc)
+    if tc.prior_preservation and tc.objective != "dpo":
+        items += class_images(ws, pipe, [it["caption"] for it in selection], tc.class_images, cfg, log)
+    asked = {it["sha256"] for it in items if not it["prior"]}  # dpo: a selected image with no worse one is not
+    lat, items, cache_stats = encode_latents(ws, pipe, items, size, cfg.model.base, log)
+    log(f"encode cache: {cache_stats['cache_hits']} hit(s), {cache_stats['cache_misses']} miss(es)")
+    if not any(not it["prior"] for it in items):
+        raise LoopError("none of the selected images could be read; check the files listed above")
+    captions = [f"{token} {it['caption']}".strip() if token and not it["prior"] else it["caption"] for it in items]
+    data = TrainData(
+        latents=torch.stack(lat),
+        prior=torch.tensor([it["prior"] for it in items]),
+        weights=torch.tensor([float(it.get("weight", 1.0)) for it in items]),
+    )
+
+    data.empty_embed = encode_texts(ws, pipe, [""], cfg.model.base)[0]  # before any adapter: the base's view
+    if tc.objective == "dpo":  # over the images that could be read
+        rows = [{"prompt": it["caption"], "tier": it["tier"], "winner": it["winner"]} for it in items]
+        pairs = preference_pairs(rows, tc.dpo_min_gap)
+        if not pairs:  # the images that made them could not be read (listed above)
+            raise LoopError(
+                f"{no_pairs_message(tc)} among the images that could be read; check the files listed "
+                "above, or train with train.objective=supervised"
+            )
+        data.pairs = torch.tensor(pairs, dtype=torch.long)
+        log(f"dpo: {len(pairs)} pair(s) of images of the same prompt, {tc.dpo_min_gap}+ tiers apart")
+        lone = sum(it["sha256"] not in asked for it in selection)
+        if lone:  # imports, seed images and variations have no worse-rated image of their prompt to be preferred to
+            log(
+                f"dpo: {lone} selected image(s) have no image of their prompt rated {tc.dpo_min_gap}+ tiers below "
+                f"them (imports, variations) and are not learnt from; train.objective=supervised learns every one"
+            )
+
+    # 3. adapters: what learns depends on the method; their random init is seeded, so a unit is reproducible
+    with torch.random.fork_rng():
+        torch.manual_seed(tc.seed)
+        unet, text_encoder, keep_rows, new_row = _attach(pipe, tc, cd, token, te_lora)
+    if text_encoder is not None:
+        data.ids = _token_ids(pipe.tokenizer, captions)
+        data.empty = _token_ids(pipe.tokenizer, [""])[0]
+    else:
+        data.embeds = encode_texts(ws, pipe, captions, cfg.model.base)
+        data.empty = data.empty_embed
+    if tc.start == "from_parent" and parent > 0:
+        load_parent_adapter(pipe, ws.checkpoint(parent), tc)
+        if token and (ws.checkpoint(parent) / EMBEDS).exists():
+            saved = load_file(ws.checkpoint(parent) / EMBEDS)
+            if token in saved:
+                with torch.no_grad():
+                    pipe.text_encoder.get_input_embeddings().weight[new_row] = saved[token][0]
+                keep_rows = (pipe.text_encoder.get_input_embeddings().weight.detach().clone().cpu(), new_row)
+
+    # 4. the loop, with resumable checkpoints tied to this exact selection and these settings
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {"images": [it["sha256"] for it in items], "train": _plain(cfg)["train"], "base": cfg.model.base},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    ckpt = Checkpoints(out / ".training", fingerprint, accelerator, [unet, text_encoder], log)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet, text_encoder, ema = fit(
+        unet,
+        data,
+        noise_sched,
+        tc,
+        accelerator,
+        desc=f"train {unit_name(unit)}",
+        text_encoder=text_encoder,
+        keep_rows=keep_rows,
+        checkpoints=ckpt,
+        stop_after=stop_after,
+        log=log,
+    )
+    if stop_after is not None and stop_after < tc.steps:
+        return {"stopped_at": stop_after}
+
+    # 5. save: weights (diffusers format), then config.yaml, then manifest.json last (it marks the unit done)
+    manifest = {}
+    trained = {it["sha256"] for it in items if not it["prior"]}
+    if accelerator.is_main_process:
+        save_lora(unet, out, text_encoder if te_lora else None)
+        if token:
+            emb = text_encoder.get_input_embeddings().weight[new_row : new_row + 1].detach().float().cpu()
+            atomic_write(out / EMBEDS, _st_bytes({token: emb.contiguous()}))
+        else:
+            (out / EMBEDS).unlink(missing_ok=True)
+        atomic_write(out / "config.yaml", to_yaml(cfg))
+        manifest = {
+            "unit": unit,
+            "parent": parent,
+            "base_model": cfg.model.base,
+            "method": tc.method,
+            "start": tc.start,
+            "strategy": strategy,
+            "modifier_token": token or None,
+            "text_encoder_lora": te_lora,
+            # the images it learnt from: the selection less any that could not be read (named in left_out); with
+            # objective=dpo the selected images that won a pair, and in "losers" the images they were preferred to
+            "images": [
+                {k: it.get(k) for k in ("id", "sha256", "caption", "tier")}
+                for it in items
+                if not it["prior"] and it.get("winner", True)
+            ],
+            "losers": [
+                {k: it.get(k) for k in ("id", "sha256", "caption", "tier")}
+                for it in items
+                if not it.get("winner", True)
+            ],
+            "left_out": [
+                {k: it.get(k) for k in ("id", "sha256")}
+                for it in selection
+                if it["sha256"] in asked and it["sha256"] not in trained
+            ],
+            "unpaired": sum(it["sha256"] not in asked for it in selection) if tc.objective == "dpo" else 0,
+            "class_images": sum(it["prior"] for it in items),
+            "objective": tc.objective,
+            "objective_note": fallback or None,  # why it is not the train.objective asked for
+            "pairs": 0 if data.pairs is None else len(data.pairs),
+            "config": json.loads(json.dumps(_plain(cfg))),
+            "steps": tc.steps,
+            "processes": accelerator.num_processes,
+            "final_loss": round(ema, 6),
+            "duration_s": round(time.time() - t0, 2),
+            **cache_stats,
+        }
+        atomic_write(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
+        store.add_unit(
+            unit,
+            parent=parent,
+            path=ws.rel(out),
+            base=cfg.model.base,
+            method=tc.method,
+            strategy=strategy,
+            manifest={k: v for k, v in manifest.items() if k != "images"},
+        )
+        ckpt.clear()
+    accelerator.wait_for_everyone()
+    return manifest
+
+
+train_lora = train_unit  # the name the round and older callers use
+
+
+def _plain(cfg: LoopConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

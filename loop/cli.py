@@ -251,7 +251,7 @@ def generate(
             recover(ws, store, _echo)
         store.ensure_base_unit(cfg.model.base)
         if unit is not None and store.unit(unit) is None:
-            from loop.round import raise_missing_unit
+            from loop.store import raise_missing_unit
 
             raise_missing_unit(store, unit)
         if forever or count is not None:
@@ -365,7 +365,7 @@ def vary(
         parent = resolve_image(ws, store, image)
         u = store.generating_unit() if unit is None else unit
         if store.unit(u) is None:
-            from loop.round import raise_missing_unit
+            from loop.store import raise_missing_unit
 
             raise_missing_unit(store, u)
         rnd = store.current_unit() if unit is None else None  # the unit that generates draws for the current round
@@ -423,7 +423,7 @@ def rate(
         recover(ws, store, _echo)  # a rating killed mid-way may have left golden/ behind its ratings
         if auto or finish:
             from loop.rate.auto import auto_rate
-            from loop.round import check_can_finish_rating, finish_rating, rating_summary
+            from loop.store import check_can_finish_rating, finish_rating, rating_summary
 
             n = store.current_unit()
             check_can_finish_rating(store, n)  # before the scripted rater rates anything
@@ -513,7 +513,7 @@ def export_model_cmd(
 ) -> None:
     """Write a unit merged into its base as one checkpoint file (AUTOMATIC1111 / ComfyUI layout; loop reads it back
     as model.base)."""
-    from loop.checkpoint import export_model
+    from loop.interop import export_model
 
     ws, cfg = _open(workspace, overrides, model=False)
     with ws.store() as store:

@@ -42,6 +42,7 @@ from loop.metrics import (
     phash,
     seed_diversity_from,
     seed_diversity_per_group,
+    spread,
     thumbnail,
     vendi_score,
 )
@@ -240,13 +241,6 @@ def _png(image: Image.Image) -> bytes:
 
 
 # -- statistics --------------------------------------------------------------------------------------------
-def spread(rows: list, cap: int) -> list:
-    """At most `cap` rows, evenly spaced over the list (deterministic: the same rows give the same choice)."""
-    if len(rows) <= cap:
-        return list(rows)
-    return [rows[i] for i in np.linspace(0, len(rows) - 1, cap).round().astype(int)]
-
-
 def unit_stats(
     ws,
     store,

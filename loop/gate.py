@@ -28,7 +28,7 @@ import numpy as np
 
 from loop.config import LoopConfig
 from loop.errors import LoopError
-from loop.store import Store
+from loop.store import Store, raise_missing_unit
 from loop.workspace import Workspace, atomic_write
 
 
@@ -86,8 +86,6 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
     if unit == 0:
         raise LoopError("unit 0 is the base model; the promotion gate never checks it")
     if store.unit(unit) is None:
-        from loop.round import raise_missing_unit
-
         raise_missing_unit(store, unit)
     against = replaced_unit(store, unit)
 
@@ -266,8 +264,6 @@ def promote_unit(ws: Workspace, store: Store, unit: int, by: str | None = None) 
     Returns the unit that generates now."""
     row = store.unit(unit)
     if row is None:
-        from loop.round import raise_missing_unit
-
         raise_missing_unit(store, unit)
     if unit == 0:
         raise LoopError("unit 0 is the base model; it needs no promotion (it generates until a unit passes)")

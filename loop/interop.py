@@ -3,6 +3,7 @@
     loop export --unit N --format kohya|diffusers [--out FILE]   a unit's LoRA as one .safetensors file
     loop export --set golden|TIER --out DIR                       rated images as a Hugging Face imagefolder
     loop import DIR|FILE [--tier UR] [--source TEXT]              outside images into golden/, optionally rated
+    loop export-model --unit N --out FILE.safetensors            a unit merged into its base, one checkpoint file
 
 The kohya file is what AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI load: `lora_unet_*` / `lora_te_*` module
 names with `.lora_down.weight`, `.lora_up.weight` and `.alpha`. Those tools scale each module by
@@ -29,7 +30,15 @@ from pathlib import Path
 
 from loop.config import TIERS
 from loop.errors import LoopError
-from loop.workspace import IMPORT_PENDING, TMP_MARK, atomic_write, sha256_bytes, unit_name, writer_alive
+from loop.workspace import (
+    IMPORT_PENDING,
+    TMP_MARK,
+    atomic_write,
+    sha256_bytes,
+    sync_golden,
+    unit_name,
+    writer_alive,
+)
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 EMBEDS = "learned_embeds.safetensors"  # as loop.train writes it (not imported: training pulls in torch models)
@@ -545,8 +554,6 @@ def import_images(ws, store, src: Path, tier: str | None, source: str, log=print
             duplicates += 1
             if tier is not None and store.tier_of(found[0]["id"]) is None:
                 # already here but unrated: the tier asked for applies to it, as an event like a new import's
-                from loop.rate.handlers import sync_golden
-
                 store.rate(found[0]["id"], tier, rater="import")
                 sync_golden(ws, store, found[0]["id"])  # a UR generated image joins golden/
                 log(f"{name}: already here as image {found[0]['id']} ({found[0]['path']}), unrated: rated {tier}")
@@ -704,3 +711,100 @@ def _sidecar_caption(f: Path) -> tuple[str | None, str | None]:
                 continue
             return " ".join(text.split()), cand.name
     return None, None
+
+
+# -- writing a unit as one file ------------------------------------------------------------------------------------
+DTYPES = ("float16", "float32", "bfloat16")  # export-model --dtype, as torch names them
+
+
+def unit_base(ws, cfg, unit: int) -> tuple[str, str]:
+    """(model.base, model.config) unit `unit` was trained on: its manifest's base, else the workspace's."""
+    manifest = ws.checkpoint(unit) / "manifest.json"
+    base, config = cfg.model.base, cfg.model.config
+    if unit > 0 and manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text(encoding="utf-8")).get("base_model")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded and recorded != base:
+            base, config = recorded, ""  # model.config was for the workspace's base, not this one
+    return base, config
+
+
+def export_model(ws, store, cfg, unit: int, out: Path, dtype: str = "float16", log=print) -> dict:
+    """Write unit `unit` merged into its base as one .safetensors checkpoint in the original layout (what
+    AUTOMATIC1111 and ComfyUI load as a model, and loop as model.base); returns a summary.
+
+    The file's metadata carries the diffusers configs (so diffusers and loop rebuild the architecture offline) and
+    where it came from (unit, base, loop version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from loop.checkpoint import CONFIGS_KEY, is_single_file, pipeline_configs, pipeline_to_original
+    from loop.config import ModelConfig
+    from loop.models import load_unit, unit_trigger
+
+    # 1. the unit, and where to write it
+    if dtype not in DTYPES:
+        raise LoopError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if unit < 0:
+        raise LoopError(f"unit must be 0 or more, got {unit}")
+    folder = ws.checkpoint(unit)
+    if unit > 0 and not (folder / "pytorch_lora_weights.safetensors").is_file():
+        with_weights = _units_with_weights(ws)
+        have = sorted({r["unit"] for r in store.units()} | set(with_weights))
+        if unit not in have:
+            hint = (
+                f"units with weights: {', '.join(map(str, with_weights))}" if with_weights else "none is trained yet"
+            )
+            raise LoopError(f"unit {unit} does not exist ({hint}); `loop run --round` trains the next one")
+        raise LoopError(f"unit {unit} has no weights at {folder}; train it with `loop run --round {unit - 1}`")
+    token = unit_trigger(folder) if unit > 0 else ""
+    if token:
+        raise LoopError(
+            f"unit {unit} learned a new word {token!r} (Custom Diffusion's modifier token), which a checkpoint file "
+            f"cannot carry (its vocabulary is fixed); export its adapter with `loop export-lora --unit {unit}`"
+        )
+    out = Path(out).expanduser()
+    if out.is_dir():
+        out = out / f"{unit_name(unit)}.safetensors"
+    if out.suffix.lower() != ".safetensors":
+        raise LoopError(f"--out {out} should name a .safetensors file or an existing folder")
+    base, config = unit_base(ws, cfg, unit)
+    if is_single_file(base) and out.resolve() == Path(base).expanduser().resolve():
+        raise LoopError(f"--out {out} is the base model itself (units trained on it need it); choose another path")
+
+    # 2. merge the adapter into the base, in fp32 on the CPU
+    pipe = load_unit(ModelConfig(base=base, config=config, device="cpu", dtype="float32"), folder, unit)
+    if unit > 0:
+        pipe.fuse_lora(lora_scale=1.0)
+        pipe.unload_lora_weights()  # the LoRA layers go; the fused weights stay
+
+    # 3. original names, configs and provenance, one atomic write
+    tensors = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in pipeline_to_original(pipe).items()}
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    try:
+        loop_version = version("loop")
+    except PackageNotFoundError:
+        loop_version = "unknown"
+    meta = {
+        "format": "pt",
+        CONFIGS_KEY: json.dumps(pipeline_configs(pipe), sort_keys=True),
+        "loop.unit": str(unit),
+        "loop.base": base,
+        "loop.version": loop_version,
+        # Stability AI's model spec, which AUTOMATIC1111 and ComfyUI show
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v1",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if sdxl
+        else "https://github.com/CompVis/stable-diffusion",
+        "modelspec.title": f"loop {unit_name(unit)} ({Path(ws.root).name})",
+    }
+    from safetensors.torch import save
+
+    atomic_write(out, save(tensors, metadata=meta))
+    size = out.stat().st_size
+    log(f"exported unit {unit} merged into {base} to {out} ({len(tensors)} tensors, {dtype}, {size / 1e6:.1f} MB)")
+    return {"path": str(out), "unit": unit, "base": base, "tensors": len(tensors), "dtype": dtype, "bytes": size}

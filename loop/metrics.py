@@ -360,3 +360,10 @@ def sign_test_worse(new_wins: int, old_wins: int) -> float:
     if n == 0:
         return 1.0
     return float(sum(math.comb(n, i) for i in range(int(old_wins), n + 1)) / 2**n)
+
+
+def spread(rows: list, cap: int) -> list:
+    """At most `cap` rows, evenly spaced over the list (deterministic: the same rows give the same choice)."""
+    if len(rows) <= cap:
+        return list(rows)
+    return [rows[i] for i in np.linspace(0, len(rows) - 1, cap).round().astype(int)]

@@ -20,12 +20,19 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-from loop.config import TIERS, LoopConfig
+from loop.config import LoopConfig
 from loop.gate import gate_unit
 from loop.generate import generate
 from loop.rate.auto import auto_rate
 from loop.select import select
-from loop.store import PHASES, Store
+from loop.store import (  # noqa: F401 (check_can_finish_rating, finish_rating: re-exported)
+    PHASES,
+    Store,
+    check_can_finish_rating,
+    finish_rating,
+    raise_missing_unit,
+    rating_summary,
+)
 from loop.strategies import explore, grow_variations
 from loop.train import train_lora
 from loop.workspace import Workspace, recover
@@ -38,42 +45,6 @@ class RoundResult:
     ran: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     message: str = ""
-
-
-def rating_summary(store: Store, n: int) -> str:
-    counts = store.tier_counts(round=n)
-    total = sum(counts.values())
-    rated = total - counts.get(None, 0)
-    return f"{rated}/{total} rated (" + ", ".join(f"{t} {counts.get(t, 0)}" for t in TIERS) + ")"
-
-
-def check_can_finish_rating(store: Store, n: int) -> None:
-    """LoopError if round n's ratings cannot be closed yet: while `loop run --round` is generating it (or was
-    killed doing so), or while the round has no image at all. Closing them then would let the next `loop run
-    --round` make images and go straight on to select and train, past images nobody has seen. (Images of the
-    round made by `loop generate` outside the round's own generate phase, the ring buffer, count.)"""
-    from loop.errors import LoopError
-
-    started = store.phase(n, "generate")
-    if started is not None and started["status"] != "done":
-        # `loop run --round` began generating this round and has not finished (killed, or running now): closing
-        # the ratings now would let it make the rest and train on them unseen
-        made = sum(store.tier_counts(round=n).values())
-        raise LoopError(
-            f"round {n} is still generating ({made} image(s) so far; its generate phase has not finished); run "
-            f"`loop run --round` to finish it (it then waits for your ratings), and finish rating after that"
-        )
-    if not store.phase_done(n, "generate") and not sum(store.tier_counts(round=n).values()):
-        raise LoopError(
-            f"round {n} has no images yet, so there is nothing to finish rating; run `loop run --round` (it "
-            f"generates, then waits for your ratings) or `loop generate`"
-        )
-
-
-def finish_rating(store: Store, n: int) -> None:
-    """Close round n's rate phase (see check_can_finish_rating for when that is refused)."""
-    check_can_finish_rating(store, n)
-    store.finish_phase(n, "rate", {"summary": rating_summary(store, n), "by": "person"})
 
 
 def run_round(
@@ -200,18 +171,3 @@ def _unit_made_round_open(store: Store, n: int) -> bool:
     if store.unit(n + 1) is None or not phases:
         return False
     return not all(p in phases and phases[p]["status"] == "done" for p in PHASES)
-
-
-def raise_missing_unit(store: Store, n: int):
-    from loop.errors import LoopError
-
-    have = [r["unit"] for r in store.units()]
-    if not have:  # not even unit 0: no round has started in this workspace
-        raise LoopError(
-            f"unit {n} does not exist: no round has started here yet; `loop run --round` generates with the base "
-            "model (unit 0), waits for your ratings, then selects and trains unit 1"
-        )
-    raise LoopError(
-        f"unit {n} does not exist (units: {', '.join(map(str, have))}); "
-        f"run `loop run --round {max(have)}` to make the next one"
-    )

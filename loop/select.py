@@ -114,7 +114,7 @@ def novelty_centre(ws: Workspace, store: Store, cap: int = 256, feature_of=None)
     a row's feature (None: unreadable) where the caller has them already; by default they are read here."""
     import numpy as np
 
-    from loop.compare import spread
+    from loop.metrics import spread
 
     rows = spread(store.images(unit=0), cap)
     if feature_of is None:

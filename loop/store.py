@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from loop.config import TIERS
+from loop.errors import LoopError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -124,8 +125,6 @@ class Store:
             self.db.close()
             if isinstance(e, sqlite3.OperationalError):  # locked, read-only, a folder in its place: not corruption
                 raise
-            from loop.errors import LoopError
-
             raise LoopError(
                 f"{self.path} is not a loop database ({e}); move it aside (for example "
                 f"`mv {self.path} {self.path}.bad`), then `loop init {self.path.parent}` starts a new one"
@@ -427,3 +426,52 @@ class _Tx:
     def __exit__(self, exc_type, *exc):
         if self.outer:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+# -- what the phase records allow (the round, the page, the gate and training all ask) -------------------------
+def rating_summary(store: Store, n: int) -> str:
+    counts = store.tier_counts(round=n)
+    total = sum(counts.values())
+    rated = total - counts.get(None, 0)
+    return f"{rated}/{total} rated (" + ", ".join(f"{t} {counts.get(t, 0)}" for t in TIERS) + ")"
+
+
+def check_can_finish_rating(store: Store, n: int) -> None:
+    """LoopError if round n's ratings cannot be closed yet: while `loop run --round` is generating it (or was
+    killed doing so), or while the round has no image at all. Closing them then would let the next `loop run
+    --round` make images and go straight on to select and train, past images nobody has seen. (Images of the
+    round made by `loop generate` outside the round's own generate phase, the ring buffer, count.)"""
+    started = store.phase(n, "generate")
+    if started is not None and started["status"] != "done":
+        # `loop run --round` began generating this round and has not finished (killed, or running now): closing
+        # the ratings now would let it make the rest and train on them unseen
+        made = sum(store.tier_counts(round=n).values())
+        raise LoopError(
+            f"round {n} is still generating ({made} image(s) so far; its generate phase has not finished); run "
+            f"`loop run --round` to finish it (it then waits for your ratings), and finish rating after that"
+        )
+    if not store.phase_done(n, "generate") and not sum(store.tier_counts(round=n).values()):
+        raise LoopError(
+            f"round {n} has no images yet, so there is nothing to finish rating; run `loop run --round` (it "
+            f"generates, then waits for your ratings) or `loop generate`"
+        )
+
+
+def finish_rating(store: Store, n: int) -> None:
+    """Close round n's rate phase (see check_can_finish_rating for when that is refused)."""
+    check_can_finish_rating(store, n)
+    store.finish_phase(n, "rate", {"summary": rating_summary(store, n), "by": "person"})
+
+
+def raise_missing_unit(store: Store, n: int):
+    """LoopError naming the units there are and how to make the next one."""
+    have = [r["unit"] for r in store.units()]
+    if not have:  # not even unit 0: no round has started in this workspace
+        raise LoopError(
+            f"unit {n} does not exist: no round has started here yet; `loop run --round` generates with the base "
+            "model (unit 0), waits for your ratings, then selects and trains unit 1"
+        )
+    raise LoopError(
+        f"unit {n} does not exist (units: {', '.join(map(str, have))}); "
+        f"run `loop run --round {max(have)}` to make the next one"
+    )

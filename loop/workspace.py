@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -237,14 +238,45 @@ def _drop_unrecorded_imports(ws: Workspace, store, known: set, log=print) -> int
     return dropped
 
 
+# -- golden/: the current UR set, kept by the page, the scripted rater, imports and recovery alike -------------
+def golden_path(ws: Workspace, sha256: str, rel: str) -> Path:
+    return ws.root / "golden" / f"{sha256[:16]}{Path(rel).suffix or '.png'}"
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link src to dst atomically (link to a temporary name, rename); copy where links are impossible."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_write(dst, src.read_bytes())
+
+
+def sync_golden(ws: Workspace, store, image_id: int) -> dict:
+    """Bring golden/ in line with the image's current tier; returns that tier, who gave it, and golden."""
+    row = store.image(image_id)
+    cur = store.db.execute("SELECT tier, rater FROM current_tiers WHERE image_id = ?", (image_id,)).fetchone()
+    tier, rater = (cur["tier"], cur["rater"]) if cur else ("", "")
+    src = ws.root / row["path"]
+    dst = golden_path(ws, row["sha256"], row["path"])
+    if src.resolve() == dst.resolve():  # the image itself lives in golden/ (an import): never touch it
+        return {"tier": tier, "rater": rater, "golden": True}
+    if tier == "UR" and not dst.exists() and src.exists():
+        link_or_copy(src, dst)
+    elif tier != "UR" and dst.exists():
+        dst.unlink()
+    return {"tier": tier, "rater": rater, "golden": dst.exists()}
+
+
 def resync_golden(ws: Workspace, store) -> int:
     """Make golden/ mirror the current UR set again; returns how many images needed it.
 
     A rating is committed before its image is linked into (or removed from) golden/, so a kill in between
     leaves a UR image outside golden/ (or a demoted one inside), and no later rating of other images fixes it.
     """
-    from loop.rate.handlers import golden_path, sync_golden
-
     ur = {r[0] for r in store.db.execute("SELECT image_id FROM current_tiers WHERE tier = 'UR'")}
     fixed = 0
     for row in store.db.execute("SELECT id, sha256, path FROM images").fetchall():

@@ -295,8 +295,8 @@ def test_export_model_errors_are_one_line(ws, tmp_path, capsys):
 def test_an_sdxl_base_goes_to_one_file_with_both_text_encoders_and_back(ws, tmp_path):
     """embedded-xl (random weights, SDXL-shaped) as one file: CLIP-L under conditioner.embedders.0, OpenCLIP-bigG
     under conditioner.embedders.1 (fused q/k/v); loaded back as model.base it draws the same image."""
-    from loop.checkpoint import export_model
     from loop.config import ModelConfig
+    from loop.interop import export_model
     from loop.models import load_base
 
     cfg = load_config(ws.root, ["model.base=embedded-xl"])

@@ -19,7 +19,7 @@ import numpy as np
 from loop.config import TIERS, RateConfig
 from loop.images import load_rgb, preference_score
 from loop.store import Store
-from loop.workspace import Workspace
+from loop.workspace import Workspace, sync_golden
 
 
 def pixel_seed(rgb) -> int:
@@ -61,8 +61,6 @@ def auto_rate(ws: Workspace, store: Store, rc: RateConfig, round: int, log=print
         items.append((row["id"], tier_for(score(rgb, rc), list(rc.cutoffs))))
     store.rate_many(items, rater=rc.rater)
     # UR images are collected into golden/, as the page does (the original stays in generations/)
-    from loop.rate.handlers import sync_golden
-
     for image_id, _ in items:
         sync_golden(ws, store, image_id)
     counts = {t: 0 for t in TIERS}

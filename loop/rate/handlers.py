@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -24,8 +23,8 @@ from PIL import Image
 
 from loop.config import TIERS
 from loop.errors import LoopError
-from loop.store import Store
-from loop.workspace import TMP_MARK, Workspace, atomic_write
+from loop.store import Store, finish_rating, rating_summary
+from loop.workspace import Workspace, atomic_write, golden_path, sync_golden  # noqa: F401 (golden_path re-exported)
 
 SERVED = ("generations", "golden", "cache")  # the only workspace folders the page serves files from
 THUMB_SIDE = 256
@@ -111,22 +110,6 @@ def safe_file(ws: Workspace, rel: str) -> Path:
     return path
 
 
-def golden_path(ws: Workspace, sha256: str, rel: str) -> Path:
-    return ws.root / "golden" / f"{sha256[:16]}{Path(rel).suffix or '.png'}"
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link src to dst atomically (link to a temporary name, rename); copy where links are impossible."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
-    try:
-        os.link(src, tmp)
-        os.replace(tmp, dst)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        atomic_write(dst, src.read_bytes())
-
-
 def thumb_path(ws: Workspace, sha256: str) -> Path:
     return ws.cache("thumbs", sha256[:2], f"{sha256}-{THUMB_SIDE}.webp")
 
@@ -142,22 +125,6 @@ def make_thumb(ws: Workspace, sha256: str, rel: str) -> Path:
         buf = io.BytesIO()
         im.save(buf, format="WEBP", quality=85, method=2)
     return atomic_write(out, buf.getvalue())
-
-
-def sync_golden(ws: Workspace, store: Store, image_id: int) -> dict:
-    """Bring golden/ in line with the image's current tier; returns that tier, who gave it, and golden."""
-    row = store.image(image_id)
-    cur = store.db.execute("SELECT tier, rater FROM current_tiers WHERE image_id = ?", (image_id,)).fetchone()
-    tier, rater = (cur["tier"], cur["rater"]) if cur else ("", "")
-    src = ws.root / row["path"]
-    dst = golden_path(ws, row["sha256"], row["path"])
-    if src.resolve() == dst.resolve():  # the image itself lives in golden/ (an import): never touch it
-        return {"tier": tier, "rater": rater, "golden": True}
-    if tier == "UR" and not dst.exists() and src.exists():
-        link_or_copy(src, dst)
-    elif tier != "UR" and dst.exists():
-        dst.unlink()
-    return {"tier": tier, "rater": rater, "golden": dst.exists()}
 
 
 class Claims:
@@ -601,8 +568,6 @@ class RateHandlers:
         """Close the rate phase of the current round, so `loop run --round` goes on to select and train.
         `round`: the round the page's button named; refused if the current round has moved on since (a page
         open since before a new unit must not close a round nobody has seen)."""
-        from loop.round import finish_rating, rating_summary  # imports the generator; only needed here
-
         if round is not None and (not isinstance(round, int) or isinstance(round, bool)):
             raise BadRequest(f"round must be an integer, got {round!r}"[:200])
         with self.lock:

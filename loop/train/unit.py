@@ -13,15 +13,15 @@ import json
 import time
 
 import torch
-from safetensors.torch import load_file
 
+from loop import families
 from loop.config import LoopConfig, to_yaml
 from loop.errors import LoopError
 from loop.models import load_base, pick_device
 from loop.objectives import preference_pairs
-from loop.store import Store
+from loop.store import Store, raise_missing_unit
 from loop.train.adapters import EMBEDS, _attach, load_parent_adapter, save_lora
-from loop.train.data import TrainData, _st_bytes, _token_ids, class_images, encode_latents, encode_texts
+from loop.train.data import TrainData, _st_bytes, class_images, crop_geometry, encode_captions, encode_latents
 from loop.train.fit import Checkpoints, fit
 from loop.workspace import Workspace, atomic_write, unit_name
 
@@ -32,8 +32,6 @@ def check_can_train(ws: Workspace, store: Store, parent: int) -> dict:
     unit = parent + 1
     out = ws.checkpoint(unit)
     if store.unit(parent) is None:
-        from loop.round import raise_missing_unit  # round imports this module
-
         raise_missing_unit(store, parent)
     if store.unit(unit) is not None:
         # retraining would replace the weights that unit's images (and any later unit) were made with
@@ -97,7 +95,7 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=pick_device(cfg.model).type == "cpu")
     pipe = load_base(cfg.model, device=accelerator.device, dtype=torch.float32)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
+    for m in (pipe.vae, pipe.unet, *[enc for _, enc in families.text_encoders(pipe)]):
         m.requires_grad_(False)
     cd = tc.method == "custom_diffusion"
     token = tc.modifier_token if cd else ""
@@ -137,7 +135,10 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
         weights=torch.tensor([float(it.get("weight", 1.0)) for it in items]),
     )
 
-    data.empty_embed = encode_texts(ws, pipe, [""], cfg.model.base)[0]  # before any adapter: the base's view
+    # SDXL: each image's original size and crop go to the UNet with its latent (loop.families.size_ids)
+    data.time_ids = families.size_ids(pipe, [crop_geometry(ws.root / it["path"], size) for it in items], size)
+    empty_embed, empty_pooled = encode_captions(ws, pipe, [""], cfg.model.base)  # before any adapter: the base's
+    data.empty_embed, data.empty_pooled = empty_embed[0], None if empty_pooled is None else empty_pooled[0]
     if tc.objective == "dpo":  # over the images that could be read
         rows = [{"prompt": it["caption"], "tier": it["tier"], "winner": it["winner"]} for it in items]
         pairs = preference_pairs(rows, tc.dpo_min_gap)
@@ -158,21 +159,23 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
     # 3. adapters: what learns depends on the method; their random init is seeded, so a unit is reproducible
     with torch.random.fork_rng():
         torch.manual_seed(tc.seed)
-        unet, text_encoder, keep_rows, new_row = _attach(pipe, tc, cd, token, te_lora)
+        unet, text_encoder, keep_rows, new_rows = _attach(pipe, tc, cd, token, te_lora)
     if text_encoder is not None:
-        data.ids = _token_ids(pipe.tokenizer, captions)
-        data.empty = _token_ids(pipe.tokenizer, [""])[0]
+        data.ids = families.token_ids(pipe, captions)
+        data.empty = families.token_ids(pipe, [""])[0]
     else:
-        data.embeds = encode_texts(ws, pipe, captions, cfg.model.base)
+        data.embeds, data.pooled = encode_captions(ws, pipe, captions, cfg.model.base)
         data.empty = data.empty_embed
     if tc.start == "from_parent" and parent > 0:
         load_parent_adapter(pipe, ws.checkpoint(parent), tc)
         if token and (ws.checkpoint(parent) / EMBEDS).exists():
-            saved = load_file(ws.checkpoint(parent) / EMBEDS)
-            if token in saved:
+            saved_token, saved_rows = families.read_embedding(ws.checkpoint(parent) / EMBEDS)
+            if saved_token == token and len(saved_rows) == len(new_rows):
+                tables = families.embedding_tables(text_encoder)
                 with torch.no_grad():
-                    pipe.text_encoder.get_input_embeddings().weight[new_row] = saved[token][0]
-                keep_rows = (pipe.text_encoder.get_input_embeddings().weight.detach().clone().cpu(), new_row)
+                    for table, row, saved in zip(tables, new_rows, saved_rows):
+                        table[row] = saved.to(table.dtype)
+                keep_rows = [(table.detach().clone().cpu(), row) for table, row in zip(tables, new_rows)]
 
     # 4. the loop, with resumable checkpoints tied to this exact selection and these settings
     fingerprint = hashlib.sha256(
@@ -203,10 +206,11 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
     manifest = {}
     trained = {it["sha256"] for it in items if not it["prior"]}
     if accelerator.is_main_process:
-        save_lora(unet, out, text_encoder if te_lora else None)
-        if token:
-            emb = text_encoder.get_input_embeddings().weight[new_row : new_row + 1].detach().float().cpu()
-            atomic_write(out / EMBEDS, _st_bytes({token: emb.contiguous()}))
+        save_lora(unet, out, *(families.encoder_modules(text_encoder) if te_lora else []))
+        if token:  # the new row of each text encoder (SDXL: {"clip_l", "clip_g"}, the token in the metadata)
+            rows = [table[row : row + 1].detach().float().cpu().contiguous()
+                    for table, row in zip(families.embedding_tables(text_encoder), new_rows)]  # fmt: skip
+            atomic_write(out / EMBEDS, _st_bytes(*families.embedding_tensors(pipe, token, rows)))
         else:
             (out / EMBEDS).unlink(missing_ok=True)
         atomic_write(out / "config.yaml", to_yaml(cfg))

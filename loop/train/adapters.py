@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from loop import families
 from loop.errors import LoopError
 from loop.models import peft_named_copy
 from loop.workspace import TMP_MARK, UMASK
@@ -89,9 +90,11 @@ def load_parent_adapter(pipe, folder: Path, tc) -> None:
             f"the parent adapter at {folder} does not match this one ({len(missing)} missing, {len(unexpected)} "
             "unexpected weights): train.method, rank and target_modules must be the parent's for from_parent"
         )
-    te_sd = {k[13:]: v for k, v in sd.items() if k.startswith("text_encoder.")}
-    if te_sd and getattr(pipe.text_encoder, "peft_config", None):
-        set_peft_model_state_dict(pipe.text_encoder, convert_unet_state_dict_to_peft(te_sd), adapter_name="default")
+    for comp in ("text_encoder", "text_encoder_2"):  # (SDXL has two)
+        te_sd = {k[len(comp) + 1 :]: v for k, v in sd.items() if k.startswith(f"{comp}.")}
+        encoder = getattr(pipe, comp, None)
+        if te_sd and getattr(encoder, "peft_config", None):
+            set_peft_model_state_dict(encoder, convert_unet_state_dict_to_peft(te_sd), adapter_name="default")
 
 
 def _trainable(*modules) -> dict[str, torch.nn.Parameter]:
@@ -106,43 +109,50 @@ def _trainable(*modules) -> dict[str, torch.nn.Parameter]:
 
 
 def _attach(pipe, tc, cd: bool, token: str, te_lora: bool):
-    """The method's adapters: returns (unet, learning text encoder or None, rows to keep, new token row)."""
-    keep_rows, text_encoder, new_row = None, None, None
+    """The method's adapters: returns (unet, learning text encoder or None, rows to keep, new token rows).
+
+    Every text encoder of the family learns alike (SDXL: both): a LoRA on each, or the modifier token's row in
+    each; the learning text encoder is loop.families.learning_text_encoder (SDXL's two as one module). The rows
+    to keep and the new rows are one (original table, row) and one row per encoder."""
+    keep_rows, text_encoder, new_rows = None, None, None
+    pairs = families.text_encoders(pipe)
     if token:
-        new_row = add_modifier_token(pipe.tokenizer, pipe.text_encoder, token, tc.initializer_token)
-        table = pipe.text_encoder.get_input_embeddings().weight
-        table.requires_grad_(True)
-        keep_rows = (table.detach().clone().cpu(), new_row)
-        text_encoder = pipe.text_encoder
+        new_rows = [add_modifier_token(tok, enc, token, tc.initializer_token) for tok, enc in pairs]
+        keep_rows = []
+        for (_, enc), row in zip(pairs, new_rows):
+            table = enc.get_input_embeddings().weight
+            table.requires_grad_(True)
+            keep_rows.append((table.detach().clone().cpu(), row))
+        text_encoder = families.learning_text_encoder(pipe)
     if te_lora:
-        text_encoder = add_text_lora(pipe.text_encoder, tc)
+        for _, enc in pairs:
+            add_text_lora(enc, tc)
+        text_encoder = families.learning_text_encoder(pipe)
     unet = add_lora(pipe.unet, tc, CD_TARGETS if cd else None)
-    return unet, text_encoder, keep_rows, new_row
+    return unet, text_encoder, keep_rows, new_rows
 
 
-def save_lora(unet, folder: Path, text_encoder=None) -> Path:
+def save_lora(unet, folder: Path, text_encoder=None, text_encoder_2=None) -> Path:
     """Write the adapter(s) as folder/pytorch_lora_weights.safetensors (diffusers' file, `unet.` and
-    `text_encoder.` prefixes, rank and alpha in its metadata), atomically.
+    `text_encoder.` prefixes, SDXL's `text_encoder_2.` too, rank and alpha in its metadata), atomically.
 
     The weights keep PEFT's names (lora_A/lora_B) for every module. diffusers' training scripts pass them through
     convert_state_dict_to_diffusers first, which renames only attention projections, so a LoRA on other modules
     too would get a file with two namings that diffusers' loader half skips (see loop.models.DIFFUSERS_LORA_NAMES).
     """
-    from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".save{TMP_MARK}{os.getpid()}-{time.time_ns()}"
-    layers = get_peft_model_state_dict(unet)
-    extra = {}
-    if text_encoder is not None:
-        extra = dict(
-            text_encoder_lora_layers=get_peft_model_state_dict(text_encoder),
-            text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict(),
-        )
-    StableDiffusionPipeline.save_lora_weights(
-        tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(), **extra
+    parts = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    layers = {k: get_peft_model_state_dict(m) for k, m in parts.items() if m is not None}
+    metadata = {k: m.peft_config["default"].to_dict() for k, m in parts.items() if m is not None}
+    family = families.SDXL if text_encoder_2 is not None else families.SD  # (a UNet-only file is the same in both)
+    families.pipeline_class(family).save_lora_weights(
+        tmp,
+        **{f"{k}_lora_layers": v for k, v in layers.items()},
+        **{f"{k}_lora_adapter_metadata": v for k, v in metadata.items()},
     )
     os.chmod(tmp / WEIGHTS, 0o666 & ~UMASK)  # diffusers writes it 0600; every other file here is plain mode
     (tmp / WEIGHTS).replace(folder / WEIGHTS)

@@ -4,8 +4,9 @@ images of prior preservation.
     loop train / loop run --round     (encodes only the images the cache lacks)
 
 Cache: latents keyed by image hash, VAE identity and resolution; text embeddings keyed by caption and
-text-encoder identity (when the text encoder is frozen). Non-square images are resized on their shorter side and
-centre-cropped (documented crop policy).
+text-encoder identity (when the text encoder is frozen), one file per encoder (SDXL: each of its two encoders'
+penultimate hidden states, the second's pooled projection beside them; loop.families). Non-square images are
+resized on their shorter side and centre-cropped (documented crop policy).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from loop import families
 from loop.config import LoopConfig
 from loop.workspace import Workspace, atomic_write, sha256_file
 
@@ -42,15 +44,28 @@ def _identity(model, base: str) -> str:
     return h.hexdigest()[:12]
 
 
+def _square_box(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """The centre crop of an image of w x h: (resized width, resized height, left, top)."""
+    s = size / min(w, h)
+    rw, rh = max(size, round(w * s)), max(size, round(h * s))
+    return rw, rh, (rw - size) // 2, (rh - size) // 2
+
+
+def crop_geometry(path: Path, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((height, width) of the file, (top, left) of load_square's crop): what SDXL's size and crop ids say about
+    a training image (loop.families.size_ids). Reads the header only."""
+    with Image.open(path) as im:
+        w, h = im.size
+    _, _, left, top = _square_box(w, h, size)
+    return (h, w), (top, left)
+
+
 def load_square(path: Path, size: int) -> torch.Tensor:
     """RGB in [-1, 1], CHW: shorter side resized to `size`, then centre-cropped."""
     with Image.open(path) as im:
         im = im.convert("RGB")
-        w, h = im.size
-        s = size / min(w, h)
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
+        rw, rh, left, top = _square_box(*im.size, size)
+        im = im.resize((rw, rh), Image.BICUBIC)
         im = im.crop((left, top, left + size, top + size))
     arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)
@@ -88,22 +103,44 @@ def encode_latents(ws: Workspace, pipe, items: list[dict], size: int, base: str,
 
 
 @torch.no_grad()
-def encode_texts(ws: Workspace, pipe, captions: list[str], base: str) -> torch.Tensor:
-    """Frozen-text-encoder embeddings, one per caption, each distinct caption read or encoded once."""
-    te_id = _identity(pipe.text_encoder, base)
+def encode_captions(ws: Workspace, pipe, captions: list[str], base: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Frozen text encoders' conditioning, one per caption: hidden states (captions, length, width) and, for SDXL,
+    the pooled embedding (captions, dim); each distinct caption read from the cache or encoded once, per encoder.
+    Where the family guides against zeros (loop.families.zero_empty), the empty caption is zeros."""
+    family, pairs = families.family_of(pipe), families.text_encoders(pipe)
+    ids = [_identity(enc, base if tag == "last" else f"{base}|{tag}")
+           for (_, enc), tag in zip(pairs, families.encoder_tags(pipe))]  # fmt: skip
     txt_dir = ws.cache("text")
-    seen: dict[str, torch.Tensor] = {}
-    out = []
+    seen: dict[str, tuple] = {}
+    hidden, pooled = [], []
     for cap in captions:
         if cap not in seen:
-            path = txt_dir / f"{hashlib.sha256(cap.encode()).hexdigest()[:24]}-{te_id}.safetensors"
-            if path.exists():
-                seen[cap] = load_file(path)["embedding"]
-            else:
-                seen[cap] = pipe.text_encoder(_token_ids(pipe.tokenizer, [cap]).to(pipe.device))[0][0].float().cpu()
-                atomic_write(path, _st_bytes({"embedding": seen[cap].contiguous()}))
-        out.append(seen[cap])
-    return torch.stack(out)
+            key = hashlib.sha256(cap.encode()).hexdigest()[:24]
+            parts = []
+            for i, ((tok, enc), enc_id) in enumerate(zip(pairs, ids)):
+                path = txt_dir / f"{key}-{enc_id}.safetensors"
+                if path.exists():
+                    parts.append(load_file(path))
+                    continue
+                h, p = families.encoder_output(family, i, len(pairs), enc, _token_ids(tok, [cap]).to(pipe.device))
+                part = {"embedding": h[0].float().cpu().contiguous()}
+                if p is not None:
+                    part["pooled"] = p[0].float().cpu().contiguous()
+                atomic_write(path, _st_bytes(part))
+                parts.append(part)
+            h = torch.cat([part["embedding"] for part in parts], dim=-1)
+            p = parts[-1].get("pooled")
+            if cap == "" and families.zero_empty(pipe):
+                h, p = torch.zeros_like(h), None if p is None else torch.zeros_like(p)
+            seen[cap] = (h, p)
+        hidden.append(seen[cap][0])
+        pooled.append(seen[cap][1])
+    return torch.stack(hidden), (None if pooled[0] is None else torch.stack(pooled))
+
+
+def encode_texts(ws: Workspace, pipe, captions: list[str], base: str) -> torch.Tensor:
+    """Frozen-text-encoder embeddings (hidden states), one per caption (see encode_captions)."""
+    return encode_captions(ws, pipe, captions, base)[0]
 
 
 def _st_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
@@ -125,6 +162,11 @@ class TrainData:
     empty: torch.Tensor | None = None  # the empty caption's embedding (or ids): what a dropped caption becomes
     empty_embed: torch.Tensor | None = None  # the empty caption through the frozen text encoder (base targets)
     pairs: torch.Tensor | None = None  # train.objective=dpo: (better, worse) rows into latents, one pair a row
+    # SDXL (loop.families): the pooled text embedding per item (frozen text encoders), the empty caption's, and
+    # each image's six size/crop ids; None for SD
+    pooled: torch.Tensor | None = None
+    empty_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
 
 # -- class images (prior preservation) ---------------------------------------------------------------------

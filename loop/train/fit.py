@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from loop.errors import LoopError
+from loop.families import embedding_tables, encode_ids, unet_inputs
 from loop.objectives import diffusion_dpo_loss, per_item_error, supervised_loss
 from loop.train.adapters import _trainable
 from loop.train.data import TrainData
@@ -68,10 +69,11 @@ def loss_target(noise_sched, x0: torch.Tensor, noise: torch.Tensor, t: torch.Ten
 
 
 @torch.no_grad()
-def base_prediction(unet, accelerator, xt, t, empty_embed, dev, micro: int) -> torch.Tensor:
+def base_prediction(unet, accelerator, xt, t, empty_embed, dev, micro: int, empty_pooled=None, times=None):
     """The frozen base model's unconditional prediction (adapters off): the target that keeps a unit's
     unconditional branch where the base had it (train.uncond_preservation). Run in micro-batches of `micro`
-    items; the adapters are switched off once for all of them."""
+    items; the adapters are switched off once for all of them. SDXL: the empty caption's pooled embedding and
+    each item's size/crop ids (`times`) go with it."""
     model = accelerator.unwrap_model(unet)
     model.disable_adapters()
     try:
@@ -80,7 +82,9 @@ def base_prediction(unet, accelerator, xt, t, empty_embed, dev, micro: int) -> t
             x, tt = xt[i : i + micro].to(dev), t[i : i + micro].to(dev)
             with accelerator.autocast():
                 cond = empty_embed.to(dev).unsqueeze(0).expand(len(x), -1, -1)
-                out.append(unet(x, tt, encoder_hidden_states=cond).sample.float())
+                pooled = None if empty_pooled is None else empty_pooled.to(dev).unsqueeze(0).expand(len(x), -1)
+                sizes = None if times is None else times[i : i + micro]
+                out.append(unet(x, tt, **unet_inputs(cond, pooled, sizes)).sample.float())
         return torch.cat(out)
     finally:
         model.enable_adapters()
@@ -105,7 +109,7 @@ class BaseTargets:
     def __init__(self, unet, accelerator, data, noise_sched, tc, t_weights, pools: list[torch.Tensor], dev):
         self.unet, self.acc, self.data, self.sched, self.tc = unet, accelerator, data, noise_sched, tc
         self.t_weights, self.pools, self.dev = t_weights, pools, dev  # pools[i]: latent rows for position i
-        self.chunk, self.steps = -1, []
+        self.chunk, self.steps, self.sizes = -1, [], []
 
     def _fill(self, c: int) -> None:
         tc = self.tc
@@ -124,15 +128,18 @@ class BaseTargets:
         else:
             t = torch.multinomial(self.t_weights, len(rows), replacement=True, generator=g)
         xt = self.sched.add_noise(x0, noise, t)
+        times = None if self.data.time_ids is None else self.data.time_ids[torch.tensor(rows, dtype=torch.long)]
         pred = (
-            base_prediction(self.unet, self.acc, xt, t, self.data.empty_embed, self.dev, micro=tc.batch_size)
+            base_prediction(self.unet, self.acc, xt, t, self.data.empty_embed, self.dev, micro=tc.batch_size,
+                            empty_pooled=self.data.empty_pooled, times=times)
             if rows
             else xt
-        )
-        self.steps, at = [], 0
+        )  # fmt: skip
+        self.steps, self.sizes, at = [], [], 0
         for m in masks:
             k = int(m.sum())
             self.steps.append((m, xt[at : at + k], t[at : at + k], pred[at : at + k]))
+            self.sizes.append(None if times is None else times[at : at + k])
             at += k
         self.chunk = c
 
@@ -142,6 +149,11 @@ class BaseTargets:
         if c != self.chunk:
             self._fill(c)
         return self.steps[step - c * self.CHUNK]
+
+    def size_ids(self, step: int):
+        """SDXL: the size/crop ids of this step's kept positions (their images'); None for SD."""
+        self.at(step)
+        return self.sizes[step - self.chunk * self.CHUNK]
 
 
 def dpo_batch_loss(unet, data, noise_sched, tc, accelerator, gen, t_weights, dev, te_learns: bool):
@@ -165,6 +177,7 @@ def dpo_batch_loss(unet, data, noise_sched, tc, accelerator, gen, t_weights, dev
         t = torch.multinomial(t_weights, n, replacement=True, generator=gen)
     t = torch.cat([t, t])
     cond = data.embeds[rows]
+    pooled = None if data.pooled is None else data.pooled[rows]  # (SDXL)
     # uncond preservation: some of the pairs' images again, fresh noise and timestep, the empty caption
     k = int(round(tc.uncond_preservation * 2 * n))
     if k:
@@ -173,19 +186,23 @@ def dpo_batch_loss(unet, data, noise_sched, tc, accelerator, gen, t_weights, dev
         noise = torch.cat([noise, torch.randn((k, *data.latents.shape[1:]), generator=gen)])
         t = torch.cat([t, torch.randint(0, num, (k,), generator=gen)])
         cond = torch.cat([cond, data.empty_embed.unsqueeze(0).expand(k, *data.empty_embed.shape)])
+        if pooled is not None:
+            pooled = torch.cat([pooled, data.empty_pooled.unsqueeze(0).expand(k, -1)])
     x0 = data.latents[rows]
     xt = noise_sched.add_noise(x0, noise, t).to(dev)
     target = loss_target(noise_sched, x0, noise, t).to(dev)
     t, cond = t.to(dev), cond.to(dev)
+    inputs = unet_inputs(cond, None if pooled is None else pooled.to(dev),
+                         None if data.time_ids is None else data.time_ids[rows].to(dev))  # fmt: skip
     model = accelerator.unwrap_model(unet)
     with torch.no_grad(), accelerator.autocast():
         model.disable_adapters()
         try:
-            ref = unet(xt, t, encoder_hidden_states=cond).sample.float()
+            ref = unet(xt, t, **inputs).sample.float()
         finally:
             model.enable_adapters()
     with accelerator.autocast():
-        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        pred = unet(xt, t, **inputs).sample
     err, ref_err = per_item_error(pred[: 2 * n], target[: 2 * n]), per_item_error(ref[: 2 * n], target[: 2 * n])
     loss, _ = diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], tc.dpo_beta)
     if k:
@@ -317,8 +334,10 @@ def fit(
     text_encoder, smoothed loss).
 
     `text_encoder` is given when it learns (a LoRA or a modifier token): captions are then encoded every step
-    from `data.ids`. `keep_rows` = (original embedding table, new row): every other row is restored after each
+    from `data.ids` (SD: one text encoder; SDXL: loop.families.PromptEncoder, both). `keep_rows` = (original
+    embedding table, new row), or a list of them, one per text encoder: every other row is restored after each
     step, so only the new token's embedding learns (AdamW's weight decay would otherwise move them too).
+    SDXL's pooled embeddings and size/crop ids come from `data.pooled` / `data.time_ids` (loop.families).
     """
     te_learns = text_encoder is not None
     modules = [unet] + ([text_encoder] if te_learns else [])
@@ -387,6 +406,8 @@ def fit(
             else:
                 t = torch.multinomial(t_weights, len(idx), replacement=True, generator=gen).to(dev)
             cap = (data.ids if te_learns else data.embeds)[idx]
+            pooled = None if te_learns or data.pooled is None else data.pooled[idx]  # (SDXL)
+            sizes = None if data.time_ids is None else data.time_ids[idx]
             drop = keep = None
             if data.empty is not None and tc.caption_dropout:
                 drop = torch.rand(len(idx), generator=gen) < tc.caption_dropout
@@ -395,23 +416,33 @@ def fit(
                 drop = keep if drop is None else drop | keep
             if drop is not None:
                 cap = torch.where(drop.view(-1, *[1] * (cap.dim() - 1)), data.empty.to(cap.dtype), cap)
+                if pooled is not None:
+                    pooled = torch.where(drop.view(-1, 1), data.empty_pooled, pooled)
             xt = noise_sched.add_noise(x0, noise, t)
             target = loss_target(noise_sched, x0, noise, t)
             if keep is not None and bool(keep.any()):  # the base's own prediction for these (see BaseTargets)
                 kd = keep.to(dev)
                 xt, t, target = xt.clone(), t.clone(), target.clone()
                 xt[kd], t[kd], target[kd] = xk.to(dev), tk.to(dev), yk.to(dev)
+                if sizes is not None:  # the kept positions' images are the bank's, with their own sizes
+                    sizes = sizes.clone()
+                    sizes[keep] = bank.size_ids(step)
             with accelerator.autocast():
-                cond = text_encoder(cap.to(dev))[0] if te_learns else cap.to(dev)
+                if te_learns:
+                    cond, pooled = encode_ids(text_encoder, cap.to(dev))
+                else:
+                    cond = cap.to(dev)
+                inputs = unet_inputs(cond, None if pooled is None else pooled.to(dev),
+                                     None if sizes is None else sizes.to(dev))  # fmt: skip
                 try:
-                    pred = step_unet(xt, t, encoder_hidden_states=cond).sample
+                    pred = step_unet(xt, t, **inputs).sample
                 except Exception as e:  # compiling happens at the first call; a failure there falls back to eager
                     if step_unet is unet:
                         raise
                     log(f"train.compile: compiling failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                         "training eagerly instead")  # fmt: skip
                     step_unet = unet
-                    pred = unet(xt, t, encoder_hidden_states=cond).sample
+                    pred = unet(xt, t, **inputs).sample
             per_item = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
             per_item = per_item * snr_weights(noise_sched, t, tc.snr_gamma)
             if prior is not None and len(prior):
@@ -423,13 +454,13 @@ def fit(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if keep_rows is not None:
-            original, row = keep_rows
-            table = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight
-            with torch.no_grad():
-                mask = torch.ones(len(original), dtype=torch.bool)
-                mask[row] = False
-                table[mask] = original[mask].to(table.device)
+        if keep_rows is not None:  # one (original table, new row) per text encoder
+            rows = [keep_rows] if isinstance(keep_rows, tuple) else keep_rows
+            for table, (original, row) in zip(embedding_tables(accelerator.unwrap_model(text_encoder)), rows):
+                with torch.no_grad():
+                    mask = torch.ones(len(original), dtype=torch.bool)
+                    mask[row] = False
+                    table[mask] = original[mask].to(table.device)
         if avg is not None:  # after the rows above are restored, so the average holds them as they are
             avg.step(params)
         ema = loss.item() if step == 0 or not math.isfinite(ema) else 0.95 * ema + 0.05 * loss.item()

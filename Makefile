@@ -32,6 +32,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check loop tests
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python -m loop.bench round

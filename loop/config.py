@@ -22,6 +22,7 @@ SCHEDULERS = ("dpm++", "ddim", "euler", "euler_a", "ddpm")
 STRATEGIES = ("golden", "converge", "grow", "longtail")
 METHODS = ("lora", "custom_diffusion")
 STARTS = ("from_base", "from_parent")
+OPTIMIZERS = ("adamw", "adamw8bit")
 # warm/cool/bright/dark: one colour statistic. The others are multi-attribute tastes read from the picture's shape
 # and background (loop.tastes), each indifferent to some attributes: small_dark, contrast, centred_big
 PREFERENCES = ("warm", "cool", "bright", "dark", "small_dark", "contrast", "centred_big")
@@ -78,6 +79,10 @@ class GenerateConfig:
     strength: float = 0.5  # img2img (`loop vary`): how far a variation may move from its parent, 0..1
     compile: bool = False  # torch.compile the UNet (GPU; the first batch pays for the compilation)
     channels_last: bool = True  # channels_last memory format for the UNet and VAE on GPU
+    # Memory on small GPUs (the same images): the VAE decodes a batch one image at a time (vae_slicing), and each
+    # image in overlapping tiles (vae_tiling), which large images (SDXL at 1024 px) need on 8 GB cards
+    vae_slicing: bool = False
+    vae_tiling: bool = False
 
     def __post_init__(self):
         _check(0 < self.strength <= 1, "generate.strength", self.strength, "must be in (0, 1]")
@@ -235,6 +240,12 @@ class TrainConfig:
     dpo_beta: float = 300.0  # how hard staying near the reference pulls against the preference (lower: moves more)
     dpo_min_gap: int = 2  # tiers apart for a pair: 2 pairs UR with SR, R and N, and SSR with R and N
     dpo_sft_weight: float = 0.0  # dpo: plus this weight of the supervised loss on the pairs' winners
+    # Memory on small GPUs. gradient_checkpointing: the UNet (and the text encoder, when it learns) keeps only its
+    # blocks' inputs and recomputes the rest in the backward pass: much less activation memory, about a third more
+    # time per step, the same loss. optimizer: adamw (torch's), or adamw8bit (bitsandbytes' 8-bit AdamW, CUDA only:
+    # a quarter of AdamW's optimizer-state memory). `loop train` and `loop run --round` print the estimated peak.
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"  # adamw | adamw8bit
 
     def __post_init__(self):
         _check(self.objective in OBJECTIVES, "train.objective", self.objective, f"use one of {', '.join(OBJECTIVES)}")
@@ -275,6 +286,7 @@ class TrainConfig:
         _check(0 < self.timestep_bias_portion < 1, "train.timestep_bias_portion", self.timestep_bias_portion,
                "must be between 0 and 1")  # fmt: skip
         _check(self.start in STARTS, "train.start", self.start, f"use one of {', '.join(STARTS)}")
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
         _check(
             not self.modifier_token
             or (self.modifier_token.strip() == self.modifier_token and " " not in self.modifier_token),

@@ -196,6 +196,10 @@ class Renderer:
         self.trigger = unit_trigger(ws.checkpoint(unit)) if unit > 0 else ""
         set_scheduler(self.pipe, cfg.generate.scheduler)
         tune_for_speed(self.pipe, cfg.generate)
+        if cfg.generate.vae_slicing:  # decode a batch one image at a time (the same images, less memory)
+            self.pipe.vae.enable_slicing()
+        if cfg.generate.vae_tiling:  # decode each image in overlapping tiles
+            self.pipe.vae.enable_tiling()
         self.native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         # img2img input sides: multiples of the VAE's and the UNet's downsampling together (at least 8)
         downs = 2 ** max(0, len(self.pipe.unet.config.block_out_channels) - 1)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from loop import families
+from loop import families, memory
 from loop.config import LoopConfig, to_yaml
 from loop.errors import LoopError
 from loop.models import load_base, pick_device
@@ -177,6 +177,21 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
                         table[row] = saved.to(table.dtype)
                 keep_rows = [(table.detach().clone().cpu(), row) for table, row in zip(tables, new_rows)]
 
+    # frozen parts in the half precision accelerate computes in, on CUDA (the adapters learn in fp32, as diffusers'
+    # training scripts do); then the estimated peak memory, before the long part
+    on_cuda = accelerator.device.type == "cuda"
+    if on_cuda and tc.mixed_precision != "no":
+        from diffusers.training_utils import cast_training_params
+
+        half = torch.bfloat16 if tc.mixed_precision == "bf16" else torch.float16
+        pipe.vae.to(dtype=half)  # its latents are cached already
+        if text_encoder is None:  # frozen: its embeddings are cached already
+            pipe.text_encoder.to(dtype=half)
+        unet.to(dtype=half)
+        cast_training_params(unet, dtype=torch.float32)
+    if accelerator.is_main_process:
+        log(memory_line(pipe, tc, accelerator.device, f"train {unit_name(unit)}"))
+
     # 4. the loop, with resumable checkpoints tied to this exact selection and these settings
     fingerprint = hashlib.sha256(
         json.dumps(
@@ -268,6 +283,30 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
 
 
 train_lora = train_unit  # the name the round and older callers use
+
+
+def memory_line(pipe, tc, device, what: str = "train") -> str:
+    """The estimated peak memory of training with `tc` on `device` (loop.memory), and what lowers it."""
+    cfg = pipe.unet.config
+    layers = cfg.layers_per_block if isinstance(cfg.layers_per_block, int) else max(cfg.layers_per_block)
+    models = [getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    frozen, trainable = memory.count(*models)
+    half = torch.device(device).type == "cuda" and tc.mixed_precision != "no"
+    estimate = memory.train_peak(
+        frozen,
+        trainable,
+        batch=tc.batch_size * (2 if tc.prior_preservation else 1),
+        latent_side=cfg.sample_size,
+        width=sum(cfg.block_out_channels),
+        layers_per_block=layers,
+        frozen_bytes=2 if half else 4,
+        act_bytes=2 if half else 4,
+        gradient_checkpointing=tc.gradient_checkpointing,
+        optimizer=tc.optimizer,
+        on_cuda=torch.device(device).type == "cuda",
+        mixed_precision=tc.mixed_precision,
+    )
+    return estimate.line(what, torch.device(device).type, memory.available(device))
 
 
 def _plain(cfg: LoopConfig) -> dict:

@@ -110,3 +110,25 @@ def test_vae_slicing_and_tiling_give_the_same_images():
     plain = images()
     pipe.vae.enable_slicing()
     np.testing.assert_allclose(images(), plain, atol=1e-5)
+
+
+def _first_loss_text_encoder_learns(gradient_checkpointing: bool) -> float:
+    from loop.train import add_text_lora
+
+    pipe = load_base(ModelConfig())
+    overrides = ["train.steps=1", "train.batch_size=2", "train.uncond_preservation=0", "train.text_encoder_lora=true"]
+    tc = load_config(None, overrides + [f"train.gradient_checkpointing={str(gradient_checkpointing).lower()}"]).train
+    torch.manual_seed(0)
+    text_encoder = add_text_lora(pipe.text_encoder, tc)
+    unet = add_lora(pipe.unet, tc)
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ids = pipe.tokenizer(["a circle"] * 4, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    data = TrainData(latents=latents, ids=ids)
+    _, text_encoder, loss = fit(unet, data, sched, tc, Accelerator(cpu=True), text_encoder=text_encoder)
+    assert text_encoder.is_gradient_checkpointing == gradient_checkpointing
+    return loss
+
+
+def test_gradient_checkpointing_of_a_learning_text_encoder_gives_the_same_loss():
+    assert _first_loss_text_encoder_learns(True) == pytest.approx(_first_loss_text_encoder_learns(False), rel=1e-5)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from loop.errors import LoopError
-from loop.families import embedding_tables, encode_ids, unet_inputs
+from loop.families import embedding_tables, encode_ids, encoder_modules, unet_inputs
 from loop.objectives import diffusion_dpo_loss, per_item_error, supervised_loss
 from loop.train.adapters import _trainable
 from loop.train.data import TrainData
@@ -368,7 +368,8 @@ def fit(
     if tc.gradient_checkpointing:  # recompute activations in the backward pass: less memory, the same loss
         unet.enable_gradient_checkpointing()
         if te_learns:
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for enc in encoder_modules(text_encoder):  # SDXL: both
+                enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, tc))
     if te_learns:
         unet, text_encoder, opt, sched = accelerator.prepare(unet, text_encoder, opt, sched)

@@ -185,8 +185,9 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
 
         half = torch.bfloat16 if tc.mixed_precision == "bf16" else torch.float16
         pipe.vae.to(dtype=half)  # its latents are cached already
-        if text_encoder is None:  # frozen: its embeddings are cached already
-            pipe.text_encoder.to(dtype=half)
+        if text_encoder is None:  # frozen: their embeddings are cached already
+            for _, enc in families.text_encoders(pipe):
+                enc.to(dtype=half)
         unet.to(dtype=half)
         cast_training_params(unet, dtype=torch.float32)
     if accelerator.is_main_process:

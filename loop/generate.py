@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from loop import memory
 from loop.config import MAX_SEED, GenerateConfig, LoopConfig
 from loop.errors import LoopError
 from loop.images import png_bytes, schedule_type, to_rgb
@@ -207,6 +208,23 @@ class Renderer:
         self._img2img = None
         self.share = process_share()
 
+    def memory_line(self) -> str:
+        """The estimated peak memory of a batch at generate.* (loop.memory) on this pipeline's device."""
+        g, pipe = self.cfg.generate, self.pipe
+        models = [getattr(pipe, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")]
+        side = max(g.width or self.native, g.height or self.native)
+        estimate = memory.generate_peak(
+            sum(memory.count(*models)),
+            batch=g.batch_size,
+            side=side,
+            latent_side=side // pipe.vae_scale_factor,
+            width=sum(pipe.unet.config.block_out_channels),
+            weight_bytes=pipe.unet.dtype.itemsize,
+            vae_slicing=g.vae_slicing,
+            vae_tiling=g.vae_tiling,
+        )
+        return estimate.line(f"generate unit {self.unit}", pipe.device.type, memory.available(pipe.device))
+
     def _check_stop(self, pipe, step, timestep, kwargs):
         if self.stop:
             raise Stopped
@@ -331,6 +349,8 @@ def generate(
     cycle = max(0, round - unit) if round is not None else 0
     jobs = plan_jobs(lines, cfg.generate, renderer.native, rank, world, cycle)
     todo = unmade(store, unit, jobs)
+    if todo and rank == 0:  # before the long part: the estimated peak, and what lowers it when it will not fit
+        log(renderer.memory_line())
     bar = _bar(len(todo), f"generate unit {unit}" + (f" [{rank + 1}/{world}]" if world > 1 else ""))
     made, stopped = renderer.run(todo, bar, log)
     bar.close()

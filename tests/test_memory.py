@@ -132,3 +132,18 @@ def _first_loss_text_encoder_learns(gradient_checkpointing: bool) -> float:
 
 def test_gradient_checkpointing_of_a_learning_text_encoder_gives_the_same_loss():
     assert _first_loss_text_encoder_learns(True) == pytest.approx(_first_loss_text_encoder_learns(False), rel=1e-5)
+
+
+def test_generation_says_its_estimate_before_it_starts(ws):
+    from loop.generate import generate
+
+    ws.prompts_path.write_text("a circle\n", encoding="utf-8")
+    cfg = load_config(ws.root, ["generate.images_per_prompt=2", "generate.steps=2", "generate.vae_slicing=true"])
+    said = []
+    with ws.store() as store:
+        store.ensure_base_unit(cfg.model.base)
+        assert generate(ws, store, cfg, unit=0, round=0, log=said.append)["made"] == 2
+        assert [m for m in said if m.startswith("generate unit 0: estimated peak memory")]
+        said.clear()
+        generate(ws, store, cfg, unit=0, round=0, log=said.append)  # nothing left to make: nothing to estimate
+        assert not [m for m in said if "estimated peak memory" in m]

@@ -150,20 +150,21 @@ def cross_validated_agreement(X, tiers: list[str], prompts: list[str]) -> tuple[
 
 
 def taste_features(rgb) -> np.ndarray:
-    """A description of the picture as a figure on a ground (the embedded model draws one shape on a plain
-    background). The ground is the median colour of the image's border; each pixel's colour distance from it, as an
-    8x8 map, with the map's moments (mass, centroid, spread, the centroid's distance from the middle); the ground's
-    colour; and the figure, the pixels far from the ground: its bounding box (width, height, longer side, centre and
-    the centre's distance from the middle), its pixels' centroid and area, its mean colour and how far its pixels
-    stand from the ground.
+    """A description of the picture as a figure on a ground (the embedded model draws one shape on a plain background).
+    The ground is the median colour of the image's border; each pixel's colour distance from it, as an 8x8 map,
+    with the map's moments (mass, centroid, spread, the centroid's distance from the middle); the ground's colour
+    and the picture's mean colour; and the figure, the pixels far from the ground: its bounding box (width, height,
+    longer side, centre and the centre's distance from the middle), its pixels' centroid and area, its mean colour
+    and how far its pixels stand from the ground.
 
     Why not the cheap features loop compare uses (a colour histogram and an 8x8 thumbnail, 256 values): a linear
-    model on 200 ratings could not read "how much the figure stands out, how big, where" from them, and beside these
-    91 values they diluted what it could (python -m loop.bench taste, chosen on other seeds than the bench's: with
-    the histogram and thumbnail added, centred_big needed 37% of the default order's ratings and agreed on 89% of
-    pairs, without them 33% and 93%; warm 32% and 98% against 33% and 94%). These name no scripted taste, but they
-    are the quantities such tastes are written on, so the bench's figures hold for the embedded model only: a real
-    model's images go through the vision embedding (eval.features) instead."""
+    model on 200 ratings could not read "how much the figure stands out, how big, where" from them, and beside
+    these 94 values they diluted what it could (python -m loop.bench taste's measures, on other seeds than the
+    bench's: with them added, centred_big needed 37% of the default order's ratings and agreed on 89% of held-out
+    pairs, without them 35% and 93%; warm 32% and 98% against 32% and 96%). The cost: where the figure is noise
+    (the page test's colour fields with a random dot), 40 ratings order the fields' colours less cleanly. These
+    name no scripted taste, but they are the quantities such tastes are written on, so the bench's figures hold for
+    the embedded model only: a real model's images go through the vision embedding (eval.features) instead."""
     a = np.asarray(rgb, dtype=np.float32)[..., :3]
     h, w = a.shape[:2]
     ground = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
@@ -177,7 +178,8 @@ def taste_features(rgb) -> np.ndarray:
     sx, sy = float(np.sqrt((m * (xs - cx) ** 2).sum())), float(np.sqrt((m * (ys - cy) ** 2).sum()))
     moments = [float(dist.mean()), cx, cy, sx, sy, float(np.hypot(cx - 0.5, cy - 0.5)), max(sx, sy),
                float((dist > FIGURE).mean())]  # fmt: skip
-    return np.concatenate([grid, ground / 255.0, moments, _figure(a, dist, ground)]).astype(np.float32)
+    whole = a.reshape(-1, 3).mean(axis=0) / 255.0  # the picture's mean colour
+    return np.concatenate([grid, ground / 255.0, whole, moments, _figure(a, dist, ground)]).astype(np.float32)
 
 
 FIGURE_FEATURES = 16  # the length of _figure's description

@@ -196,6 +196,7 @@ class Renderer:
         # a Custom Diffusion unit's modifier token goes before every prompt (the row keeps the file's prompt)
         self.trigger = unit_trigger(ws.checkpoint(unit)) if unit > 0 else ""
         set_scheduler(self.pipe, cfg.generate.scheduler)
+        self.schedule_type = schedule_type(self.pipe.scheduler.config, cfg.generate.scheduler)  # (A1111 1.9+)
         tune_for_speed(self.pipe, cfg.generate)
         if cfg.generate.vae_slicing:  # decode a batch one image at a time (the same images, less memory)
             self.pipe.vae.enable_slicing()
@@ -262,7 +263,7 @@ class Renderer:
             steps=job.steps,
             cfg=job.cfg,
             sampler=self.cfg.generate.scheduler,
-            schedule_type=schedule_type(self.pipe.scheduler.config, self.cfg.generate.scheduler),  # (A1111 1.9+)
+            schedule_type=self.schedule_type,
             width=image.width,
             height=image.height,
             model=self.cfg.model.base,

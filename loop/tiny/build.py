@@ -149,6 +149,9 @@ def save_model(pipe, folder: Path) -> None:
     make_portable(Path(folder))
 
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SDXL has two
+
+
 def make_portable(folder: Path) -> None:
     """Rewrite a saved pipeline so that a plain `DiffusionPipeline.from_pretrained(folder)` loads it right with
     every diffusers and transformers version pyproject allows.
@@ -156,19 +159,23 @@ def make_portable(folder: Path) -> None:
     - fp32 weights, and `float32` in the text encoder's config: transformers 5 loads a model in the dtype its
       config names, diffusers loads fp32, and an fp16 text encoder feeding an fp32 UNet fails with "mat1 and mat2
       must have the same dtype" (fp16 values widen to fp32 exactly, so the images do not change);
-    - the text encoder's keys under `text_model.`: transformers 4.x's CLIPTextModel reads only that naming (keys
-      without it come up randomly initialised), and 5.x reads both (it drops the prefix as it loads).
+    - the text encoders' keys under `text_model.` (a projection's own keys aside): transformers 4.x's
+      CLIPTextModel reads only that naming (keys without it come up randomly initialised), and 5.x reads both (it
+      drops the prefix as it loads).
     """
     import torch
     from safetensors.torch import load_file, save_file
 
     for path in sorted(Path(folder).glob("*/*.safetensors")):
         tensors = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in load_file(path).items()}
-        if path.parent.name == "text_encoder":
-            tensors = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()}
+        if path.parent.name in TEXT_ENCODERS:
+            tensors = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+                       for k, v in tensors.items()}  # fmt: skip
         save_file(tensors, path, metadata={"format": "pt"})
-    config_path = Path(folder) / "text_encoder" / "config.json"
-    if config_path.exists():
+    for name in TEXT_ENCODERS:
+        config_path = Path(folder) / name / "config.json"
+        if not config_path.exists():
+            continue
         config = json.loads(config_path.read_text())
         config.update(dtype="float32", torch_dtype="float32")  # transformers 5 reads `dtype`, 4.x `torch_dtype`
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

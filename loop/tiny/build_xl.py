@@ -19,7 +19,6 @@ widths so that mixing them up fails loudly.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -153,9 +152,8 @@ def assemble(parts: dict):
 def build(folder: Path) -> Path:
     """Build the pipeline into `folder` (replaced if there), ready for `DiffusionPipeline.from_pretrained`."""
     import torch
-    from safetensors.torch import load_file, save_file
 
-    from loop.tiny.build import write_tokenizer
+    from loop.tiny.build import make_portable, write_tokenizer
 
     folder = Path(folder)
     pipe = assemble(components())
@@ -164,17 +162,7 @@ def build(folder: Path) -> Path:
     for name in ("tokenizer", "tokenizer_2"):
         shutil.rmtree(folder / name, ignore_errors=True)
         write_tokenizer(folder / name)
-    # text-encoder keys under `text_model.` (transformers 4.x reads only that naming, 5.x both), fp32 in the configs
-    for name in ("text_encoder", "text_encoder_2"):
-        for path in (folder / name).glob("*.safetensors"):
-            tensors = load_file(path)
-            tensors = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
-                       for k, v in tensors.items()}  # fmt: skip
-            save_file(tensors, path, metadata={"format": "pt"})
-        config_path = folder / name / "config.json"
-        config = json.loads(config_path.read_text())
-        config.update(dtype="float32", torch_dtype="float32")  # transformers 5 reads `dtype`, 4.x `torch_dtype`
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    make_portable(folder)  # text-encoder keys under `text_model.`, fp32 in the configs
     (folder / "README.md").write_text(
         f"The embedded SDXL of loop (model.base=embedded-xl), version {VERSION}: a tiny SDXL-shaped pipeline with\n"
         "random weights, built by `python -m loop.tiny.build_xl`. It proves plumbing; it draws nothing meaningful.\n"

@@ -240,6 +240,10 @@ class TrainConfig:
     dpo_beta: float = 300.0  # how hard staying near the reference pulls against the preference (lower: moves more)
     dpo_min_gap: int = 2  # tiers apart for a pair: 2 pairs UR with SR, R and N, and SSR with R and N
     dpo_sft_weight: float = 0.0  # dpo: plus this weight of the supervised loss on the pairs' winners
+    # dpo: pair each selected image only with the dpo_match worse-rated images of its prompt nearest to it (in the
+    # latent space), so that what merely happened to differ between winners and losers cancels out within each
+    # pair (loop.objectives.matched_pairs); 0 pairs it with every worse-rated image
+    dpo_match: int = 0
     # Memory on small GPUs. gradient_checkpointing: the UNet (and the text encoder, when it learns) keeps only its
     # blocks' inputs and recomputes the rest in the backward pass: much less activation memory, about a third more
     # time per step, the same loss. optimizer: adamw (torch's), or adamw8bit (bitsandbytes' 8-bit AdamW, CUDA only:
@@ -251,6 +255,7 @@ class TrainConfig:
         _check(self.objective in OBJECTIVES, "train.objective", self.objective, f"use one of {', '.join(OBJECTIVES)}")
         _check(self.dpo_beta > 0, "train.dpo_beta", self.dpo_beta, "must be > 0")
         _check(1 <= self.dpo_min_gap <= 4, "train.dpo_min_gap", self.dpo_min_gap, "must be 1, 2, 3 or 4")
+        _check(self.dpo_match >= 0, "train.dpo_match", self.dpo_match, "must be >= 0 (0: every pair)")
         _check(self.dpo_sft_weight >= 0, "train.dpo_sft_weight", self.dpo_sft_weight, "must be >= 0")
         _check(self.method in METHODS, "train.method", self.method, f"use one of {', '.join(METHODS)}")
         _check(0 <= self.seed <= MAX_SEED, "train.seed", self.seed, f"must be between 0 and {MAX_SEED}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import getpass
 import json
 import time
+from collections import OrderedDict
 
 import numpy as np
 
@@ -31,8 +32,24 @@ from loop.errors import LoopError
 from loop.store import Store, raise_missing_unit
 from loop.workspace import Workspace, atomic_write
 
-
 # -- the check ---------------------------------------------------------------------------------------------
+# Probes already rendered in this process, by unit: the next round's gate renders the same probes with the unit
+# that passed this one and with unit 0 (`loop run --rounds`, the benchmarks). Keyed by the unit's weight files (their
+# names, sizes and modification times), the generation and model settings and the prompts' lines, so a retrained
+# unit or a changed setting renders afresh. Only the last few units are kept: probes of a large model are large.
+RENDERED_UNITS = 4
+_RENDERED: OrderedDict[tuple, dict] = OrderedDict()
+
+
+def _weights_key(ws: Workspace, cfg: LoopConfig, unit: int, lines: dict) -> tuple:
+    folder = ws.checkpoint(unit)
+    files = () if unit == 0 or not folder.is_dir() else tuple(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".json") and f.name != "manifest.json"
+    )  # fmt: skip
+    return (str(ws.root), unit, files, repr(cfg.generate), repr(cfg.model), repr(sorted(map(repr, lines.values()))))
+
+
 def selection_of(ws: Workspace, store: Store, unit: int, log=print) -> tuple[list[str], list, list[str]]:
     """The prompt, the picture (HxWx3 array) and the sha256 of each readable image the unit learnt from (its
     manifest's "images"): the prompt of the image's row; an imported image without one, its caption."""
@@ -128,11 +145,18 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
     images: dict[int, dict] = {}
     for u, prompts in needs.items():
         probes = [(p, s) for p in prompts for s in seeds]
-        images[u] = {}
-        if probes:
+        key = _weights_key(ws, cfg, u, lines)
+        seen = _RENDERED.get(key, {})
+        todo = [pr for pr in probes if pr not in seen]
+        if todo:
             t = time.time()
-            images[u] = dict(zip(probes, render_unit(ws, cfg, u, probes, lines)))
-            log(f"gate: rendered {len(probes)} probe(s) with unit {u} in {time.time() - t:.1f}s")
+            seen = {**seen, **dict(zip(todo, render_unit(ws, cfg, u, todo, lines)))}
+            log(f"gate: rendered {len(todo)} probe(s) with unit {u} in {time.time() - t:.1f}s")
+        images[u] = {pr: seen[pr] for pr in probes}
+        _RENDERED[key] = seen
+        _RENDERED.move_to_end(key)
+        while len(_RENDERED) > RENDERED_UNITS:
+            _RENDERED.popitem(last=False)
 
     # 3. coverage of the selection, per prompt, by the new unit, the unit it would replace and unit 0
     per_prompt: dict[str, dict] = {p: {"selection": counts[p]} for p in measured}

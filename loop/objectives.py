@@ -62,3 +62,25 @@ def preference_pairs(rows: list, min_gap: int) -> list[tuple[int, int]]:
                 ):
                     pairs.append((a, b))
     return pairs
+
+
+def matched_pairs(pairs: list[tuple[int, int]], latents: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """Of each better image's pairs, only the `k` whose worse image is nearest to it (Euclidean distance between
+    their latents); k = 0 keeps every pair.
+
+    Why: with a handful of winners per prompt, winners and losers differ by chance in what the person did not
+    rate (the winners of "a square" happen to be bluer), and DPO learns that difference with the taste. A matched
+    design, as in an observational study, pairs each winner with the losers most like it: what the person rated
+    still differs within every pair (that is why one won), while an attribute that merely happened to differ is
+    held near equal within the pair and so cancels out of the loss."""
+    if k <= 0:
+        return pairs
+    flat = latents.reshape(len(latents), -1).float()
+    by_winner: dict[int, list[int]] = {}
+    for a, b in pairs:
+        by_winner.setdefault(a, []).append(b)
+    kept = []
+    for a, losers in by_winner.items():
+        d = torch.cdist(flat[a : a + 1], flat[losers])[0]
+        kept += [(a, losers[int(i)]) for i in torch.argsort(d)[:k]]
+    return kept

@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler
 from loop.config import ModelConfig, load_config
 from loop.generate import generate_ring
 from loop.models import load_base
-from loop.objectives import diffusion_dpo_loss, per_item_error, preference_pairs
+from loop.objectives import diffusion_dpo_loss, matched_pairs, per_item_error, preference_pairs
 from loop.train import TrainData, add_lora, fit, preference_items, train_unit
 
 QUIET = dict(log=lambda m: None)
@@ -46,6 +46,16 @@ def test_pairs_are_images_of_one_prompt_far_enough_apart():
     # golden selected only the UR image: it is the only winner, SSR and SR can only lose
     rows = [dict(r, winner=r["tier"] == "UR") for r in rows]
     assert sorted(preference_pairs(rows, 2)) == [(0, 2), (0, 3)]
+
+
+def test_matched_pairs_keep_each_winners_nearest_losers():
+    # two winners; three losers, each near one winner or far from both
+    lat = torch.tensor([[0.0, 0.0], [10.0, 10.0], [0.5, 0.0], [9.0, 10.0], [5.0, 5.0]]).reshape(5, 2, 1, 1)
+    pairs = [(a, b) for a in (0, 1) for b in (2, 3, 4)]
+    assert matched_pairs(pairs, lat, 0) == pairs  # 0: every pair
+    assert sorted(matched_pairs(pairs, lat, 1)) == [(0, 2), (1, 3)]
+    assert sorted(matched_pairs(pairs, lat, 2)) == [(0, 2), (0, 4), (1, 3), (1, 4)]
+    assert sorted(matched_pairs(pairs, lat, 9)) == sorted(pairs)  # k beyond the losers: all of them
 
 
 def _pair_data(pipe, n=4):

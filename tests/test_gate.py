@@ -124,6 +124,26 @@ def test_a_collapsed_unit_is_refused_and_one_like_the_base_passes(gws):
 
 
 @pytest.mark.slow
+def test_the_gate_renders_a_units_probes_once_in_a_process_and_again_when_its_weights_change(gws):
+    cfg = load_config(gws.root, OVER)
+    with gws.store() as store:
+        logs = []
+        first = check_unit(gws, store, cfg, 2, log=logs.append)
+        assert sorted(m.split(" with unit ")[1].split()[0] for m in logs if "rendered" in m) == ["0", "1", "2"]
+        logs.clear()
+        again = check_unit(gws, store, cfg, 2, log=logs.append)  # the next round's gate: the same probes
+        assert not [m for m in logs if "rendered" in m]
+        assert {k: again[k] for k in ("coverage", "parent_coverage", "base_coverage", "passed")} == {
+            k: first[k] for k in ("coverage", "parent_coverage", "base_coverage", "passed")}  # fmt: skip
+        sd = load_file(gws.checkpoint(2) / WEIGHTS)  # retrained: the same unit number, new weights
+        save_file({k: v * 0 if "lora_B" in k else v for k, v in sd.items()}, gws.checkpoint(2) / WEIGHTS)
+        logs.clear()
+        off = check_unit(gws, store, cfg, 2, log=logs.append)
+        assert [m.split(" with unit ")[1].split()[0] for m in logs if "rendered" in m] == ["2"]
+        assert off["coverage"] > first["coverage"]  # the adapter switched off draws like unit 0, which covers more
+
+
+@pytest.mark.slow
 def test_refused_unit_round_after_it_promote_and_status(gws, capsys):
     w = ["-w", str(gws.root), *OVER]
     with gws.store() as store:

@@ -18,7 +18,7 @@ from loop import families, memory
 from loop.config import LoopConfig, to_yaml
 from loop.errors import LoopError
 from loop.models import load_base, pick_device
-from loop.objectives import preference_pairs
+from loop.objectives import matched_pairs, preference_pairs
 from loop.store import Store, raise_missing_unit
 from loop.train.adapters import EMBEDS, _attach, load_parent_adapter, save_lora
 from loop.train.data import TrainData, _st_bytes, class_images, crop_geometry, encode_captions, encode_latents
@@ -147,8 +147,13 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
                 f"{no_pairs_message(tc)} among the images that could be read; check the files listed "
                 "above, or train with train.objective=supervised"
             )
+        every = len(pairs)
+        pairs = matched_pairs(pairs, data.latents, tc.dpo_match)
         data.pairs = torch.tensor(pairs, dtype=torch.long)
-        log(f"dpo: {len(pairs)} pair(s) of images of the same prompt, {tc.dpo_min_gap}+ tiers apart")
+        log(
+            f"dpo: {len(pairs)} pair(s) of images of the same prompt, {tc.dpo_min_gap}+ tiers apart"
+            + (f" (each selected image with its {tc.dpo_match} nearest of {every})" if tc.dpo_match else "")
+        )
         lone = sum(it["sha256"] not in asked for it in selection)
         if lone:  # imports, seed images and variations have no worse-rated image of their prompt to be preferred to
             log(

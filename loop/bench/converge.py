@@ -56,7 +56,7 @@ def measure_unit(ws, cfg, unit: int, per_prompt: int, rc: RateConfig) -> dict:
     from loop.tastes import per_prompt_spread
 
     probes = [(p, EVAL_SEED + k) for p in PROMPTS for k in range(per_prompt)]
-    images = render_unit(ws, cfg, unit, probes)
+    images = base_images(ws, cfg, probes) if unit == 0 else render_unit(ws, cfg, unit, probes)
     rgbs = [np.asarray(im.convert("RGB")) for im in images]
     scores = [score(a, rc) for a in rgbs]
     tiers = [tier_for(s, list(rc.cutoffs)) for s in scores]
@@ -76,6 +76,31 @@ def measure_unit(ws, cfg, unit: int, per_prompt: int, rc: RateConfig) -> dict:
         "feats": {p: np.stack(v) for p, v in feats.items()},
         "sheet": [im for p in PROMPTS for im in sheet[p]],
     }
+
+
+def base_images(ws, cfg, probes: list[tuple[str, int]]) -> list:
+    """Unit 0 at the measuring seeds: the same pictures in every run (one base, one set of seeds, whatever the taste,
+    strategy or round seed), so rendered once and kept in loop's cache ($LOOP_CACHE/bench, keyed by the model and
+    generation settings and the probes)."""
+    import dataclasses
+    import hashlib
+
+    from PIL import Image
+
+    from loop.compare import render_unit
+    from loop.tiny.build_xl import cache_root
+
+    gen = dataclasses.replace(cfg.generate, seed=0, images_per_prompt=1)  # a probe carries its own seed
+    key = hashlib.sha256(repr((cfg.model, gen, probes)).encode()).hexdigest()[:16]
+    path = cache_root() / "bench" / f"converge-unit0-{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return [Image.fromarray(a) for a in z["images"]]
+    images = render_unit(ws, cfg, 0, probes)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=np.stack([np.asarray(im.convert("RGB")) for im in images]))
+    atomic_write(path, buf.getvalue())
+    return images
 
 
 def selection_coverage(ws, store, unit: int, measured: dict, base: dict, k: int) -> tuple[float | None, float | None]:

@@ -244,6 +244,11 @@ class TrainConfig:
     # latent space), so that what merely happened to differ between winners and losers cancels out within each
     # pair (loop.objectives.matched_pairs); 0 pairs it with every worse-rated image
     dpo_match: int = 0
+    # Learn from the base model's own pictures too (loop.train.pool): taste_pool pictures per prompt of the
+    # selection, drawn once by the base at seeds no round uses, each labelled by the workspace's taste model
+    # (fitted on the person's ratings); supervised learns the predicted winners beside the selection, dpo pairs the
+    # whole pool by its predicted tiers. 0: off
+    taste_pool: int = 0
     # Memory on small GPUs. gradient_checkpointing: the UNet (and the text encoder, when it learns) keeps only its
     # blocks' inputs and recomputes the rest in the backward pass: much less activation memory, about a third more
     # time per step, the same loss. optimizer: adamw (torch's), or adamw8bit (bitsandbytes' 8-bit AdamW, CUDA only:
@@ -255,6 +260,7 @@ class TrainConfig:
         _check(self.objective in OBJECTIVES, "train.objective", self.objective, f"use one of {', '.join(OBJECTIVES)}")
         _check(self.dpo_beta > 0, "train.dpo_beta", self.dpo_beta, "must be > 0")
         _check(1 <= self.dpo_min_gap <= 4, "train.dpo_min_gap", self.dpo_min_gap, "must be 1, 2, 3 or 4")
+        _check(self.taste_pool >= 0, "train.taste_pool", self.taste_pool, "must be >= 0 (0: off)")
         _check(self.dpo_match >= 0, "train.dpo_match", self.dpo_match, "must be >= 0 (0: every pair)")
         _check(self.dpo_sft_weight >= 0, "train.dpo_sft_weight", self.dpo_sft_weight, "must be >= 0")
         _check(self.method in METHODS, "train.method", self.method, f"use one of {', '.join(METHODS)}")

@@ -254,7 +254,8 @@ def part_name(overrides: list[str], tastes: list[str], strategies: list[str], se
 # fingerprint while they hold it (memory options draw and learn the same on the CPU; dpo_match=0 is every pair),
 # so adding an option does not disown the figures measured before it existed.
 ADDED_SINCE = {"generate.vae_slicing": False, "generate.vae_tiling": False, "train.gradient_checkpointing": False,
-               "train.optimizer": "adamw", "train.dpo_match": 0}  # fmt: skip
+               "train.optimizer": "adamw", "train.dpo_match": 0,
+               "train.taste_pool": 0}  # fmt: skip
 
 
 def defaults_fingerprint() -> str:

@@ -23,6 +23,7 @@ from loop.store import Store, raise_missing_unit
 from loop.train.adapters import EMBEDS, _attach, load_parent_adapter, save_lora
 from loop.train.data import TrainData, _st_bytes, class_images, crop_geometry, encode_captions, encode_latents
 from loop.train.fit import Checkpoints, fit
+from loop.train.pool import taste_pool_items
 from loop.workspace import Workspace, atomic_write, unit_name
 
 
@@ -121,6 +122,9 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             )
             tc = dataclasses.replace(tc, objective="supervised")
             cfg = dataclasses.replace(cfg, train=tc)
+    pool = taste_pool_items(ws, store, pipe, cfg, selection, log) if tc.taste_pool else []
+    # dpo: every pool picture, with its predicted tier, pairs like a rated one; supervised: the predicted winners
+    items += pool if tc.objective == "dpo" else [it for it in pool if it["winner"]]
     if tc.prior_preservation and tc.objective != "dpo":
         items += class_images(ws, pipe, [it["caption"] for it in selection], tc.class_images, cfg, log)
     asked = {it["sha256"] for it in items if not it["prior"]}  # dpo: a selected image with no worse one is not
@@ -249,13 +253,15 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             "images": [
                 {k: it.get(k) for k in ("id", "sha256", "caption", "tier")}
                 for it in items
-                if not it["prior"] and it.get("winner", True)
+                if not it["prior"] and it.get("winner", True) and not it.get("pool")
             ],
             "losers": [
                 {k: it.get(k) for k in ("id", "sha256", "caption", "tier")}
                 for it in items
-                if not it.get("winner", True)
+                if not it.get("winner", True) and not it.get("pool")
             ],
+            # train.taste_pool: the base's pictures the unit also learnt from, labelled by the taste model
+            "taste_pool": {"pictures": len(pool), "winners": sum(it["winner"] for it in pool)},
             "left_out": [
                 {k: it.get(k) for k in ("id", "sha256")}
                 for it in selection

@@ -1,0 +1,92 @@
+"""train.taste_pool: learn the taste from many pictures of the base model, not from the few the person rated.
+
+    loop train / loop run --round     (the train phase; off while train.taste_pool is 0)
+
+Why: a round rates 4 to 15 winners per prompt. Whatever they happen to share beyond the taste (the winners of
+"a square" are bluer) a unit learns with it, and draws one colour from then on (docs/convergence.md). The
+person's ratings also fit the workspace's taste model (loop.taste_model), which generalises across prompts and is
+regularised. So the unit also learns from a pool of the base model's own pictures of the selection's prompts
+(`train.taste_pool` per prompt, at seeds POOL_SEED + k that no round uses, made once per base and cached), each
+labelled with the tier the taste model predicts for it: what the base draws that the person would like, in all
+the variety the base draws it. With train.objective=supervised the pool's predicted winners join the selection;
+with dpo the whole pool joins the pairs with its predicted tiers.
+
+The model is fitted on the person's ratings only and never scores a unit's own pictures here; it picks from the
+base's, which a unit trained on them moves towards, not past (best-of-n selection from a fixed pool, not an
+optimisation of the model's score, which rises while the true reward falls: Gao et al., ICML 2023).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import torch
+
+from loop.config import LoopConfig
+from loop.taste_model import LEVEL, features_of_images, fit_workspace
+from loop.train.data import _identity
+from loop.workspace import Workspace, atomic_write, sha256_file
+
+POOL_SEED = 3_000_000  # far from the rounds', the gate's probes (1,000,000 + k) and the benchmarks' seeds
+BATCH = 16
+
+
+@torch.no_grad()
+def base_pool(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig, log=print) -> list[dict]:
+    """`n` base-model images per prompt at seeds POOL_SEED + k, made once and cached under cache/pool/ (keyed by the
+    base's identity). Call before any adapter is attached."""
+    folder = ws.cache("pool", _identity(pipe.unet, cfg.model.base))
+    todo, out = [], []
+    for prompt in sorted(set(prompts)):
+        key = hashlib.sha256(prompt.encode()).hexdigest()[:16]
+        for k in range(n):
+            path = folder / f"{key}-{POOL_SEED + k}.png"
+            out.append((prompt, path))
+            if not path.exists():
+                todo.append((prompt, POOL_SEED + k, path))
+    if todo:
+        log(f"taste pool: drawing {len(todo)} picture(s) with the base model (once; cached)")
+    for at in range(0, len(todo), BATCH):
+        chunk = todo[at : at + BATCH]
+        images = pipe(
+            [p for p, _, _ in chunk],
+            num_inference_steps=cfg.generate.steps,
+            guidance_scale=cfg.generate.cfg,
+            generator=[torch.Generator(pipe.device).manual_seed(s) for _, s, _ in chunk],
+        ).images
+        for (_, _, path), image in zip(chunk, images):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            atomic_write(path, buf.getvalue())
+    return [{"id": None, "sha256": sha256_file(path), "path": ws.rel(path), "caption": prompt, "prior": False,
+             "pool": True} for prompt, path in out]  # fmt: skip
+
+
+def taste_pool_items(ws: Workspace, store, pipe, cfg: LoopConfig, selection: list[dict], log=print) -> list[dict]:
+    """The pool of the selection's prompts, each image with the tier the taste model predicts ("tier") and whether it
+    reaches the selection's lowest tier ("winner"); [] (and a line saying why) where the model cannot predict."""
+    tc = cfg.train
+    rated = [LEVEL[it["tier"]] for it in selection if it.get("tier") in LEVEL]
+    if not rated:
+        log("taste pool: the selection has no rated image to set the bar; not used")
+        return []
+    model = fit_workspace(ws, store, cfg.eval)
+    if not model.ready:
+        log(f"taste pool: no taste model yet ({model.reason}); not used")
+        return []
+    prompts = sorted({it["caption"] for it in selection if it.get("caption")})
+    pool = base_pool(ws, pipe, prompts, tc.taste_pool, cfg, log)
+    pred = model.predict(features_of_images(ws, cfg.eval, [ws.root / it["path"] for it in pool],
+                                            [it["sha256"] for it in pool]))  # fmt: skip
+    bar = min(rated)
+    items = [dict(it, tier=t, winner=LEVEL[t] >= bar) for it, t in zip(pool, pred["tier"])]
+    log(
+        f"taste pool: {sum(it['winner'] for it in items)} of {len(items)} base picture(s) predicted {TIER_NAMES[bar]} "
+        f"or better by the taste model ({model.ratings} ratings, held-out agreement "
+        f"{'-' if model.agreement is None else f'{model.agreement:.0%}'})"
+    )
+    return items
+
+
+TIER_NAMES = {v: k for k, v in LEVEL.items()}

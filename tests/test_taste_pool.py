@@ -1,0 +1,95 @@
+"""train.taste_pool: the base's own pictures, labelled by the workspace's taste model, join what a unit learns from."""
+
+import json
+
+import numpy as np
+import pytest
+
+from loop.config import load_config
+from loop.round import run_round
+from loop.train import train_unit
+
+RATED = ["generate.images_per_prompt=16", "generate.batch_size=16", "generate.steps=3", "train.steps=4",
+         "train.batch_size=4", "rate.preference=warm", "rate.cutoffs=[30,0,-30,-60]"]  # fmt: skip
+
+
+def forget_unit_1(store):
+    """Train unit 1 again from the same selection (a unit is never retrained in place; here nothing used it)."""
+    store.db.execute("DELETE FROM units WHERE unit = 1")
+    store.db.commit()
+
+
+@pytest.mark.slow
+def test_the_pool_is_labelled_by_the_taste_model_learnt_from_and_drawn_once(ws):
+    cfg = load_config(ws.root, RATED + ["train.taste_pool=12", "train.objective=supervised"])
+    run_round(ws, cfg, auto_rate_=True, log=lambda m: None, stop_after="select")  # 32 ratings by the warm rater
+    said = []
+    with ws.store() as store:
+        train_unit(ws, store, cfg, parent=0, log=said.append)
+    manifest = json.loads((ws.checkpoint(1) / "manifest.json").read_text())
+    pool = manifest["taste_pool"]
+    assert pool["pictures"] == 12 * 2 and 0 < pool["winners"] < pool["pictures"]  # supervised: the winners learnt
+    assert any(line.startswith("taste pool: drawing 24 picture(s)") for line in said), said
+    # the predicted winners are the warm ones: the taste model learnt the rater's taste from 32 ratings
+    pictures = sorted(ws.cache("pool").rglob("*.png"))
+    assert len(pictures) == 24
+    line = next(m for m in said if " base picture(s) predicted " in m)
+    assert line.startswith(f"taste pool: {pool['winners']} of 24 ")
+    # the selection is what the manifest says it learnt from: pool pictures are counted, not listed as images
+    sel = json.loads((ws.checkpoint(1) / "selection.json").read_text())["images"]
+    assert {it["sha256"] for it in manifest["images"]} == {it["sha256"] for it in sel}
+
+    # dpo: the whole pool pairs by its predicted tiers; the pictures are not drawn again
+    said.clear()
+    dpo = load_config(ws.root, RATED + ["train.taste_pool=12", "train.objective=dpo"])
+    with ws.store() as store:
+        forget_unit_1(store)
+        train_unit(ws, store, dpo, parent=0, log=said.append)
+    manifest = json.loads((ws.checkpoint(1) / "manifest.json").read_text())
+    assert manifest["objective"] == "dpo" and manifest["taste_pool"]["pictures"] == 24
+    assert not any("drawing" in m for m in said)
+    no_pool = load_config(ws.root, RATED + ["train.objective=dpo"])
+    with ws.store() as store:
+        forget_unit_1(store)
+        train_unit(ws, store, no_pool, parent=0, log=lambda m: None)
+    assert json.loads((ws.checkpoint(1) / "manifest.json").read_text())["pairs"] < manifest["pairs"]
+
+
+def test_the_pools_winners_are_the_pictures_the_taste_model_prefers(ws):
+    from loop.taste_model import LEVEL
+    from loop.train.pool import taste_pool_items
+
+    class Fake:  # the model's answer, by warmth: the pool's winners must be the warm pictures
+        ready, ratings, agreement = True, 40, 0.9
+
+        def predict(self, X):
+            return {"tier": ["UR" if x > 0 else "N" for x in X[:, 0]]}
+
+    cfg = load_config(ws.root, RATED + ["train.taste_pool=4"])
+    import loop.train.pool as pool_mod
+
+    pool = [{"sha256": str(i), "path": f"p{i}.png", "caption": "a circle", "prior": False, "pool": True}
+            for i in range(4)]  # fmt: skip
+    feats = np.array([[1.0], [-1.0], [2.0], [-3.0]])
+    orig = (pool_mod.fit_workspace, pool_mod.base_pool, pool_mod.features_of_images)
+    pool_mod.fit_workspace = lambda *a, **k: Fake()
+    pool_mod.base_pool = lambda *a, **k: pool
+    pool_mod.features_of_images = lambda *a, **k: feats
+    try:
+        said = []
+        items = taste_pool_items(ws, None, None, cfg, [{"caption": "a circle", "tier": "UR"}], log=said.append)
+        assert [it["winner"] for it in items] == [True, False, True, False]
+        assert [it["tier"] for it in items] == ["UR", "N", "UR", "N"]
+        assert said[-1].startswith("taste pool: 2 of 4 base picture(s) predicted UR or better")
+        # the bar is the selection's lowest tier: converge's SSR selection lets SSR-predicted pictures win
+        Fake.predict = lambda self, X: {"tier": ["SSR", "SR", "UR", "N"]}
+        items = taste_pool_items(ws, None, None, cfg, [{"caption": "a circle", "tier": "SSR"}], log=said.append)
+        assert [it["winner"] for it in items] == [True, False, True, False] and LEVEL["SSR"] == 3
+        # no rated image in the selection, or no model yet: not used, and said
+        assert taste_pool_items(ws, None, None, cfg, [{"caption": "a circle"}], log=said.append) == []
+        assert "no rated image" in said[-1]
+        Fake.ready, Fake.reason = False, "fewer than 30 ratings"
+        assert taste_pool_items(ws, None, None, cfg, [{"caption": "a circle", "tier": "UR"}], log=said.append) == []
+        assert said[-1] == "taste pool: no taste model yet (fewer than 30 ratings); not used"
+    finally:
+        pool_mod.fit_workspace, pool_mod.base_pool, pool_mod.features_of_images = orig

@@ -36,7 +36,7 @@ from loop.config import RateConfig, load_config
 from loop.rate.auto import score, tier_for
 from loop.round import run_round
 from loop.tastes import ATTRIBUTE_KEYS, TASTES, attributes, indifferent
-from loop.workspace import Workspace, atomic_write
+from loop.workspace import Workspace, atomic_write, sha256_file
 
 PROMPTS = ["a circle", "a square", "a triangle", "a ring"]
 TASTE_NAMES = ["warm", "small_dark", "contrast", "centred_big"]
@@ -103,6 +103,35 @@ def base_images(ws, cfg, probes: list[tuple[str, int]]) -> list:
     return images
 
 
+def share_pool(ws, into_workspace: bool) -> None:
+    """The taste pool (train.taste_pool, loop.train.pool) is the base's pictures of the same prompts at the same seeds
+    in every run, as are their latents: kept once in loop's cache ($LOOP_CACHE/bench/converge-pool) and copied into
+    each new workspace, so a run does not draw and encode them again. File by file, each written under a temporary
+    name and renamed, so two benchmark processes can share it."""
+    import os
+    import shutil
+
+    from loop.tiny.build_xl import cache_root
+
+    shared = cache_root() / "bench" / "converge-pool"
+    pool, latents = ws.cache("pool"), ws.cache("latents")
+    if into_workspace:
+        pairs = [(f, pool / f.relative_to(shared / "pool")) for f in (shared / "pool").rglob("*.png")]
+        pairs += [(f, latents / f.name) for f in (shared / "latents").glob("*.safetensors")]
+    else:
+        shas = {sha256_file(f) for f in pool.rglob("*.png")}
+        pairs = [(f, shared / "pool" / f.relative_to(pool)) for f in pool.rglob("*.png")]
+        pairs += [(f, shared / "latents" / f.name) for f in latents.glob("*.safetensors")
+                  if f.name.split("-")[0] in shas]  # fmt: skip
+    for src, dst in pairs:
+        if dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
 def selection_coverage(ws, store, unit: int, measured: dict, base: dict, k: int) -> tuple[float | None, float | None]:
     """The unit's mean per-prompt coverage of its selection (manifest.json's images), and the base model's coverage
     of the same selection at the same seeds."""
@@ -133,6 +162,7 @@ def run_one(taste: str, strategy: str, seed: int, where: Path, rounds: int, per_
         [f"generate.images_per_prompt={per_prompt}", f"rate.preference={taste}", "rate.noise=10",
          f"generate.seed={seed}", f"train.seed={seed}", "gate.judge=scripted", *STRATEGIES[strategy], *overrides],
     )  # fmt: skip
+    share_pool(ws, into_workspace=True)
     t0 = time.time()
     generating = [0]  # the unit that generates after each round (the gate may keep the parent)
     gates = []
@@ -150,6 +180,7 @@ def run_one(taste: str, strategy: str, seed: int, where: Path, rounds: int, per_
                       "reasons": [] if gate is None else gate.get("reasons", [])})  # fmt: skip
         log(f"  {taste}/{strategy}/seed {seed}: round {n} done ({time.time() - t0:.0f} s), generating: unit "
             f"{generating[-1]}")  # fmt: skip
+    share_pool(ws, into_workspace=False)
     rc = RateConfig(preference=taste, noise=10.0)
     units = sorted({u for u in range(len(generating))})
     measured = {u: measure_unit(ws, cfg, u, eval_per_prompt, rc) for u in units}

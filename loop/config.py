@@ -237,7 +237,7 @@ class TrainConfig:
     # it collapsed what the person was indifferent to (docs/convergence.md). Units whose text encoder learns
     # (custom_diffusion, text_encoder_lora) train supervised
     objective: str = "dpo"
-    dpo_beta: float = 300.0  # how hard staying near the reference pulls against the preference (lower: moves more)
+    dpo_beta: float = 250.0  # how hard staying near the reference pulls against the preference (lower: moves more)
     dpo_min_gap: int = 2  # tiers apart for a pair: 2 pairs UR with SR, R and N, and SSR with R and N
     dpo_sft_weight: float = 0.0  # dpo: plus this weight of the supervised loss on the pairs' winners
     # dpo: pair each selected image only with the dpo_match worse-rated images of its prompt nearest to it (in the
@@ -247,8 +247,12 @@ class TrainConfig:
     # Learn from the base model's own pictures too (loop.train.pool): taste_pool pictures per prompt of the
     # selection, drawn once by the base at seeds no round uses, each labelled by the workspace's taste model
     # (fitted on the person's ratings); supervised learns the predicted winners beside the selection, dpo pairs the
-    # whole pool by its predicted tiers. 0: off
-    taste_pool: int = 0
+    # whole pool by its predicted tiers. 0: off. Default 64 (docs/convergence.md: with it dpo kept the variety the
+    # taste ignores where it had lost a fifth of it)
+    taste_pool: int = 64
+    # dpo with a taste pool: the share of each batch's pairs that have a pool picture on either side, the rest of
+    # two rated pictures; 0: every pair alike, so the pool's pairs (usually most) make most of each batch
+    taste_pool_share: float = 0.0
     # Memory on small GPUs. gradient_checkpointing: the UNet (and the text encoder, when it learns) keeps only its
     # blocks' inputs and recomputes the rest in the backward pass: much less activation memory, about a third more
     # time per step, the same loss. optimizer: adamw (torch's), or adamw8bit (bitsandbytes' 8-bit AdamW, CUDA only:
@@ -261,6 +265,8 @@ class TrainConfig:
         _check(self.dpo_beta > 0, "train.dpo_beta", self.dpo_beta, "must be > 0")
         _check(1 <= self.dpo_min_gap <= 4, "train.dpo_min_gap", self.dpo_min_gap, "must be 1, 2, 3 or 4")
         _check(self.taste_pool >= 0, "train.taste_pool", self.taste_pool, "must be >= 0 (0: off)")
+        _check(0 <= self.taste_pool_share < 1, "train.taste_pool_share", self.taste_pool_share,
+               "must be >= 0 and < 1 (0: every pair alike)")  # fmt: skip
         _check(self.dpo_match >= 0, "train.dpo_match", self.dpo_match, "must be >= 0 (0: every pair)")
         _check(self.dpo_sft_weight >= 0, "train.dpo_sft_weight", self.dpo_sft_weight, "must be >= 0")
         _check(self.method in METHODS, "train.method", self.method, f"use one of {', '.join(METHODS)}")
@@ -338,7 +344,7 @@ class GateConfig:
     # none: coverage alone decides. votes: the blind A/B votes between the unit and its parent, where there are
     # any. scripted: the scripted rater (rate.preference, with rate.noise) votes on at most `votes` probe pairs,
     # as a person would in a quick blind A/B session (benchmarks). model: the workspace's taste model
-    # (loop.taste_model, fitted on every rating) scores the same probe pairs; it judges, never trains a unit
+    # (loop.taste_model, fitted on every rating) scores the same probe pairs (never the unit's training pictures)
     judge: str = "votes"
     votes: int = 40
     alpha: float = 0.05

@@ -16,8 +16,10 @@ From the four answers: `p_ur` (P(UR)) orders "likely UR first"; `score` (the exp
 pairs; `uncertainty` (1 - the most likely tier's probability) orders "least certain first"; `tier` is the most
 likely tier.
 
-It is never the only signal that trains a unit: a proxy reward optimised hard rises while the true one falls
-(Gao et al., ICML 2023). Selections come from the person's ratings alone; the model orders the page and may judge.
+It never replaces the person's ratings: selections come from the ratings alone. With train.taste_pool it also
+labels a fixed pool of the base model's own pictures that a unit learns from beside the rated ones
+(loop.train.pool): a choice among what the base already draws, never an optimisation of its score against a
+unit's pictures, where a proxy reward optimised hard rises while the true one falls (Gao et al., ICML 2023).
 """
 
 from __future__ import annotations

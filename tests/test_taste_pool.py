@@ -93,3 +93,20 @@ def test_the_pools_winners_are_the_pictures_the_taste_model_prefers(ws):
         assert said[-1] == "taste pool: no taste model yet (fewer than 30 ratings); not used"
     finally:
         pool_mod.fit_workspace, pool_mod.base_pool, pool_mod.features_of_images = orig
+
+
+def test_the_pool_share_sets_how_much_of_each_batch_pool_pairs_make():
+    import torch
+
+    from loop.train.pool import pool_share_weights
+
+    items = [{}, {}, {"pool": True}, {"pool": True}]
+    pairs = [(0, 1), (0, 2), (2, 3), (3, 1)]  # one pair of two rated pictures, three with a pool picture
+    w = pool_share_weights(pairs, items, 0.5)
+    assert w.sum().item() == pytest.approx(1.0) and w[0].item() == pytest.approx(0.5)
+    assert torch.allclose(w[1:], torch.full((3,), 0.5 / 3, dtype=torch.float64))
+    draws = torch.multinomial(w, 4000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert 0.45 < (draws == 0).float().mean().item() < 0.55  # uniform over pairs would give a quarter
+    assert pool_share_weights(pairs, items, 0.0) is None  # 0: every pair alike
+    assert pool_share_weights([(0, 1)], items, 0.5) is None  # no pool pair: nothing to share
+    assert pool_share_weights([(2, 3)], items, 0.5) is None  # no rated pair

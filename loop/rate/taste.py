@@ -10,7 +10,7 @@ images that appear later as they come. A request only reads the last published `
 swapped whole, never a lock held across a fit, so no request and no keypress waits on the model.
 
 The predictions only order the page and draw a faint guess on unrated tiles; they are never ratings (see
-loop/taste_model.py for why the model is never the only signal).
+loop/taste_model.py for what else it does, and why never more).
 """
 
 from __future__ import annotations

@@ -166,7 +166,11 @@ def dpo_batch_loss(unet, data, noise_sched, tc, accelerator, gen, t_weights, dev
         raise LoopError("train.objective=dpo trains the UNet only; set train.text_encoder_lora=false "
                         "(and, for custom_diffusion, train.modifier_token=)")  # fmt: skip
     n = max(1, tc.batch_size // 2)
-    pick = data.pairs[torch.randint(0, len(data.pairs), (n,), generator=gen)]
+    weights = getattr(data, "pair_weights", None)
+    if weights is None:
+        pick = data.pairs[torch.randint(0, len(data.pairs), (n,), generator=gen)]
+    else:  # train.taste_pool_share: the pool's pairs and the rated ones, each their share of every batch
+        pick = data.pairs[torch.multinomial(weights, n, replacement=True, generator=gen)]
     rows = torch.cat([pick[:, 0], pick[:, 1]])
     noise = torch.randn((n, *data.latents.shape[1:]), generator=gen)
     noise = torch.cat([noise, noise])

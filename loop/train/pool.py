@@ -89,4 +89,17 @@ def taste_pool_items(ws: Workspace, store, pipe, cfg: LoopConfig, selection: lis
     return items
 
 
+def pool_share_weights(pairs: list[tuple[int, int]], items: list[dict], share: float) -> torch.Tensor | None:
+    """Sampling weights over dpo's pairs so that pairs with a pool picture on either side make `share` of every
+    batch and pairs of two rated pictures the rest (each kind uniform within itself); None (every pair alike, as
+    many pool pairs as there happen to be: usually most) where share is 0 or either kind has no pair."""
+    if not share:
+        return None
+    pooled = torch.tensor([bool(items[a].get("pool") or items[b].get("pool")) for a, b in pairs])
+    n_pool, n_rated = int(pooled.sum()), int((~pooled).sum())
+    if not n_pool or not n_rated:
+        return None
+    return torch.where(pooled, share / n_pool, (1.0 - share) / n_rated).double()
+
+
 TIER_NAMES = {v: k for k, v in LEVEL.items()}

@@ -23,7 +23,7 @@ from loop.store import Store, raise_missing_unit
 from loop.train.adapters import EMBEDS, _attach, load_parent_adapter, save_lora
 from loop.train.data import TrainData, _st_bytes, class_images, crop_geometry, encode_captions, encode_latents
 from loop.train.fit import Checkpoints, fit
-from loop.train.pool import taste_pool_items
+from loop.train.pool import pool_share_weights, taste_pool_items
 from loop.workspace import Workspace, atomic_write, unit_name
 
 
@@ -154,6 +154,7 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
         every = len(pairs)
         pairs = matched_pairs(pairs, data.latents, tc.dpo_match)
         data.pairs = torch.tensor(pairs, dtype=torch.long)
+        data.pair_weights = pool_share_weights(pairs, items, tc.taste_pool_share)
         log(
             f"dpo: {len(pairs)} pair(s) of images of the same prompt, {tc.dpo_min_gap}+ tiers apart"
             + (f" (each selected image with its {tc.dpo_match} nearest of {every})" if tc.dpo_match else "")

@@ -48,7 +48,7 @@ def test_the_pool_is_labelled_by_the_taste_model_learnt_from_and_drawn_once(ws):
     manifest = json.loads((ws.checkpoint(1) / "manifest.json").read_text())
     assert manifest["objective"] == "dpo" and manifest["taste_pool"]["pictures"] == 24
     assert not any("drawing" in m for m in said)
-    no_pool = load_config(ws.root, RATED + ["train.objective=dpo"])
+    no_pool = load_config(ws.root, RATED + ["train.objective=dpo", "train.taste_pool=0"])
     with ws.store() as store:
         forget_unit_1(store)
         train_unit(ws, store, no_pool, parent=0, log=lambda m: None)

@@ -172,6 +172,26 @@ class TrainData:
 
 # -- class images (prior preservation) ---------------------------------------------------------------------
 @torch.no_grad()
+def draw_base(pipe, cfg: LoopConfig, todo: list[tuple[str, int, Path]], batch: int) -> None:
+    """Each (prompt, seed, path) drawn by the pipe as given (the base, before any adapter) and written as a PNG,
+    `batch` at a time: the class images of prior preservation and the taste pool (loop.train.pool)."""
+    for at in range(0, len(todo), batch):
+        chunk = todo[at : at + batch]
+        images = pipe(
+            [p for p, _, _ in chunk] if batch > 1 else chunk[0][0],
+            num_inference_steps=cfg.generate.steps,
+            guidance_scale=cfg.generate.cfg,
+            generator=[torch.Generator(pipe.device).manual_seed(s) for _, s, _ in chunk]
+            if batch > 1
+            else torch.Generator(pipe.device).manual_seed(chunk[0][1]),
+        ).images
+        for (_, _, path), image in zip(chunk, images):
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            atomic_write(path, buf.getvalue())
+
+
+@torch.no_grad()
 def class_images(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig, log=print) -> list[dict]:
     """`n` base-model images per prompt, made once and cached under cache/class/ (keyed by base identity)."""
     folder = ws.cache("class", _identity(pipe.unet, cfg.model.base))
@@ -183,16 +203,7 @@ def class_images(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfi
             (items if path.exists() else todo).append((prompt, seed, path))
     if todo:
         log(f"prior preservation: making {len(todo)} class image(s) with the base model (once; cached)")
-    for prompt, seed, path in todo:
-        image = pipe(
-            prompt,
-            num_inference_steps=cfg.generate.steps,
-            guidance_scale=cfg.generate.cfg,
-            generator=torch.Generator(pipe.device).manual_seed(seed),
-        ).images[0]
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        atomic_write(path, buf.getvalue())
+    draw_base(pipe, cfg, todo, batch=1)
     out = []
     for prompt, _seed, path in sorted(items + todo, key=lambda x: (x[0], x[1])):
         sha = sha256_file(path)

@@ -19,14 +19,13 @@ optimisation of the model's score, which rises while the true reward falls: Gao 
 from __future__ import annotations
 
 import hashlib
-import io
 
 import torch
 
 from loop.config import LoopConfig
 from loop.taste_model import LEVEL, features_of_images, fit_workspace
-from loop.train.data import _identity
-from loop.workspace import Workspace, atomic_write, sha256_file
+from loop.train.data import _identity, draw_base
+from loop.workspace import Workspace, sha256_file
 
 POOL_SEED = 3_000_000  # far from the rounds', the gate's probes (1,000,000 + k) and the benchmarks' seeds
 BATCH = 16
@@ -47,18 +46,7 @@ def base_pool(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig, 
                 todo.append((prompt, POOL_SEED + k, path))
     if todo:
         log(f"taste pool: drawing {len(todo)} picture(s) with the base model (once; cached)")
-    for at in range(0, len(todo), BATCH):
-        chunk = todo[at : at + BATCH]
-        images = pipe(
-            [p for p, _, _ in chunk],
-            num_inference_steps=cfg.generate.steps,
-            guidance_scale=cfg.generate.cfg,
-            generator=[torch.Generator(pipe.device).manual_seed(s) for _, s, _ in chunk],
-        ).images
-        for (_, _, path), image in zip(chunk, images):
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            atomic_write(path, buf.getvalue())
+    draw_base(pipe, cfg, todo, BATCH)
     return [{"id": None, "sha256": sha256_file(path), "path": ws.rel(path), "caption": prompt, "prior": False,
              "pool": True} for prompt, path in out]  # fmt: skip
 

@@ -253,6 +253,10 @@ class TrainConfig:
     # dpo with a taste pool: the share of each batch's pairs that have a pool picture on either side, the rest of
     # two rated pictures; 0: every pair alike, so the pool's pairs (usually most) make most of each batch
     taste_pool_share: float = 0.0
+    # The taste pool's winners: the pictures predicted this tier or better (UR, SSR, SR, R), or "selection": the
+    # selection's lowest rated tier (converge's SSR lets SSR-predicted pictures win, pulling units towards what the
+    # person merely likes rather than what they like most)
+    taste_pool_bar: str = "selection"
     # Memory on small GPUs. gradient_checkpointing: the UNet (and the text encoder, when it learns) keeps only its
     # blocks' inputs and recomputes the rest in the backward pass: much less activation memory, about a third more
     # time per step, the same loss. optimizer: adamw (torch's), or adamw8bit (bitsandbytes' 8-bit AdamW, CUDA only:
@@ -267,6 +271,8 @@ class TrainConfig:
         _check(self.taste_pool >= 0, "train.taste_pool", self.taste_pool, "must be >= 0 (0: off)")
         _check(0 <= self.taste_pool_share < 1, "train.taste_pool_share", self.taste_pool_share,
                "must be >= 0 and < 1 (0: every pair alike)")  # fmt: skip
+        _check(self.taste_pool_bar in ("selection",) + TIERS[:-1], "train.taste_pool_bar", self.taste_pool_bar,
+               "use selection or one of UR, SSR, SR, R")  # fmt: skip
         _check(self.dpo_match >= 0, "train.dpo_match", self.dpo_match, "must be >= 0 (0: every pair)")
         _check(self.dpo_sft_weight >= 0, "train.dpo_sft_weight", self.dpo_sft_weight, "must be >= 0")
         _check(self.method in METHODS, "train.method", self.method, f"use one of {', '.join(METHODS)}")

@@ -85,6 +85,12 @@ def test_the_pools_winners_are_the_pictures_the_taste_model_prefers(ws):
         Fake.predict = lambda self, X: {"tier": ["SSR", "SR", "UR", "N"]}
         items = taste_pool_items(ws, None, None, cfg, [{"caption": "a circle", "tier": "SSR"}], log=said.append)
         assert [it["winner"] for it in items] == [True, False, True, False] and LEVEL["SSR"] == 3
+        # train.taste_pool_bar=UR: only the pictures predicted UR win, whatever the selection's bar
+        cfg.train.taste_pool_bar = "UR"
+        items = taste_pool_items(ws, None, None, cfg, [{"caption": "a circle", "tier": "SSR"}], log=said.append)
+        assert [it["winner"] for it in items] == [False, False, True, False]
+        assert said[-1].startswith("taste pool: 1 of 4 base picture(s) predicted UR or better")
+        cfg.train.taste_pool_bar = "selection"
         # no rated image in the selection, or no model yet: not used, and said
         assert taste_pool_items(ws, None, None, cfg, [{"caption": "a circle"}], log=said.append) == []
         assert "no rated image" in said[-1]

@@ -286,7 +286,7 @@ def part_name(overrides: list[str], tastes: list[str], strategies: list[str], se
 # so adding an option does not disown the figures measured before it existed.
 ADDED_SINCE = {"generate.vae_slicing": False, "generate.vae_tiling": False, "train.gradient_checkpointing": False,
                "train.optimizer": "adamw", "train.dpo_match": 0,
-               "train.taste_pool": 0, "train.taste_pool_share": 0.0}  # fmt: skip
+               "train.taste_pool": 0, "train.taste_pool_share": 0.0, "train.taste_pool_bar": "selection"}  # fmt: skip
 
 
 def defaults_fingerprint() -> str:

@@ -53,7 +53,8 @@ def base_pool(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig, 
 
 def taste_pool_items(ws: Workspace, store, pipe, cfg: LoopConfig, selection: list[dict], log=print) -> list[dict]:
     """The pool of the selection's prompts, each image with the tier the taste model predicts ("tier") and whether it
-    reaches the selection's lowest tier ("winner"); [] (and a line saying why) where the model cannot predict."""
+    reaches train.taste_pool_bar ("winner": that tier or better, or the selection's lowest tier); [] (and a line
+    saying why) where the model cannot predict."""
     tc = cfg.train
     rated = [LEVEL[it["tier"]] for it in selection if it.get("tier") in LEVEL]
     if not rated:
@@ -67,7 +68,7 @@ def taste_pool_items(ws: Workspace, store, pipe, cfg: LoopConfig, selection: lis
     pool = base_pool(ws, pipe, prompts, tc.taste_pool, cfg, log)
     pred = model.predict(features_of_images(ws, cfg.eval, [ws.root / it["path"] for it in pool],
                                             [it["sha256"] for it in pool]))  # fmt: skip
-    bar = min(rated)
+    bar = min(rated) if tc.taste_pool_bar == "selection" else LEVEL[tc.taste_pool_bar]
     items = [dict(it, tier=t, winner=LEVEL[t] >= bar) for it, t in zip(pool, pred["tier"])]
     log(
         f"taste pool: {sum(it['winner'] for it in items)} of {len(items)} base picture(s) predicted {TIER_NAMES[bar]} "

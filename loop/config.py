@@ -149,11 +149,13 @@ class SelectConfig:
     # that pleases gives many images, which would otherwise outweigh all earlier rounds together); imported and
     # seed images together count as one round. outside_share applies after it
     balance_rounds: bool = False
-    # converge, grow and longtail: from each round only its best tiers, down to the first at which they hold at
-    # least this share of the round's rated images (never below min_tier). A unit that pleases puts most of its
-    # round in SSR, and a fixed min_tier then selects almost everything it made; this keeps the selection to the
-    # round's top. 0: min_tier alone
-    top_share: float = 0.0
+    # converge and longtail: from each round only its best tiers, down to the first at which they hold at least
+    # this share of the round's rated images (never below min_tier). A unit that pleases puts most of its round in
+    # SSR, and a fixed min_tier then selects almost everything it made; this keeps the selection to the round's
+    # top. 0: min_tier alone. Default 0.25 since issue 22: under dpo the selection's images are the pairs'
+    # winners, and converge's SSR winners asked units for less than the taste's best (docs/convergence.md). grow
+    # keeps every accepted variation (min_tier and up) whatever this says
+    top_share: float = 0.25
 
     def __post_init__(self):
         _check(self.strategy in STRATEGIES, "select.strategy", self.strategy, f"use one of {', '.join(STRATEGIES)}")
@@ -255,8 +257,8 @@ class TrainConfig:
     taste_pool_share: float = 0.0
     # The taste pool's winners: the pictures predicted this tier or better (UR, SSR, SR, R), or "selection": the
     # selection's lowest rated tier (converge's SSR lets SSR-predicted pictures win, pulling units towards what the
-    # person merely likes rather than what they like most)
-    taste_pool_bar: str = "selection"
+    # person merely likes rather than what they like most). Default UR (docs/convergence.md)
+    taste_pool_bar: str = "UR"
     # Memory on small GPUs. gradient_checkpointing: the UNet (and the text encoder, when it learns) keeps only its
     # blocks' inputs and recomputes the rest in the backward pass: much less activation memory, about a third more
     # time per step, the same loss. optimizer: adamw (torch's), or adamw8bit (bitsandbytes' 8-bit AdamW, CUDA only:

@@ -160,7 +160,7 @@ def choose(ws: Workspace, store: Store, sc: SelectConfig, round: int) -> list[di
     rows = [r for r in everything if r["tier"] in tiers]
     if not sc.accumulate:  # the ablation: this round's images (and what came from outside) only
         rows = [r for r in rows if r["round"] == round or r["unit"] is None]
-    if sc.top_share and sc.strategy != "golden":
+    if sc.top_share and sc.strategy in ("converge", "longtail"):  # golden takes UR alone; grow every accepted one
         floors = round_floors(everything, tiers, sc.top_share)
         rows = [r for r in rows if TIERS.index(r["tier"]) <= floors.get(r["round"], len(TIERS))]
     roots = lineage(store)

@@ -40,9 +40,12 @@ def test_converge_accumulates_and_replace_keeps_only_the_round(ws):
     with ws.store() as store:
         r0 = [_img(store, "a", 0, 0, "UR"), _img(store, "b", 0, 0, "SSR"), _img(store, "c", 0, 0, "SR")]
         r1 = [_img(store, "d", 1, 1, "SSR"), _img(store, "e", 1, 1, "R")]
-        acc = choose(ws, store, _sc("select.strategy=converge"), 1)
-        rep = choose(ws, store, _sc("select.strategy=converge", "select.accumulate=false"), 1)
-        sr = choose(ws, store, _sc("select.strategy=converge", "select.min_tier=SR"), 1)
+        top = choose(ws, store, _sc("select.strategy=converge"), 1)
+        acc = choose(ws, store, _sc("select.strategy=converge", "select.top_share=0"), 1)
+        rep = choose(ws, store, _sc("select.strategy=converge", "select.accumulate=false", "select.top_share=0"), 1)
+        sr = choose(ws, store, _sc("select.strategy=converge", "select.min_tier=SR", "select.top_share=0"), 1)
+    # by default (select.top_share=0.25) each round's best tiers down to a quarter of it: round 0's UR, round 1's SSR
+    assert {i["id"] for i in top} == {r0[0], r1[0]}
     assert {i["id"] for i in acc} == {r0[0], r0[1], r1[0]}
     assert {i["id"] for i in rep} == {r1[0]}
     assert {i["id"] for i in sr} == {*r0, r1[0]}
@@ -62,8 +65,10 @@ def test_outside_images_keep_their_share_of_the_weight(ws):
 def test_tier_weights_draw_better_tiers_more_often(ws):
     with ws.store() as store:
         ur, ssr = _img(store, "ur", 1, 1, "UR"), _img(store, "ssr", 1, 1, "SSR")
-        even = choose(ws, store, _sc("select.strategy=converge"), 1)
-        weighted = choose(ws, store, _sc("select.strategy=converge", "select.tier_weights=[3,1,1,1,1]"), 1)
+        even = choose(ws, store, _sc("select.strategy=converge", "select.top_share=0"), 1)
+        weighted = choose(
+            ws, store, _sc("select.strategy=converge", "select.top_share=0", "select.tier_weights=[3,1,1,1,1]"), 1
+        )
     assert {i["id"]: i["weight"] for i in even} == {ur: 1.0, ssr: 1.0}
     assert {i["id"]: i["weight"] for i in weighted} == {ur: 3.0, ssr: 1.0}
     with pytest.raises(LoopError, match="select.tier_weights"):
@@ -80,11 +85,13 @@ def test_top_share_keeps_each_rounds_best_tiers(ws):
         r1 = {t: [_img(store, f"r1{t}{k}", 1, 1, t) for k in range(n)] for t, n in (("UR", 4), ("SSR", 6))}
         imported = _img(store, "imp", None, None, "SSR")  # no round: not filtered
         top = choose(ws, store, _sc("select.strategy=converge", "select.top_share=0.3"), 1)
-        plain = choose(ws, store, _sc("select.strategy=converge"), 1)
+        plain = choose(ws, store, _sc("select.strategy=converge", "select.top_share=0"), 1)
+        grow = choose(ws, store, _sc("select.strategy=grow", "select.top_share=0.3", "select.ancestor_cap=1"), 1)
         nothing_below_ssr = choose(ws, store, _sc("select.strategy=converge", "select.top_share=1"), 1)
     assert {i["id"] for i in top} == {*r0["UR"], *r0["SSR"], *r1["UR"], imported}
     assert {i["id"] for i in plain} == {*r0["UR"], *r0["SSR"], *r1["UR"], *r1["SSR"], imported}
     assert {i["tier"] for i in nothing_below_ssr} == {"UR", "SSR"}
+    assert {i["id"] for i in grow} == {i["id"] for i in plain}, "grow keeps every accepted image"
     with pytest.raises(LoopError, match="select.top_share"):
         _sc("select.top_share=1.5")
 

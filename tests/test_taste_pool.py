@@ -81,16 +81,16 @@ def test_the_pools_winners_are_the_pictures_the_taste_model_prefers(ws):
         assert [it["winner"] for it in items] == [True, False, True, False]
         assert [it["tier"] for it in items] == ["UR", "N", "UR", "N"]
         assert said[-1].startswith("taste pool: 2 of 4 base picture(s) predicted UR or better")
-        # the bar is the selection's lowest tier: converge's SSR selection lets SSR-predicted pictures win
+        # train.taste_pool_bar=selection: the selection's lowest tier, so an SSR selection lets SSR-predicted win
         Fake.predict = lambda self, X: {"tier": ["SSR", "SR", "UR", "N"]}
+        cfg.train.taste_pool_bar = "selection"
         items = taste_pool_items(ws, None, None, cfg, [{"caption": "a circle", "tier": "SSR"}], log=said.append)
         assert [it["winner"] for it in items] == [True, False, True, False] and LEVEL["SSR"] == 3
-        # train.taste_pool_bar=UR: only the pictures predicted UR win, whatever the selection's bar
+        # train.taste_pool_bar=UR (the default): only the pictures predicted UR win, whatever the selection's bar
         cfg.train.taste_pool_bar = "UR"
         items = taste_pool_items(ws, None, None, cfg, [{"caption": "a circle", "tier": "SSR"}], log=said.append)
         assert [it["winner"] for it in items] == [False, False, True, False]
         assert said[-1].startswith("taste pool: 1 of 4 base picture(s) predicted UR or better")
-        cfg.train.taste_pool_bar = "selection"
         # no rated image in the selection, or no model yet: not used, and said
         assert taste_pool_items(ws, None, None, cfg, [{"caption": "a circle"}], log=said.append) == []
         assert "no rated image" in said[-1]

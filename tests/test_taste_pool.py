@@ -116,3 +116,12 @@ def test_the_pool_share_sets_how_much_of_each_batch_pool_pairs_make():
     assert pool_share_weights(pairs, items, 0.0) is None  # 0: every pair alike
     assert pool_share_weights([(0, 1)], items, 0.5) is None  # no pool pair: nothing to share
     assert pool_share_weights([(2, 3)], items, 0.5) is None  # no rated pair
+
+
+def test_a_wrong_pool_bar_is_one_clear_message():
+    from loop.errors import LoopError
+
+    assert load_config(None, []).train.taste_pool_bar == "UR"
+    assert load_config(None, ["train.taste_pool_bar=selection"]).train.taste_pool_bar == "selection"
+    with pytest.raises(LoopError, match="train.taste_pool_bar.*use selection or one of UR, SSR, SR, R"):
+        load_config(None, ["train.taste_pool_bar=N"])

@@ -375,7 +375,8 @@ def tradeoff_points(parts: dict[str, dict]) -> list[dict]:
                        "min_kept": round(float(np.mean(kept)), 3), "met": sum(r["met"] for r in runs),
                        "tastes": ",".join(sorted({r["taste"] for r in runs})),
                        "seeds": ",".join(str(s) for s in sorted({r["seed"] for r in runs}))})  # fmt: skip
-    return sorted(points, key=lambda q: (q["setting"] != "defaults", q["setting"]))
+    ordered = sorted(points, key=lambda q: (q["setting"] != "defaults", q["setting"]))
+    return [{"#": i + 1, **q} for i, q in enumerate(ordered)]  # "#": the point's number on the plot
 
 
 def tradeoff_plot(points: list[dict]) -> bytes:
@@ -389,15 +390,15 @@ def tradeoff_plot(points: list[dict]) -> bytes:
         star = q["setting"] == "defaults"
         ax.scatter(q["min_kept"], q["ur_gain_points"], s=220 if star else 50, marker="*" if star else "o",
                    color="crimson" if star else "steelblue", zorder=3)  # fmt: skip
-        short = q["setting"].replace("train.", "").replace("gate.enabled=false", "(gate off)")
-        ax.annotate(f"{short}, {q['runs']} runs", (q["min_kept"], q["ur_gain_points"]), fontsize=7,
+        # numbers, not the settings' names, which overlap where settings sit close: the table below names them
+        ax.annotate("defaults" if star else str(q["#"]), (q["min_kept"], q["ur_gain_points"]), fontsize=8,
                     xytext=(5, 4), textcoords="offset points")  # fmt: skip
     ax.axvline(KEEP_SPREAD, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("per-prompt spread kept, the least-kept indifferent attribute (share of unit 0's; mean of runs)")
     ax.set_ylabel("UR rate gain, last generating unit vs unit 0 (points)")
     ax.set_title(
-        "What each setting trades: taste learnt against variety kept (* = defaults; the runs every "
-        "setting has in common)",
+        "What each setting trades: taste learnt against variety kept (* = defaults; numbers: the rows of the "
+        "table below)",
         fontsize=9,
     )
     ax.set_xlim(

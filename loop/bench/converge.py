@@ -175,12 +175,9 @@ def run_one(taste: str, strategy: str, seed: int, where: Path, rounds: int, per_
         with ws.store() as store:
             generating.append(store.generating_unit())
             row = store.unit(n + 1)
-            gate = json.loads(row["gate"]) if row is not None and "gate" in row.keys() and row["gate"] else None
-        gates.append({"unit": n + 1, "passed": None if gate is None else gate.get("passed"),
-                      "reasons": [] if gate is None else gate.get("reasons", []),
-                      "parent": None if gate is None else gate.get("parent"),
-                      "votes": None if gate is None else gate.get("votes"),
-                      "p_value": None if gate is None else gate.get("p_value")})  # fmt: skip
+            gate = json.loads(row["gate"]) if row is not None and "gate" in row.keys() and row["gate"] else {}
+        gates.append({"unit": n + 1, "reasons": gate.get("reasons", []),
+                      **{k: gate.get(k) for k in ("passed", "parent", "votes", "p_value")}})  # fmt: skip
         log(f"  {taste}/{strategy}/seed {seed}: round {n} done ({time.time() - t0:.0f} s), generating: unit "
             f"{generating[-1]}")  # fmt: skip
     share_pool(ws, into_workspace=False)

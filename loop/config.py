@@ -331,6 +331,10 @@ class EvalConfig:
     # loop compare names a unit whose coverage of its selection, per prompt on average, is below this share of the
     # base model's (unit 0's) coverage of the same selection
     min_coverage_share: float = 0.6
+    # the taste model's cheap features (loop.taste_model.taste_features) also hold the figure's 8x8 distance map.
+    # Without it the taste pool's predicted winners are truer, but units trained on them met fewer targets
+    # (docs/convergence.md, "The fourth study"), so it stays on
+    taste_grid: bool = True
 
     def __post_init__(self):
         _check(bool(self.features.strip()), "eval.features", self.features, "use cheap, or a CLIP/DINOv2 model")

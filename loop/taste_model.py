@@ -151,28 +151,31 @@ def cross_validated_agreement(X, tiers: list[str], prompts: list[str]) -> tuple[
     return pairwise_agreement(scores, tiers, prompts)
 
 
-def taste_features(rgb) -> np.ndarray:
+def taste_features(rgb, grid: bool = True) -> np.ndarray:
     """A description of the picture as a figure on a ground (the embedded model draws one shape on a plain background).
-    The ground is the median colour of the image's border; each pixel's colour distance from it, as an 8x8 map,
-    with the map's moments (mass, centroid, spread, the centroid's distance from the middle); the ground's colour
-    and the picture's mean colour; and the figure, the pixels far from the ground: its bounding box (width, height,
-    longer side, centre and the centre's distance from the middle), its pixels' centroid and area, its mean colour
-    and how far its pixels stand from the ground.
+    The ground is the median colour of the image's border; each pixel's colour distance from it, summarised by its
+    moments (mass, centroid, spread, the centroid's distance from the middle); the ground's colour and the picture's
+    mean colour; and the figure, the pixels far from the ground: its bounding box (width, height, longer side, centre
+    and the centre's distance from the middle), its pixels' centroid and area, its mean colour and how far its
+    pixels stand from the ground: 30 values, after the distance map itself as 8x8 cells (94 in all; `grid` False,
+    eval.taste_grid=false, leaves the map out).
 
     Why not the cheap features loop compare uses (a colour histogram and an 8x8 thumbnail, 256 values): a linear
     model on 200 ratings could not read "how much the figure stands out, how big, where" from them, and beside
-    these 94 values they diluted what it could (python -m loop.bench taste's measures, on other seeds than the
+    these values they diluted what it could (python -m loop.bench taste's measures, on other seeds than the
     bench's: with them added, centred_big needed 37% of the default order's ratings and agreed on 89% of held-out
-    pairs, without them 35% and 93%; warm 32% and 98% against 32% and 96%). The cost: where the figure is noise
-    (the page test's colour fields with a random dot), 40 ratings order the fields' colours less cleanly. These
-    name no scripted taste, but they are the quantities such tastes are written on, so the bench's figures hold for
-    the embedded model only: a real model's images go through the vision embedding (eval.features) instead."""
+    pairs, without them 35% and 93%; warm 32% and 98% against 32% and 96%). The 8x8 map dilutes in the same way
+    with the 64 ratings of a first round: predicting the taste pool (loop.train.pool) from round 0's ratings, the
+    pictures it called UR were truly UR (rater noise 10) in 74-79% (centred_big), 84-87% (small_dark) and 82-87%
+    (contrast) of cases without the map, against 75-78%, 73-76% and 81-83% with it. It is kept all the same: units
+    trained on the truer pool met fewer of the convergence targets (docs/convergence.md, "The fourth study"). The
+    cost: where the figure is noise (the page test's colour fields with a random dot), 40 ratings order the fields'
+    colours less cleanly. These name no scripted taste, but they are the quantities such tastes are written on, so
+    the bench's figures hold for the embedded model only: a real model's images go through the vision embedding (eval.features) instead."""
     a = np.asarray(rgb, dtype=np.float32)[..., :3]
     h, w = a.shape[:2]
     ground = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
     dist = np.linalg.norm(a - ground, axis=-1) / 441.7  # 0..1
-    gh, gw = h // 8 * 8, w // 8 * 8
-    grid = dist[:gh, :gw].reshape(8, gh // 8, 8, gw // 8).mean(axis=(1, 3)).ravel()
     m = dist / max(float(dist.sum()), 1e-6)
     ys, xs = np.mgrid[0:h, 0:w]
     ys, xs = ys / h, xs / w
@@ -181,7 +184,11 @@ def taste_features(rgb) -> np.ndarray:
     moments = [float(dist.mean()), cx, cy, sx, sy, float(np.hypot(cx - 0.5, cy - 0.5)), max(sx, sy),
                float((dist > FIGURE).mean())]  # fmt: skip
     whole = a.reshape(-1, 3).mean(axis=0) / 255.0  # the picture's mean colour
-    return np.concatenate([grid, ground / 255.0, whole, moments, _figure(a, dist, ground)]).astype(np.float32)
+    cells = []
+    if grid:
+        gh, gw = h // 8 * 8, w // 8 * 8
+        cells = dist[:gh, :gw].reshape(8, gh // 8, 8, gw // 8).mean(axis=(1, 3)).ravel()
+    return np.concatenate([cells, ground / 255.0, whole, moments, _figure(a, dist, ground)]).astype(np.float32)
 
 
 FIGURE_FEATURES = 16  # the length of _figure's description
@@ -239,7 +246,7 @@ def features_of_images(ws, ec, images, keys=None) -> np.ndarray:
     from loop.images import load_rgb
 
     rgbs = [load_rgb(im) if not hasattr(im, "convert") else np.asarray(im.convert("RGB")) for im in images]
-    return np.stack([taste_features(a) for a in rgbs])
+    return np.stack([taste_features(a, ec.taste_grid) for a in rgbs])
 
 
 def rated_rows(store) -> list:

@@ -57,3 +57,13 @@ def test_taste_features_see_where_the_figure_is():
     assert f[figure + 5] > g[figure + 5] + 0.3  # the box's centre's distance from the middle
     assert f[figure + 9] == g[figure + 9] == 0.0625  # its area
     assert np.allclose(f[figure + 10 : figure + 13], 1.0)  # its colour: white
+
+
+def test_eval_taste_grid_false_leaves_out_the_figure_map_and_nothing_else():
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    img[8:24, 40:56] = (200, 30, 30)  # a red square, top right
+    plain, with_map = taste_features(img, grid=False), taste_features(img)
+    assert with_map.shape[0] == plain.shape[0] + 64
+    assert np.array_equal(with_map[64:], plain)
+    cells = with_map[:64].reshape(8, 8)
+    assert cells[1:3, 5:7].min() > 0.3 and cells[5:, :4].max() == 0.0  # the map is where the square is

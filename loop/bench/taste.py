@@ -54,7 +54,7 @@ def draw(n: int, seed0: int, where: Path, log=print) -> tuple[np.ndarray, list[s
     for c in range(0, n, 64):
         rgbs += [np.asarray(im.convert("RGB")) for im in render_unit(ws, cfg, 0, probes[c : c + 64])]
         log(f"  drawn {len(rgbs)}/{n}")
-    return np.stack([taste_features(a) for a in rgbs]), [p for p, _ in probes], rgbs
+    return np.stack([taste_features(a, cfg.eval.taste_grid) for a in rgbs]), [p for p, _ in probes], rgbs
 
 
 def rate_all(rgbs, taste: str) -> list[str]:

@@ -171,7 +171,8 @@ def taste_features(rgb, grid: bool = True) -> np.ndarray:
     trained on the truer pool met fewer of the convergence targets (docs/convergence.md, "The fourth study"). The
     cost: where the figure is noise (the page test's colour fields with a random dot), 40 ratings order the fields'
     colours less cleanly. These name no scripted taste, but they are the quantities such tastes are written on, so
-    the bench's figures hold for the embedded model only: a real model's images go through the vision embedding (eval.features) instead."""
+    the bench's figures hold for the embedded model only: a real model's images go through the vision embedding
+    (eval.features) instead."""
     a = np.asarray(rgb, dtype=np.float32)[..., :3]
     h, w = a.shape[:2]
     ground = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)

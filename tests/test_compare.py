@@ -470,7 +470,8 @@ def test_loop_compare_leads_with_the_per_prompt_coverage_and_names_the_collapse(
     assert "lost most: 'a circle' (1.00 -> 0.00)" in named[0] and "unit 2" not in named[0]
     assert out.index("collapsed:") < out.index("vendi")  # the figures lead; Vendi and seed diversity follow
     data = json.loads((ws.root / "cache" / "compare" / "compare.json").read_text(encoding="utf-8"))
-    assert data["collapsed"] == [1] and data["eval"] == {"features": "cheap", "k": 5, "min_coverage_share": 0.6}
+    assert data["collapsed"] == [1]
+    assert data["eval"] == {"features": "cheap", "k": 5, "min_coverage_share": 0.6, "taste_grid": True}
     by_unit = {s["unit"]: s for s in data["units"]}
     assert by_unit[1]["selection_by_prompt"]["a circle"]["coverage"] == 0.0
     assert by_unit[2]["collapsed"] is False and by_unit[1]["coverage_lost"][0]["prompt"] == "a circle"

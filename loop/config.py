@@ -22,6 +22,7 @@ SCHEDULERS = ("dpm++", "ddim", "euler", "euler_a", "ddpm")
 STRATEGIES = ("golden", "converge", "grow", "longtail")
 METHODS = ("lora", "custom_diffusion")
 STARTS = ("from_base", "from_parent")
+DPO_REFERENCES = ("base", "parent")
 OPTIMIZERS = ("adamw", "adamw8bit")
 # warm/cool/bright/dark: one colour statistic. The others are multi-attribute tastes read from the picture's shape
 # and background (loop.tastes), each indifferent to some attributes: small_dark, contrast, centred_big
@@ -246,6 +247,10 @@ class TrainConfig:
     # latent space), so that what merely happened to differ between winners and losers cancels out within each
     # pair (loop.objectives.matched_pairs); 0 pairs it with every worse-rated image
     dpo_match: int = 0
+    # dpo's reference: "base" (the adapter switched off), or "parent": the unit it is trained from, so that each
+    # round is preferred against the last and the units can keep moving where the ratings point (iterated dpo, as in
+    # self-rewarding or online DPO); needs train.start=from_parent, and unit 1's parent is the base either way
+    dpo_reference: str = "base"
     # Learn from the base model's own pictures too (loop.train.pool): taste_pool pictures per prompt of the
     # selection, drawn once by the base at seeds no round uses, each labelled by the workspace's taste model
     # (fitted on the person's ratings); supervised learns the predicted winners beside the selection, dpo pairs the
@@ -275,6 +280,10 @@ class TrainConfig:
                "must be >= 0 and < 1 (0: every pair alike)")  # fmt: skip
         _check(self.taste_pool_bar in ("selection",) + TIERS[:-1], "train.taste_pool_bar", self.taste_pool_bar,
                "use selection or one of UR, SSR, SR, R")  # fmt: skip
+        _check(self.dpo_reference in DPO_REFERENCES, "train.dpo_reference", self.dpo_reference,
+               f"use one of {', '.join(DPO_REFERENCES)}")  # fmt: skip
+        _check(self.dpo_reference != "parent" or self.start == "from_parent", "train.dpo_reference",
+               self.dpo_reference, "parent continues the parent's adapter: set train.start=from_parent")  # fmt: skip
         _check(self.dpo_match >= 0, "train.dpo_match", self.dpo_match, "must be >= 0 (0: every pair)")
         _check(self.dpo_sft_weight >= 0, "train.dpo_sft_weight", self.dpo_sft_weight, "must be >= 0")
         _check(self.method in METHODS, "train.method", self.method, f"use one of {', '.join(METHODS)}")

@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from loop.config import ModelConfig, load_config
+from loop.errors import LoopError
 from loop.generate import generate_ring
 from loop.models import load_base
 from loop.objectives import diffusion_dpo_loss, matched_pairs, per_item_error, preference_pairs
@@ -188,3 +189,53 @@ def test_kill_9_mid_dpo_training_then_run_again_resumes(ws):
     assert "resuming training from step" in text
     assert int(text.split("resuming training from step ")[1].split()[0]) >= 10
     assert (ws.checkpoint(1) / "manifest.json").exists()
+
+
+def test_dpo_against_the_parent_learns_in_default_keeps_the_parent_frozen_and_moves_past_it(tmp_path):
+    """train.dpo_reference=parent: the reference forward is the parent's adapter, which never changes; the unit
+    starts where the parent is and goes on towards the winners from there; the saved file is the unit's alone."""
+    from safetensors.torch import load_file
+
+    from loop.train.adapters import REFERENCE, add_reference_adapter, save_lora
+    from loop.train.fit import reference_forward
+
+    pipe = load_base(ModelConfig())
+    over = ["train.objective=dpo", "train.steps=40", "train.lr=5e-3", "train.batch_size=8", "train.dpo_beta=500"]
+    tc = load_config(None, [*over, "train.start=from_parent", "train.dpo_reference=parent"]).train
+    unet = add_lora(pipe.unet, tc)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a parent that is not the base: its lora_B weights made non-zero
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    save_lora(unet, tmp_path / "parent")
+    data = _pair_data(pipe)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    parent_w, parent_l = _errors(unet, data, sched, adapters=True)
+    base_w, _ = _errors(unet, data, sched, adapters=False)
+    assert parent_w != base_w  # the parent differs from the base, so the test can tell which reference is used
+
+    add_reference_adapter(pipe, tmp_path / "parent", tc)
+    frozen = {n: p.detach().clone() for n, p in unet.named_parameters() if f".{REFERENCE}." in n}
+    assert frozen and not any(p.requires_grad for n, p in unet.named_parameters() if f".{REFERENCE}." in n)
+    with reference_forward(unet):
+        ref_w, ref_l = _errors(unet, data, sched, adapters=True)
+    assert (ref_w, ref_l) == pytest.approx((parent_w, parent_l), rel=1e-5)  # the reference is the parent
+
+    unet, _, _ = fit(unet, data, sched, tc, Accelerator(cpu=True), **QUIET)
+    unet.eval()
+    now = dict(unet.named_parameters())
+    assert all(torch.equal(frozen[n], now[n]) for n in frozen)  # the parent never learns
+    new_w, new_l = _errors(unet, data, sched, adapters=True)
+    # past the parent: dpo's implicit reward (how much better than the reference it denoises) is higher on the
+    # winners than on the losers, and it denoises the winners better than the parent did
+    assert new_w - parent_w < new_l - parent_l and new_w < parent_w, (new_w, parent_w, new_l, parent_l)
+    saved = load_file(save_lora(unet, tmp_path / "unit"))
+    assert saved and not any(REFERENCE in k for k in saved)
+
+
+def test_dpo_reference_parent_without_from_parent_is_refused_in_one_line():
+    with pytest.raises(LoopError, match="set train.start=from_parent"):
+        load_config(None, ["train.dpo_reference=parent"])
+    with pytest.raises(LoopError, match="use one of base, parent"):
+        load_config(None, ["train.dpo_reference=grandparent"])

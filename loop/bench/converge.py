@@ -286,7 +286,8 @@ def part_name(overrides: list[str], tastes: list[str], strategies: list[str], se
 # so adding an option does not disown the figures measured before it existed.
 ADDED_SINCE = {"generate.vae_slicing": False, "generate.vae_tiling": False, "train.gradient_checkpointing": False,
                "train.optimizer": "adamw", "train.dpo_match": 0,
-               "train.taste_pool": 0, "train.taste_pool_share": 0.0, "train.taste_pool_bar": "selection"}  # fmt: skip
+               "train.taste_pool": 0, "train.taste_pool_share": 0.0, "train.taste_pool_bar": "selection",
+               "train.dpo_reference": "base"}  # fmt: skip
 
 
 def defaults_fingerprint() -> str:

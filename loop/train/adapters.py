@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -65,8 +66,12 @@ def add_modifier_token(tokenizer, text_encoder, token: str, initializer: str) ->
     return new_id
 
 
-def load_parent_adapter(pipe, folder: Path, tc) -> None:
-    """from_parent: copy unit N's adapter weights into the freshly attached adapter(s) of the same shape."""
+REFERENCE = "parent"  # train.dpo_reference=parent: the name of the parent's frozen copy beside "default"
+
+
+def load_parent_adapter(pipe, folder: Path, tc, adapter: str = "default") -> None:
+    """from_parent: copy unit N's adapter weights into the freshly attached adapter(s) of the same shape (UNet
+    only for any adapter but "default")."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
@@ -77,24 +82,44 @@ def load_parent_adapter(pipe, folder: Path, tc) -> None:
         sd, _ = StableDiffusionPipeline.lora_state_dict(str(where.parent), weight_name=where.name)
     unet_sd = convert_unet_state_dict_to_peft({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
     try:
-        out = set_peft_model_state_dict(pipe.unet, unet_sd, adapter_name="default")
+        out = set_peft_model_state_dict(pipe.unet, unet_sd, adapter_name=adapter)
     except RuntimeError as e:  # shapes differ: another rank
         raise LoopError(
             f"the parent adapter at {folder} does not match this one ({str(e).splitlines()[1].strip()[:120]}): "
             "train.method, rank and target_modules must be the parent's for from_parent"
         ) from e
-    missing = [k for k in getattr(out, "missing_keys", []) if "lora_" in k]
+    missing = [k for k in getattr(out, "missing_keys", []) if "lora_" in k and f".{adapter}." in k]
     unexpected = list(getattr(out, "unexpected_keys", []))
     if missing or unexpected:
         raise LoopError(
             f"the parent adapter at {folder} does not match this one ({len(missing)} missing, {len(unexpected)} "
             "unexpected weights): train.method, rank and target_modules must be the parent's for from_parent"
         )
-    for comp in ("text_encoder", "text_encoder_2"):  # (SDXL has two)
+    for comp in ("text_encoder", "text_encoder_2") if adapter == "default" else ():  # (SDXL has two)
         te_sd = {k[len(comp) + 1 :]: v for k, v in sd.items() if k.startswith(f"{comp}.")}
         encoder = getattr(pipe, comp, None)
         if te_sd and getattr(encoder, "peft_config", None):
             set_peft_model_state_dict(encoder, convert_unet_state_dict_to_peft(te_sd), adapter_name="default")
+
+
+def add_reference_adapter(pipe, folder: Path, tc) -> None:
+    """train.dpo_reference=parent: a second, frozen LoRA on the UNet holding unit N's weights, which dpo's
+    reference forward switches to (loop.train.fit.reference_forward); "default" stays the one that learns and is
+    saved."""
+    from peft import LoraConfig
+
+    cfg = pipe.unet.peft_config["default"]
+    with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        pipe.unet.add_adapter(
+            LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=sorted(cfg.target_modules)),
+            adapter_name=REFERENCE,
+        )
+    load_parent_adapter(pipe, folder, tc, adapter=REFERENCE)
+    pipe.unet.set_adapter("default")  # the learning adapter active and trainable, the parent's frozen
+    for name, p in pipe.unet.named_parameters():
+        if f".{REFERENCE}." in name:
+            p.requires_grad_(False)
 
 
 def _trainable(*modules) -> dict[str, torch.nn.Parameter]:

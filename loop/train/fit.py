@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from loop.errors import LoopError
 from loop.families import embedding_tables, encode_ids, encoder_modules, unet_inputs
 from loop.objectives import diffusion_dpo_loss, per_item_error, supervised_loss
-from loop.train.adapters import _trainable
+from loop.train.adapters import REFERENCE, _trainable
 from loop.train.data import TrainData
 from loop.workspace import TMP_MARK, atomic_write
 
@@ -156,6 +157,28 @@ class BaseTargets:
         return self.sizes[step - self.chunk * self.CHUNK]
 
 
+@contextmanager
+def reference_forward(model):
+    """dpo's reference for the forwards inside: the parent's frozen adapter where train.dpo_reference=parent
+    attached one (loop.train.adapters.add_reference_adapter), else the base (the adapters switched off). Switching
+    back makes "default" active and trainable again and freezes the parent's."""
+    if REFERENCE in getattr(model, "peft_config", {}):
+        model.set_adapter(REFERENCE)
+        try:
+            yield
+        finally:
+            model.set_adapter("default")
+            for name, p in model.named_parameters():
+                if f".{REFERENCE}." in name:
+                    p.requires_grad_(False)
+    else:
+        model.disable_adapters()
+        try:
+            yield
+        finally:
+            model.enable_adapters()
+
+
 def dpo_batch_loss(unet, data, noise_sched, tc, accelerator, gen, t_weights, dev, te_learns: bool):
     """One step of train.objective=dpo: batch_size/2 pairs, each winner and loser noised with the same noise at the
     same timestep, through the unit and through the reference (the same UNet with its adapter switched off), and
@@ -198,13 +221,8 @@ def dpo_batch_loss(unet, data, noise_sched, tc, accelerator, gen, t_weights, dev
     t, cond = t.to(dev), cond.to(dev)
     inputs = unet_inputs(cond, None if pooled is None else pooled.to(dev),
                          None if data.time_ids is None else data.time_ids[rows].to(dev))  # fmt: skip
-    model = accelerator.unwrap_model(unet)
-    with torch.no_grad(), accelerator.autocast():
-        model.disable_adapters()
-        try:
-            ref = unet(xt, t, **inputs).sample.float()
-        finally:
-            model.enable_adapters()
+    with torch.no_grad(), accelerator.autocast(), reference_forward(accelerator.unwrap_model(unet)):
+        ref = unet(xt, t, **inputs).sample.float()
     with accelerator.autocast():
         pred = unet(xt, t, **inputs).sample
     err, ref_err = per_item_error(pred[: 2 * n], target[: 2 * n]), per_item_error(ref[: 2 * n], target[: 2 * n])

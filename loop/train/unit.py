@@ -20,7 +20,7 @@ from loop.errors import LoopError
 from loop.models import load_base, pick_device
 from loop.objectives import matched_pairs, preference_pairs
 from loop.store import Store, raise_missing_unit
-from loop.train.adapters import EMBEDS, _attach, load_parent_adapter, save_lora
+from loop.train.adapters import EMBEDS, _attach, add_reference_adapter, load_parent_adapter, save_lora
 from loop.train.data import TrainData, _st_bytes, class_images, crop_geometry, encode_captions, encode_latents
 from loop.train.fit import Checkpoints, fit
 from loop.train.pool import pool_share_weights, taste_pool_items
@@ -178,6 +178,8 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
         data.empty = data.empty_embed
     if tc.start == "from_parent" and parent > 0:
         load_parent_adapter(pipe, ws.checkpoint(parent), tc)
+        if tc.objective == "dpo" and tc.dpo_reference == "parent":
+            add_reference_adapter(pipe, ws.checkpoint(parent), tc)
         if token and (ws.checkpoint(parent) / EMBEDS).exists():
             saved_token, saved_rows = families.read_embedding(ws.checkpoint(parent) / EMBEDS)
             if saved_token == token and len(saved_rows) == len(new_rows):

@@ -239,3 +239,31 @@ def test_dpo_reference_parent_without_from_parent_is_refused_in_one_line():
         load_config(None, ["train.dpo_reference=parent"])
     with pytest.raises(LoopError, match="use one of base, parent"):
         load_config(None, ["train.dpo_reference=grandparent"])
+
+
+def test_a_unit_trained_against_its_parent_starts_there_and_says_so(ws):
+    """train.dpo_reference=parent through train_unit: unit 2 starts from unit 1's adapter, is preferred against it,
+    and its file holds its own weights only."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from loop.train.adapters import WEIGHTS
+
+    over = ["generate.steps=3", "generate.images_per_prompt=4", "train.objective=dpo", "train.steps=4",
+            "train.batch_size=4", "train.taste_pool=0"]  # fmt: skip
+    cfg = load_config(ws.root, [*over, "train.start=from_parent", "train.dpo_reference=parent"])
+    _rated_round(ws, cfg, ["UR", "N", "SR", "R", "UR", "N", "SSR", "SR"])
+    said = []
+    with ws.store() as store:
+        train_unit(ws, store, cfg, parent=0, log=said.append)
+        assert not any("preferred against" in line for line in said)  # unit 1's parent is the base
+        ws.checkpoint(2).mkdir(parents=True)
+        shutil.copy(ws.checkpoint(1) / "selection.json", ws.checkpoint(2) / "selection.json")
+        train_unit(ws, store, cfg, parent=1, log=said.append)
+    assert any("preferred against unit_001" in line for line in said), said
+    one, two = load_file(ws.checkpoint(1) / WEIGHTS), load_file(ws.checkpoint(2) / WEIGHTS)
+    assert one.keys() == two.keys() and any(not torch.equal(one[k], two[k]) for k in one)
+    manifest = json.loads((ws.checkpoint(2) / "manifest.json").read_text())
+    assert manifest["objective"] == "dpo" and manifest["parent"] == 1

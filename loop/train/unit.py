@@ -180,6 +180,8 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
         load_parent_adapter(pipe, ws.checkpoint(parent), tc)
         if tc.objective == "dpo" and tc.dpo_reference == "parent":
             add_reference_adapter(pipe, ws.checkpoint(parent), tc)
+            if accelerator.is_main_process:
+                log(f"dpo: preferred against {unit_name(parent)}, where it starts (train.dpo_reference=parent)")
         if token and (ws.checkpoint(parent) / EMBEDS).exists():
             saved_token, saved_rows = families.read_embedding(ws.checkpoint(parent) / EMBEDS)
             if saved_token == token and len(saved_rows) == len(new_rows):

@@ -54,6 +54,7 @@ def test_the_summary_counts_only_todays_defaults_and_every_taste_and_strategy(tm
     md = (out / "convergence.md").read_text()
     assert md.startswith("# prose before") and md.rstrip().endswith("prose after") and "\nold\n" not in md
     assert "train.objective=supervised" in md and (out / "img" / "converge_tradeoff.png").exists()
+    assert "img/converge_units.png" in md and (out / "img" / "converge_units.png").exists()
 
 
 def test_the_command_line_refuses_an_unknown_taste_before_it_starts():
@@ -61,3 +62,17 @@ def test_the_command_line_refuses_an_unknown_taste_before_it_starts():
 
     with pytest.raises(SystemExit, match="unknown sweet"):
         main(["converge", "--tastes", "warm,sweet"])
+
+
+def test_every_unit_after_unit_0_is_a_point_of_its_taste_in_its_settings_family():
+    run = converge.figures_of(_run(ur=(0.2, 0.5, 0.5, 0.6), kept=0.7))
+    parts = {
+        "a": {"settings": {"overrides": "", "defaults": converge.defaults_fingerprint()}, "runs": [run]},
+        "p": {"settings": {"overrides": "train.start=from_parent train.dpo_reference=parent"}, "runs": [run]},
+    }
+    points = converge.unit_points(parts)["small_dark"]
+    assert len(points) == 6  # units 1-3 of each part's run; unit 0 is the yardstick, not a point
+    assert {f for _, _, f in points} == {"today's defaults", "dpo against the parent"}
+    # unit 3: its UR over unit 0's and the least-kept of the attributes small_dark ignores
+    assert (0.7, pytest.approx(3.0), "today's defaults") in points
+    assert converge.unit_plot(converge.unit_points(parts)).startswith(b"\x89PNG")

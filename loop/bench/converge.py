@@ -410,6 +410,66 @@ def tradeoff_plot(points: list[dict]) -> bytes:
     return buf.getvalue()
 
 
+# the families of settings the per-unit plot colours: (label, colour, does a part's setting belong to it)
+FAMILIES = [
+    ("today's defaults", "crimson", lambda label: label == "defaults"),
+    ("dpo against the parent", "darkorange", lambda label: "dpo_reference=parent" in label),
+    ("supervised", "grey", lambda label: "objective=supervised" in label),
+    ("other dpo settings", "steelblue", lambda label: True),
+]
+
+
+def unit_points(parts: dict[str, dict]) -> dict[str, list[tuple[float, float, str]]]:
+    """Per taste, every unit after unit 0 of every run: (least-kept indifferent attribute's share of unit 0's
+    per-prompt spread, UR rate over unit 0's, the setting's family). Units that did not generate are included:
+    the plot shows what training reaches, not what the gate let through."""
+    out: dict[str, list[tuple[float, float, str]]] = {}
+    for part in parts.values():
+        label = label_of(part)
+        family = next(name for name, _, belongs in FAMILIES if belongs(label))
+        for r in part["runs"]:
+            ur0 = float(r["ur"]["0"])
+            attrs = list(r["indifferent_kept"])
+            for unit, ur in r["ur"].items():
+                shares = [r["spread_share"][a].get(unit) for a in attrs]
+                if unit == "0" or not ur0 or any(v is None for v in shares):
+                    continue
+                out.setdefault(r["taste"], []).append((float(min(shares)), float(ur) / ur0, family))
+    return out
+
+
+def unit_plot(points: dict[str, list[tuple[float, float, str]]]) -> bytes:
+    """One panel per taste: every unit of every run at its UR gain against the variety it kept, coloured by the
+    setting's family, with the targets' corner (2x, 80%) marked: where the settings lie on one trade-off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tastes = [t for t in TASTE_NAMES if t in points]
+    fig, axes = plt.subplots(1, len(tastes), figsize=(3.6 * len(tastes), 3.8), dpi=100, squeeze=False)
+    for ax, taste in zip(axes[0], tastes):
+        for name, colour, _ in reversed(FAMILIES):  # today's defaults drawn last, on top
+            xs = [x for x, _, f in points[taste] if f == name]
+            ys = [y for _, y, f in points[taste] if f == name]
+            if xs:
+                ax.scatter(xs, ys, s=14, color=colour, alpha=0.75, label=name, zorder=3)
+        ax.axvline(KEEP_SPREAD, color="grey", lw=0.8, ls="--")
+        ax.axhline(UR_GAIN, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"{taste}: the targets' corner is top right", fontsize=9)
+        ax.set_xlabel("least-kept indifferent spread (share of unit 0's)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("UR rate, multiple of unit 0's", fontsize=8)
+    present = {f for pts in points.values() for _, _, f in pts}
+    handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=n) for n, c, _ in FAMILIES if n in present]
+    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles), frameon=False)
+    buf = io.BytesIO()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def report(out: str = "docs") -> dict:
     """Merge every docs/bench/converge_<name>.json into docs/bench/converge.json and docs/convergence.md's
     generated section (between its markers; the prose around it is kept)."""
@@ -424,6 +484,9 @@ def report(out: str = "docs") -> dict:
     atomic_write(outp / "bench" / "converge.json", json.dumps(doc, indent=1) + "\n")
     if points:
         atomic_write(outp / "img" / "converge_tradeoff.png", tradeoff_plot(points))
+    units = unit_points(parts)
+    if units:
+        atomic_write(outp / "img" / "converge_units.png", unit_plot(units))
     md = ["<!-- converge:generated -->", "## The figures (written by `python -m loop.bench converge`)", "",
           f"Targets per taste and strategy, at 3 or more of 4 seeds: the last generating unit's UR rate at least "
           f"{UR_GAIN:g}x unit 0's, every attribute the taste is indifferent to keeping {KEEP_SPREAD:.0%} of unit 0's "
@@ -440,6 +503,9 @@ def report(out: str = "docs") -> dict:
     md += ["### Every setting tried", "", "![trade-off](img/converge_tradeoff.png)", ""] if points else []
     if points:
         md += [table(points), ""]
+    if units:
+        md += ["Every unit after unit 0 of every run above, generating or not, by taste:", "",
+               "![units](img/converge_units.png)", ""]  # fmt: skip
     for name, part in parts.items():
         if is_defaults(part):
             continue

@@ -377,6 +377,17 @@ def tradeoff_points(parts: dict[str, dict]) -> list[dict]:
     return [{"#": i + 1, **q} for i, q in enumerate(ordered)]  # "#": the point's number on the plot
 
 
+def _png(fig, rect=(0, 0, 1, 1)) -> bytes:
+    """The figure laid out within `rect` as PNG bytes, and closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout(rect=rect)
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def tradeoff_plot(points: list[dict]) -> bytes:
     import matplotlib
 
@@ -403,11 +414,7 @@ def tradeoff_plot(points: list[dict]) -> bytes:
         min([0.2] + [q["min_kept"] - 0.05 for q in points]), max([1.3] + [q["min_kept"] + 0.35 for q in points])
     )
     ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 # the families of settings the per-unit plot colours: (label, colour, does a part's setting belong to it)
@@ -463,11 +470,7 @@ def unit_plot(points: dict[str, list[tuple[float, float, str]]]) -> bytes:
     present = {f for pts in points.values() for _, _, f in pts}
     handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=n) for n, c, _ in FAMILIES if n in present]
     fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles), frameon=False)
-    buf = io.BytesIO()
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig, rect=(0, 0.06, 1, 1))
 
 
 def report(out: str = "docs") -> dict:

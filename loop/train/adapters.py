@@ -116,10 +116,7 @@ def add_reference_adapter(pipe, folder: Path, tc) -> None:
             adapter_name=REFERENCE,
         )
     load_parent_adapter(pipe, folder, tc, adapter=REFERENCE)
-    pipe.unet.set_adapter("default")  # the learning adapter active and trainable, the parent's frozen
-    for name, p in pipe.unet.named_parameters():
-        if f".{REFERENCE}." in name:
-            p.requires_grad_(False)
+    pipe.unet.set_adapter("default")  # peft: the learning adapter active and trainable, the parent's frozen
 
 
 def _trainable(*modules) -> dict[str, torch.nn.Parameter]:

@@ -160,17 +160,15 @@ class BaseTargets:
 @contextmanager
 def reference_forward(model):
     """dpo's reference for the forwards inside: the parent's frozen adapter where train.dpo_reference=parent
-    attached one (loop.train.adapters.add_reference_adapter), else the base (the adapters switched off). Switching
-    back makes "default" active and trainable again and freezes the parent's."""
+    attached one (loop.train.adapters.add_reference_adapter), else the base (the adapters switched off). peft's
+    set_adapter also moves requires_grad to the active adapter, so switching back leaves "default" the one that
+    learns and the parent's frozen."""
     if REFERENCE in getattr(model, "peft_config", {}):
         model.set_adapter(REFERENCE)
         try:
             yield
         finally:
             model.set_adapter("default")
-            for name, p in model.named_parameters():
-                if f".{REFERENCE}." in name:
-                    p.requires_grad_(False)
     else:
         model.disable_adapters()
         try:
@@ -181,7 +179,7 @@ def reference_forward(model):
 
 def dpo_batch_loss(unet, data, noise_sched, tc, accelerator, gen, t_weights, dev, te_learns: bool):
     """One step of train.objective=dpo: batch_size/2 pairs, each winner and loser noised with the same noise at the
-    same timestep, through the unit and through the reference (the same UNet with its adapter switched off), and
+    same timestep, through the unit and through the reference (reference_forward: the base, or the parent), and
     the Diffusion-DPO loss on their errors (loop.objectives). train.uncond_preservation's share of the batch gets
     the empty caption and the reference's own prediction as target, as in supervised training, so guidance keeps
     amplifying what the unit learned; dpo_sft_weight adds the supervised loss on the winners."""

@@ -264,6 +264,12 @@ class TrainConfig:
     # selection's lowest rated tier (converge's SSR lets SSR-predicted pictures win, pulling units towards what the
     # person merely likes rather than what they like most). Default UR (docs/convergence.md)
     taste_pool_bar: str = "UR"
+    # The taste pool in this many colourings: each base picture also with its colours turned about the grey axis
+    # by 360/n degrees at a time (loop.images.rotate_hue: lightness and every colour distance kept), each copy
+    # labelled by the taste model as the pool is. Where the model finds the person indifferent to colour, a copy
+    # keeps its picture's tier, and the winners come in every colour, so what a unit learns cannot be "blue wins";
+    # where colour is the taste (warm), the copies are labelled by it. 1: off (docs/convergence.md, the sixth study)
+    taste_pool_hues: int = 1
     # Memory on small GPUs. gradient_checkpointing: the UNet (and the text encoder, when it learns) keeps only its
     # blocks' inputs and recomputes the rest in the backward pass: much less activation memory, about a third more
     # time per step, the same loss. optimizer: adamw (torch's), or adamw8bit (bitsandbytes' 8-bit AdamW, CUDA only:
@@ -278,6 +284,8 @@ class TrainConfig:
         _check(self.taste_pool >= 0, "train.taste_pool", self.taste_pool, "must be >= 0 (0: off)")
         _check(0 <= self.taste_pool_share < 1, "train.taste_pool_share", self.taste_pool_share,
                "must be >= 0 and < 1 (0: every pair alike)")  # fmt: skip
+        _check(self.taste_pool_hues >= 1, "train.taste_pool_hues", self.taste_pool_hues,
+               "must be >= 1 (1: the pool's pictures as drawn)")  # fmt: skip
         _check(self.taste_pool_bar in ("selection",) + TIERS[:-1], "train.taste_pool_bar", self.taste_pool_bar,
                "use selection or one of UR, SSR, SR, R")  # fmt: skip
         _check(self.dpo_reference in DPO_REFERENCES, "train.dpo_reference", self.dpo_reference,

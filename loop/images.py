@@ -151,6 +151,23 @@ def load_rgb(path: Path) -> np.ndarray:
         return np.asarray(to_rgb(im))
 
 
+# The opponent-colour basis (rows orthonormal): red-green, yellow-blue, and the grey axis (lightness).
+OPPONENT = np.array([[1, -1, 0], [1, 1, -2], [1, 1, 1]], dtype=np.float64)
+OPPONENT /= np.linalg.norm(OPPONENT, axis=1, keepdims=True)
+
+
+def rotate_hue(rgb: np.ndarray, degrees: float) -> np.ndarray:
+    """Every colour of the picture turned by `degrees` about the grey axis: the same picture in other colours. A
+    rotation, so each pixel keeps its lightness (mean of R, G, B) and every two colours keep their distance, so a
+    figure stands out from its ground as much as before (up to clipping at 0 and 255). Why not PIL's HSV hue: HSV
+    changes lightness and distances with the hue, so a figure would grow or shrink against its ground."""
+    t = np.deg2rad(degrees)
+    turn = np.array([[np.cos(t), -np.sin(t), 0.0], [np.sin(t), np.cos(t), 0.0], [0.0, 0.0, 1.0]])
+    m = OPPONENT.T @ turn @ OPPONENT
+    out = np.asarray(rgb, dtype=np.float64)[..., :3] @ m.T
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
 def preference_score(rgb: np.ndarray, preference: str) -> float:
     """The scripted rater's taste, on 0..255 pixel values: higher is better. The colour statistics are here; the
     multi-attribute tastes (small_dark, contrast, centred_big) are in loop.tastes."""

@@ -48,6 +48,14 @@ def test_the_pool_is_labelled_by_the_taste_model_learnt_from_and_drawn_once(ws):
     manifest = json.loads((ws.checkpoint(1) / "manifest.json").read_text())
     assert manifest["objective"] == "dpo" and manifest["taste_pool"]["pictures"] == 24
     assert not any("drawing" in m for m in said)
+    # in two colourings: each pool picture and its copy with the colours turned half way round, both labelled
+    with ws.store() as store:
+        forget_unit_1(store)
+        train_unit(ws, store, load_config(ws.root, RATED + ["train.taste_pool=12", "train.taste_pool_hues=2"]),
+                   parent=0, log=lambda m: None)  # fmt: skip
+    hued = json.loads((ws.checkpoint(1) / "manifest.json").read_text())
+    assert hued["taste_pool"]["pictures"] == 48 and hued["taste_pool"]["hues"] == 2
+    assert len(sorted(ws.cache("pool").rglob("*-hue180.png"))) == 24
     no_pool = load_config(ws.root, RATED + ["train.objective=dpo", "train.taste_pool=0"])
     with ws.store() as store:
         forget_unit_1(store)
@@ -125,3 +133,79 @@ def test_a_wrong_pool_bar_is_one_clear_message():
     assert load_config(None, ["train.taste_pool_bar=selection"]).train.taste_pool_bar == "selection"
     with pytest.raises(LoopError, match="train.taste_pool_bar.*use selection or one of UR, SSR, SR, R"):
         load_config(None, ["train.taste_pool_bar=N"])
+
+
+def test_a_hue_rotation_turns_the_colours_and_keeps_lightness_and_contrast():
+    from loop.images import OPPONENT, rotate_hue
+    from loop.tastes import attributes
+
+    rng = np.random.default_rng(0)
+    img = np.full((32, 32, 3), (200, 170, 120), dtype=np.uint8)  # a pale warm ground
+    img[8:24, 10:22] = (60, 90, 170)  # a blue figure
+    img[0, 0] = rng.integers(60, 200, 3)  # and one odd pixel
+    turned = rotate_hue(img, 90).astype(np.float64)
+    assert np.abs(turned.mean(axis=-1) - img.mean(axis=-1)).max() <= 1.0  # lightness kept
+    figure, ground = turned[16, 16], turned[31, 31]
+    assert abs(np.linalg.norm(figure - ground) - np.linalg.norm(img[16, 16] - img[31, 31].astype(float))) <= 1.5
+    a, b = (OPPONENT[:2] @ img[16, 16].astype(float)), OPPONENT[:2] @ figure
+    angle = np.degrees(np.arctan2(b[1], b[0]) - np.arctan2(a[1], a[0])) % 360
+    assert abs(angle - 90) < 2  # the figure's colour turned by the angle asked for
+    assert np.abs(rotate_hue(img, 360).astype(int) - img).max() <= 1
+    before, after = attributes(img), attributes(turned.astype(np.uint8))
+    assert after["size"] == before["size"] and after["cx"] == before["cx"]  # the same shape, in the same place
+    assert abs(after["o1"] - before["o1"]) > 20  # in another colour
+
+
+def test_the_pool_in_several_colourings_is_labelled_copy_by_copy(ws):
+    from PIL import Image
+
+    import loop.train.pool as pool_mod
+    from loop.train.pool import taste_pool_items
+
+    folder = ws.cache("pool", "test")
+    folder.mkdir(parents=True, exist_ok=True)
+    pool = []
+    for i, colour in enumerate([(220, 40, 40), (40, 40, 220)]):  # a red and a blue square on grey
+        img = np.full((16, 16, 3), 128, dtype=np.uint8)
+        img[4:12, 4:12] = colour
+        path = folder / f"p{i}.png"
+        Image.fromarray(img).save(path)
+        pool.append({"sha256": str(i), "path": ws.rel(path), "caption": "a square", "prior": False, "pool": True})
+
+    class Warm:  # a taste model that likes red: the copies get their own tiers, not their originals'
+        ready, ratings, agreement = True, 40, 0.9
+
+        def predict(self, X):
+            return {"tier": ["UR" if x > 0 else "N" for x in X[:, 0]]}
+
+    def redness(ws_, ec, paths, keys):
+        return np.array([[float(np.asarray(Image.open(p))[8, 8, 0]) - 128] for p in paths])
+
+    orig = (pool_mod.fit_workspace, pool_mod.base_pool, pool_mod.features_of_images)
+    pool_mod.fit_workspace = lambda *a, **k: Warm()
+    pool_mod.base_pool = lambda *a, **k: list(pool)
+    pool_mod.features_of_images = redness
+    try:
+        cfg = load_config(ws.root, RATED + ["train.taste_pool=2", "train.taste_pool_hues=4"])
+        said = []
+        items = taste_pool_items(ws, None, None, cfg, [{"caption": "a square", "tier": "UR"}], log=said.append)
+        assert len(items) == 8 and [it.get("hue") for it in items] == [None, None, 90, 90, 180, 180, 270, 270]
+        assert len({it["sha256"] for it in items}) == 8 and all((ws.root / it["path"]).is_file() for it in items)
+        assert items[0]["winner"] and not items[1]["winner"]  # red wins, blue does not
+        assert not items[4]["winner"] and items[5]["winner"]  # turned half way round: red is cyan, blue is yellow
+        won = sum(it["winner"] for it in items)
+        assert said[-1].startswith(f"taste pool: {won} of 8 base picture(s) (in 4 colourings) predicted UR")
+        # the copies are made once: a second labelling reads the same files
+        stamps = {it["path"]: (ws.root / it["path"]).stat().st_mtime_ns for it in items}
+        again = taste_pool_items(ws, None, None, cfg, [{"caption": "a square", "tier": "UR"}], log=said.append)
+        assert {it["path"]: (ws.root / it["path"]).stat().st_mtime_ns for it in again} == stamps
+    finally:
+        pool_mod.fit_workspace, pool_mod.base_pool, pool_mod.features_of_images = orig
+
+
+def test_a_pool_in_no_colouring_is_one_clear_message():
+    from loop.errors import LoopError
+
+    assert load_config(None, []).train.taste_pool_hues == 1
+    with pytest.raises(LoopError, match="train.taste_pool_hues.*must be >= 1"):
+        load_config(None, ["train.taste_pool_hues=0"])

@@ -9,7 +9,8 @@ regularised. So the unit also learns from a pool of the base model's own picture
 (`train.taste_pool` per prompt, at seeds POOL_SEED + k that no round uses, made once per base and cached), each
 labelled with the tier the taste model predicts for it: what the base draws that the person would like, in all
 the variety the base draws it. With train.objective=supervised the pool's predicted winners join the selection;
-with dpo the whole pool joins the pairs with its predicted tiers.
+with dpo the whole pool joins the pairs with its predicted tiers. With train.taste_pool_hues, each picture also
+comes in other colourings (hue_copies), labelled alike.
 
 The model is fitted on the person's ratings only and never scores a unit's own pictures here; it picks from the
 base's, which a unit trained on them moves towards, not past (best-of-n selection from a fixed pool, not an
@@ -19,13 +20,16 @@ optimisation of the model's score, which rises while the true reward falls: Gao 
 from __future__ import annotations
 
 import hashlib
+import io
 
 import torch
+from PIL import Image
 
 from loop.config import LoopConfig
+from loop.images import load_rgb, rotate_hue
 from loop.taste_model import LEVEL, features_of_images, fit_workspace
 from loop.train.data import _identity, draw_base
-from loop.workspace import Workspace, sha256_file
+from loop.workspace import Workspace, atomic_write, sha256_file
 
 POOL_SEED = 3_000_000  # far from the rounds', the gate's probes (1,000,000 + k) and the benchmarks' seeds
 BATCH = 16
@@ -66,16 +70,39 @@ def taste_pool_items(ws: Workspace, store, pipe, cfg: LoopConfig, selection: lis
         return []
     prompts = sorted({it["caption"] for it in selection if it.get("caption")})
     pool = base_pool(ws, pipe, prompts, tc.taste_pool, cfg, log)
+    pool += hue_copies(ws, pool, tc.taste_pool_hues)
     pred = model.predict(features_of_images(ws, cfg.eval, [ws.root / it["path"] for it in pool],
                                             [it["sha256"] for it in pool]))  # fmt: skip
     bar = min(rated) if tc.taste_pool_bar == "selection" else LEVEL[tc.taste_pool_bar]
     items = [dict(it, tier=t, winner=LEVEL[t] >= bar) for it, t in zip(pool, pred["tier"])]
     log(
-        f"taste pool: {sum(it['winner'] for it in items)} of {len(items)} base picture(s) predicted {TIER_NAMES[bar]} "
+        f"taste pool: {sum(it['winner'] for it in items)} of {len(items)} base picture(s)"
+        + (f" (in {tc.taste_pool_hues} colourings)" if tc.taste_pool_hues > 1 else "")
+        + f" predicted {TIER_NAMES[bar]} "
         f"or better by the taste model ({model.ratings} ratings, held-out agreement "
         f"{'-' if model.agreement is None else f'{model.agreement:.0%}'})"
     )
     return items
+
+
+def hue_copies(ws: Workspace, pool: list[dict], n: int) -> list[dict]:
+    """Each pool picture with its colours turned by 360/n, 2 * 360/n, ... degrees (loop.images.rotate_hue), written
+    once beside it (the same picture always gives the same copy, so the cache and the latents' cache hold);
+    n = 1: none. Why turned copies rather than more drawn pictures: a pool drawn four times as large has the same
+    colours in the same proportions, and with them the chance that the base draws big shapes in blue more often
+    than in red; a copy holds the shape, its place and its contrast and changes only the colour."""
+    out = []
+    for step in range(1, n):
+        degrees = round(360 * step / n)
+        for it in pool:
+            src = ws.root / it["path"]
+            path = src.with_name(f"{src.stem}-hue{degrees}.png")
+            if not path.exists():
+                buf = io.BytesIO()
+                Image.fromarray(rotate_hue(load_rgb(src), degrees)).save(buf, format="PNG")
+                atomic_write(path, buf.getvalue())
+            out.append(dict(it, sha256=sha256_file(path), path=ws.rel(path), hue=degrees))
+    return out
 
 
 def pool_share_weights(pairs: list[tuple[int, int]], items: list[dict], share: float) -> torch.Tensor | None:

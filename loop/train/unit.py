@@ -266,7 +266,11 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
                 if not it.get("winner", True) and not it.get("pool")
             ],
             # train.taste_pool: the base's pictures the unit also learnt from, labelled by the taste model
-            "taste_pool": {"pictures": len(pool), "winners": sum(it["winner"] for it in pool)},
+            "taste_pool": {
+                "pictures": len(pool),
+                "winners": sum(it["winner"] for it in pool),
+                "hues": tc.taste_pool_hues,
+            },
             "left_out": [
                 {k: it.get(k) for k in ("id", "sha256")}
                 for it in selection

@@ -8,6 +8,7 @@ python -m loop.bench taste [--tastes warm,small_dark,contrast,centred_big] [--im
 python -m loop.bench converge [--tastes warm,small_dark,contrast,centred_big] [--strategies golden,converge]
                               [--seeds 0,1,2,3] [--rounds 3] [--images 64] [--eval 128] [--name NAME]
                               [--report] [key=value ...]
+python -m loop.bench fit [--taste centred_big] [--seed 4] [--pool 128] [--pictures all|ur] [--hues 1] [key=value ...]
 python -m loop.bench sdxl [--steps 20] [--images 4] [--train-steps 10] [--tiny]
 
 Each benchmark prints a table, writes its figures to docs/bench/<name>.json (a flat object of numbers and
@@ -125,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--report", action="store_true", help="only merge the parts into converge.json and the doc")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     r.add_argument("--out", default="docs")
+    r = sub.add_parser("fit", help="one unit fine-tuned on the base's own pictures: the variety it keeps")
+    r.add_argument("--taste", default="centred_big", help="the scripted taste (loop.tastes)")
+    r.add_argument("--seed", type=int, default=4, help="train.seed")
+    r.add_argument("--pool", type=int, default=128, help="base pictures per prompt")
+    r.add_argument("--pictures", default="ur", choices=["all", "ur"], help="all of them, or those rated UR")
+    r.add_argument("--hues", type=int, default=1, help="each picture also in this many colourings")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    r.add_argument("--out", default="docs")
     r = sub.add_parser("taste", help="ratings to find 90% of a round's UR images, likely UR first vs default order")
     r.add_argument("--tastes", default="warm,small_dark,contrast,centred_big", help="comma-separated (loop.tastes)")
     r.add_argument("--images", type=int, default=1000, help="the round's unit-0 images")
@@ -187,6 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         converge.bench_converge(tastes, strategies, seeds, rounds=args.rounds, images=args.images,
                                 eval_images=args.eval, out=args.out, name=name, overrides=args.overrides,
                                 keep=args.keep)  # fmt: skip
+    elif args.name == "fit":
+        from loop.bench import converge
+        from loop.bench.fit import bench_fit
+
+        _check_overrides(args.overrides)
+        taste = _names(args.taste, converge.TASTE_NAMES, "--taste")[0]
+        if args.hues < 1 or args.pool < 1:
+            raise SystemExit("--pool and --hues: give whole numbers of 1 or more")
+        bench_fit(taste, args.seed, args.pool, args.pictures, args.hues, args.overrides, out=args.out)
     elif args.name == "taste":
         from loop.bench import taste
 

@@ -76,3 +76,15 @@ def test_every_unit_after_unit_0_is_a_point_of_its_taste_in_its_settings_family(
     # unit 3: its UR over unit 0's and the least-kept of the attributes small_dark ignores
     assert (0.7, pytest.approx(3.0), "today's defaults") in points
     assert converge.unit_plot(converge.unit_points(parts)).startswith(b"\x89PNG")
+
+
+def test_bench_fits_units_are_points_at_their_least_kept_indifferent_spread():
+    entries = [
+        {"taste": "centred_big", "ur": [0.25, 0.5], "kept": {"hue": 0.8, "background": 0.9, "size": 0.5}},
+        {"taste": "small_dark", "ur": [0.2, 0.3], "kept": {"hue": 0.95}},  # position missing: no point
+    ]
+    points = converge.control_points(entries)
+    assert points == {"centred_big": [(0.8, 2.0)]}  # size is what centred_big scores, not an indifferent attribute
+    run = converge.figures_of(_run(ur=(0.2, 0.5, 0.5, 0.6), kept=0.7))
+    parts = {"a": {"settings": {"overrides": "", "defaults": converge.defaults_fingerprint()}, "runs": [run]}}
+    assert converge.unit_plot(converge.unit_points(parts), points).startswith(b"\x89PNG")

@@ -445,9 +445,25 @@ def unit_points(parts: dict[str, dict]) -> dict[str, list[tuple[float, float, st
     return out
 
 
-def unit_plot(points: dict[str, list[tuple[float, float, str]]]) -> bytes:
+def control_points(entries: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Per taste, each unit of `python -m loop.bench fit` (docs/bench/fit.json: one unit fine-tuned on the base's
+    own pictures, nothing rated between) as (least-kept indifferent spread, UR rate over the base's)."""
+    from loop.tastes import indifferent
+
+    out: dict[str, list[tuple[float, float]]] = {}
+    for e in entries:
+        shares = [e["kept"].get(a) for a in indifferent(e["taste"])]
+        if e["ur"][0] and shares and None not in shares:
+            out.setdefault(e["taste"], []).append((float(min(shares)), e["ur"][1] / e["ur"][0]))
+    return out
+
+
+def unit_plot(points: dict[str, list[tuple[float, float, str]]], controls: dict | None = None) -> bytes:
     """One panel per taste: every unit of every run at its UR gain against the variety it kept, coloured by the
-    setting's family, with the targets' corner (2x, 80%) marked: where the settings lie on one trade-off."""
+    setting's family, with the targets' corner (2x, 80%) marked: where the settings lie on one trade-off. With
+    `controls` (control_points), bench fit's units too, as black crosses: where fine-tuning lands with nothing
+    rated between."""
+    controls = controls or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,6 +477,8 @@ def unit_plot(points: dict[str, list[tuple[float, float, str]]]) -> bytes:
             ys = [y for _, y, f in points[taste] if f == name]
             if xs:
                 ax.scatter(xs, ys, s=14, color=colour, alpha=0.75, label=name, zorder=3)
+        if controls.get(taste):
+            ax.scatter(*zip(*controls[taste]), s=40, marker="x", color="black", zorder=4)
         ax.axvline(KEEP_SPREAD, color="grey", lw=0.8, ls="--")
         ax.axhline(UR_GAIN, color="grey", lw=0.8, ls="--")
         ax.set_title(f"{taste}: the targets' corner is top right", fontsize=9)
@@ -469,6 +487,9 @@ def unit_plot(points: dict[str, list[tuple[float, float, str]]]) -> bytes:
     axes[0][0].set_ylabel("UR rate, multiple of unit 0's", fontsize=8)
     present = {f for pts in points.values() for _, _, f in pts}
     handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=n) for n, c, _ in FAMILIES if n in present]
+    if any(controls.get(t) for t in tastes):
+        handles.append(plt.Line2D([], [], ls="", marker="x", color="black", label="one unit on the base's own "
+                                  "pictures (bench fit)"))  # fmt: skip
     fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles), frameon=False)
     return _png(fig, rect=(0, 0.06, 1, 1))
 
@@ -489,7 +510,9 @@ def report(out: str = "docs") -> dict:
         atomic_write(outp / "img" / "converge_tradeoff.png", tradeoff_plot(points))
     units = unit_points(parts)
     if units:
-        atomic_write(outp / "img" / "converge_units.png", unit_plot(units))
+        fit = outp / "bench" / "fit.json"
+        controls = control_points(json.loads(fit.read_text())) if fit.is_file() else {}
+        atomic_write(outp / "img" / "converge_units.png", unit_plot(units, controls))
     md = ["<!-- converge:generated -->", "## The figures (written by `python -m loop.bench converge`)", "",
           f"Targets per taste and strategy, at 3 or more of 4 seeds: the last generating unit's UR rate at least "
           f"{UR_GAIN:g}x unit 0's, every attribute the taste is indifferent to keeping {KEEP_SPREAD:.0%} of unit 0's "

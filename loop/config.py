@@ -268,7 +268,8 @@ class TrainConfig:
     # by 360/n degrees at a time (loop.images.rotate_hue: lightness and every colour distance kept), each copy
     # labelled by the taste model as the pool is. Where the model finds the person indifferent to colour, a copy
     # keeps its picture's tier, and the winners come in every colour, so what a unit learns cannot be "blue wins";
-    # where colour is the taste (warm), the copies are labelled by it. 1: off (docs/convergence.md, the sixth study)
+    # where colour is the taste (warm), the copies are labelled by it. 1: off. Not the default: at seed 4 it kept
+    # no more of the hue at a given UR gain (docs/convergence.md, the sixth study)
     taste_pool_hues: int = 1
     # Memory on small GPUs. gradient_checkpointing: the UNet (and the text encoder, when it learns) keeps only its
     # blocks' inputs and recomputes the rest in the backward pass: much less activation memory, about a third more

@@ -62,6 +62,14 @@ def test_the_pool_is_labelled_by_the_taste_model_learnt_from_and_drawn_once(ws):
         train_unit(ws, store, no_pool, parent=0, log=lambda m: None)
     assert json.loads((ws.checkpoint(1) / "manifest.json").read_text())["pairs"] < manifest["pairs"]
 
+    # the pool is the base's pictures as this workspace draws them: with other guidance, drawn again
+    said.clear()
+    with ws.store() as store:
+        forget_unit_1(store)
+        train_unit(ws, store, load_config(ws.root, RATED + ["train.taste_pool=12", "generate.cfg=2"]), parent=0,
+                   log=said.append)  # fmt: skip
+    assert any(line.startswith("taste pool: drawing 24 picture(s)") for line in said), said
+
 
 def test_the_pools_winners_are_the_pictures_the_taste_model_prefers(ws):
     from loop.taste_model import LEVEL

@@ -172,6 +172,14 @@ class TrainData:
 
 # -- class images (prior preservation) ---------------------------------------------------------------------
 @torch.no_grad()
+def drawn_by(pipe, cfg: LoopConfig) -> str:
+    """The cache key of pictures draw_base makes: the base's identity and the settings it draws with (steps and
+    guidance), so that a workspace whose generate.steps or generate.cfg changed draws them again instead of
+    learning from pictures drawn another way."""
+    how = hashlib.sha256(json.dumps([cfg.generate.steps, cfg.generate.cfg]).encode()).hexdigest()[:6]
+    return f"{_identity(pipe.unet, cfg.model.base)}-{how}"
+
+
 def draw_base(pipe, cfg: LoopConfig, todo: list[tuple[str, int, Path]], batch: int) -> None:
     """Each (prompt, seed, path) drawn by the pipe as given (the base, before any adapter) and written as a PNG,
     `batch` at a time: the class images of prior preservation and the taste pool (loop.train.pool)."""
@@ -193,8 +201,8 @@ def draw_base(pipe, cfg: LoopConfig, todo: list[tuple[str, int, Path]], batch: i
 
 @torch.no_grad()
 def class_images(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig, log=print) -> list[dict]:
-    """`n` base-model images per prompt, made once and cached under cache/class/ (keyed by base identity)."""
-    folder = ws.cache("class", _identity(pipe.unet, cfg.model.base))
+    """`n` base-model images per prompt, made once and cached under cache/class/ (keyed by drawn_by)."""
+    folder = ws.cache("class", drawn_by(pipe, cfg))
     items, todo = [], []
     for prompt in sorted(set(prompts)):
         key = hashlib.sha256(prompt.encode()).hexdigest()[:16]

@@ -28,7 +28,7 @@ from PIL import Image
 from loop.config import LoopConfig
 from loop.images import load_rgb, rotate_hue
 from loop.taste_model import LEVEL, features_of_images, fit_workspace
-from loop.train.data import _identity, draw_base
+from loop.train.data import draw_base, drawn_by
 from loop.workspace import Workspace, atomic_write, sha256_file
 
 POOL_SEED = 3_000_000  # far from the rounds', the gate's probes (1,000,000 + k) and the benchmarks' seeds
@@ -38,8 +38,8 @@ BATCH = 16
 @torch.no_grad()
 def base_pool(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig, log=print) -> list[dict]:
     """`n` base-model images per prompt at seeds POOL_SEED + k, made once and cached under cache/pool/ (keyed by the
-    base's identity). Call before any adapter is attached."""
-    folder = ws.cache("pool", _identity(pipe.unet, cfg.model.base))
+    base's identity and the steps and guidance it draws with: drawn_by). Call before any adapter is attached."""
+    folder = ws.cache("pool", drawn_by(pipe, cfg))
     todo, out = [], []
     for prompt in sorted(set(prompts)):
         key = hashlib.sha256(prompt.encode()).hexdigest()[:16]

@@ -28,6 +28,8 @@ from loop.config import RateConfig, load_config
 from loop.tastes import ATTRIBUTE_KEYS
 from loop.workspace import Workspace, atomic_write
 
+EVAL_PER_PROMPT = 128 // len(PROMPTS)  # as bench converge measures a unit: 128 images at its measuring seeds
+
 
 def training_pictures(ws, pool: list[dict], rc: RateConfig, pictures: str, hues: int) -> list[dict]:
     """The pool's pictures the unit learns from: all, or those the scripted taste rates UR; with their copies in
@@ -75,7 +77,7 @@ def bench_fit(taste: str, seed: int, pool_size: int, pictures: str, hues: int, o
             store.ensure_base_unit(cfg.model.base)
             train_unit(ws, store, cfg, 0, log=lambda m: None)
         share_pool(ws, into_workspace=False)
-        base, unit = measure_unit(ws, cfg, 0, 32, rc), measure_unit(ws, cfg, 1, 32, rc)
+        base, unit = measure_unit(ws, cfg, 0, EVAL_PER_PROMPT, rc), measure_unit(ws, cfg, 1, EVAL_PER_PROMPT, rc)
     entry = {
         "taste": taste, "seed": seed, "pool": pool_size, "pictures": pictures, "hues": hues, "overrides": overrides,
         "learnt_from": len(chosen), "ur": [round(base["ur_rate"], 4), round(unit["ur_rate"], 4)],

@@ -44,6 +44,14 @@ def _identity(model, base: str) -> str:
     return h.hexdigest()[:12]
 
 
+def drawn_by(pipe, cfg: LoopConfig) -> str:
+    """The cache key of pictures draw_base makes: the base's identity and the settings it draws with (steps and
+    guidance), so that a workspace whose generate.steps or generate.cfg changed draws them again instead of
+    learning from pictures drawn another way."""
+    how = hashlib.sha256(json.dumps([cfg.generate.steps, cfg.generate.cfg]).encode()).hexdigest()[:6]
+    return f"{_identity(pipe.unet, cfg.model.base)}-{how}"
+
+
 def _square_box(w: int, h: int, size: int) -> tuple[int, int, int, int]:
     """The centre crop of an image of w x h: (resized width, resized height, left, top)."""
     s = size / min(w, h)
@@ -172,14 +180,6 @@ class TrainData:
 
 # -- class images (prior preservation) ---------------------------------------------------------------------
 @torch.no_grad()
-def drawn_by(pipe, cfg: LoopConfig) -> str:
-    """The cache key of pictures draw_base makes: the base's identity and the settings it draws with (steps and
-    guidance), so that a workspace whose generate.steps or generate.cfg changed draws them again instead of
-    learning from pictures drawn another way."""
-    how = hashlib.sha256(json.dumps([cfg.generate.steps, cfg.generate.cfg]).encode()).hexdigest()[:6]
-    return f"{_identity(pipe.unet, cfg.model.base)}-{how}"
-
-
 def draw_base(pipe, cfg: LoopConfig, todo: list[tuple[str, int, Path]], batch: int) -> None:
     """Each (prompt, seed, path) drawn by the pipe as given (the base, before any adapter) and written as a PNG,
     `batch` at a time: the class images of prior preservation and the taste pool (loop.train.pool)."""

@@ -91,18 +91,19 @@ def hue_copies(ws: Workspace, pool: list[dict], n: int) -> list[dict]:
     n = 1: none. Why turned copies rather than more drawn pictures: a pool drawn four times as large has the same
     colours in the same proportions, and with them the chance that the base draws big shapes in blue more often
     than in red; a copy holds the shape, its place and its contrast and changes only the colour."""
-    out = []
-    for step in range(1, n):
-        degrees = round(360 * step / n)
-        for it in pool:
-            src = ws.root / it["path"]
+    turns = [round(360 * step / n) for step in range(1, n)]
+    copies: dict[int, list[dict]] = {d: [] for d in turns}
+    for it in pool:
+        src, rgb = ws.root / it["path"], None  # read once, and only if a copy is still to be made
+        for degrees in turns:
             path = src.with_name(f"{src.stem}-hue{degrees}.png")
             if not path.exists():
+                rgb = load_rgb(src) if rgb is None else rgb
                 buf = io.BytesIO()
-                Image.fromarray(rotate_hue(load_rgb(src), degrees)).save(buf, format="PNG")
+                Image.fromarray(rotate_hue(rgb, degrees)).save(buf, format="PNG")
                 atomic_write(path, buf.getvalue())
-            out.append(dict(it, sha256=sha256_file(path), path=ws.rel(path), hue=degrees))
-    return out
+            copies[degrees].append(dict(it, sha256=sha256_file(path), path=ws.rel(path), hue=degrees))
+    return [c for degrees in turns for c in copies[degrees]]  # by turn, each turn in the pool's order
 
 
 def pool_share_weights(pairs: list[tuple[int, int]], items: list[dict], share: float) -> torch.Tensor | None:

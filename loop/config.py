@@ -23,6 +23,7 @@ STRATEGIES = ("golden", "converge", "grow", "longtail")
 METHODS = ("lora", "custom_diffusion")
 STARTS = ("from_base", "from_parent")
 DPO_REFERENCES = ("base", "parent")
+INVARIANCES = ("none", "hue", "tier")  # train.invariance: which pictures dpo's reward is held equal across
 OPTIMIZERS = ("adamw", "adamw8bit")
 # warm/cool/bright/dark: one colour statistic. The others are multi-attribute tastes read from the picture's shape
 # and background (loop.tastes), each indifferent to some attributes: small_dark, contrast, centred_big
@@ -271,6 +272,16 @@ class TrainConfig:
     # where colour is the taste (warm), the copies are labelled by it. 1: off. Not the default: at seed 4 it kept
     # no more of the hue at a given UR gain (docs/convergence.md, the sixth study)
     taste_pool_hues: int = 1
+    # dpo with a taste pool: hold the unit's preference equal between two pictures the taste model rates alike
+    # (loop.objectives.invariance_loss). dpo's implicit reward of a picture is how much better the unit denoises it
+    # than the reference does; where the taste model gives two pictures one tier, a unit that prefers one of them
+    # has learnt something the person never said (that blue circles beat red ones) and will draw it more often.
+    # "hue": each pool picture against its recolouring (loop.images.rotate_hue, in taste_pool_hues colourings, or 4
+    # where that is 1; the copies serve this term and pair with nothing by themselves), where the model gives both
+    # one tier. "tier": pool pictures of one prompt and one predicted tier against each other (colour, background,
+    # place: whatever varies within a tier). "none": neither. invariance_weight: the term's weight
+    invariance: str = "none"
+    invariance_weight: float = 1.0
     # Memory on small GPUs. gradient_checkpointing: the UNet (and the text encoder, when it learns) keeps only its
     # blocks' inputs and recomputes the rest in the backward pass: much less activation memory, about a third more
     # time per step, the same loss. optimizer: adamw (torch's), or adamw8bit (bitsandbytes' 8-bit AdamW, CUDA only:
@@ -287,6 +298,12 @@ class TrainConfig:
                "must be >= 0 and < 1 (0: every pair alike)")  # fmt: skip
         _check(self.taste_pool_hues >= 1, "train.taste_pool_hues", self.taste_pool_hues,
                "must be >= 1 (1: the pool's pictures as drawn)")  # fmt: skip
+        _check(self.invariance in INVARIANCES, "train.invariance", self.invariance,
+               f"use one of {', '.join(INVARIANCES)}")  # fmt: skip
+        _check(self.invariance_weight > 0, "train.invariance_weight", self.invariance_weight, "must be > 0")
+        _check(self.invariance == "none" or self.taste_pool, "train.invariance", self.invariance,
+               "holds the unit's preference equal between taste pool pictures: set train.taste_pool above 0, or "
+               "train.invariance=none")  # fmt: skip
         _check(self.taste_pool_bar in ("selection",) + TIERS[:-1], "train.taste_pool_bar", self.taste_pool_bar,
                "use selection or one of UR, SSR, SR, R")  # fmt: skip
         _check(self.dpo_reference in DPO_REFERENCES, "train.dpo_reference", self.dpo_reference,

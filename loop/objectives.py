@@ -3,6 +3,7 @@ one of these, and knows nothing of their insides.
 
     train.objective=supervised   the selection's images, DreamBooth-style (a weighted regression loss)
     train.objective=dpo          Diffusion-DPO on pairs of rated images of the same prompt
+    train.invariance             with dpo: its implicit reward held equal across pictures rated alike
 
 Both take per-item errors: the mean squared error of the UNet's prediction against its target (the noise, or the
 velocity for v-prediction models), one value per image.
@@ -41,6 +42,29 @@ def diffusion_dpo_loss(
     model already prefers the winner more than the reference does)."""
     inside = -0.5 * beta * ((err_w - ref_err_w) - (err_l - ref_err_l))
     return -F.logsigmoid(inside).mean(), (inside > 0).float().mean()
+
+
+def invariance_loss(
+    err: torch.Tensor, ref_err: torch.Tensor, twin_err: torch.Tensor, twin_ref_err: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """A picture and its twin (one the taste model rates alike: the same picture in other colours), noised with the
+    same noise at the same timestep: the square of the difference between their implicit rewards, in
+    Diffusion-DPO's units,
+
+        loss = ( beta/2 * ((err - ref_err) - (twin_err - twin_ref_err)) )^2
+
+    dpo's implicit reward of a picture is how much better the model denoises it than the reference does; where the
+    person is indifferent to what tells the twins apart, a unit whose rewards for them differ has learnt something
+    they never said (that blue circles beat red ones), and will draw it more often. The difference is held at every
+    noise and timestep drawn, not only on average: the unit's change must act alike on a picture and its twin.
+    Held is the difference, not each reward, so the unit may still prefer both twins to other pictures.
+
+    (An unbiased estimate of the squared *expected* difference, the product of two independent draws' gaps, was
+    tried and is not used: its gradient is the product of two noisy factors, and on the pair set of
+    tests/test_invariance.py a unit trained with it came to prefer the winners to their twins more than one
+    trained without the term.)"""
+    gap = 0.5 * beta * ((err - ref_err) - (twin_err - twin_ref_err))
+    return (gap**2).mean()
 
 
 def preference_pairs(rows: list, min_gap: int) -> list[tuple[int, int]]:

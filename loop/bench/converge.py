@@ -287,7 +287,8 @@ def part_name(overrides: list[str], tastes: list[str], strategies: list[str], se
 ADDED_SINCE = {"generate.vae_slicing": False, "generate.vae_tiling": False, "train.gradient_checkpointing": False,
                "train.optimizer": "adamw", "train.dpo_match": 0,
                "train.taste_pool": 0, "train.taste_pool_share": 0.0, "train.taste_pool_bar": "selection",
-               "train.dpo_reference": "base", "train.taste_pool_hues": 1}  # fmt: skip
+               "train.dpo_reference": "base", "train.taste_pool_hues": 1,
+               "train.invariance": "none", "train.invariance_weight": 1.0}  # fmt: skip
 
 
 def defaults_fingerprint() -> str:

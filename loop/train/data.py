@@ -171,6 +171,7 @@ class TrainData:
     empty_embed: torch.Tensor | None = None  # the empty caption through the frozen text encoder (base targets)
     pairs: torch.Tensor | None = None  # train.objective=dpo: (better, worse) rows into latents, one pair a row
     pair_weights: torch.Tensor | None = None  # dpo: sampling weight per pair (train.taste_pool_share); None: uniform
+    twins: torch.Tensor | None = None  # dpo with train.invariance: (picture, twin) rows held equal, one a row
     # SDXL (loop.families): the pooled text embedding per item (frozen text encoders), the empty caption's, and
     # each image's six size/crop ids; None for SD
     pooled: torch.Tensor | None = None

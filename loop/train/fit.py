@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from loop.errors import LoopError
 from loop.families import embedding_tables, encode_ids, encoder_modules, unet_inputs
-from loop.objectives import diffusion_dpo_loss, per_item_error, supervised_loss
+from loop.objectives import diffusion_dpo_loss, invariance_loss, per_item_error, supervised_loss
 from loop.train.adapters import REFERENCE, _trainable
 from loop.train.data import TrainData
 from loop.workspace import TMP_MARK, atomic_write
@@ -201,12 +201,21 @@ def dpo_batch_loss(unet, data, noise_sched, tc, accelerator, gen, t_weights, dev
     else:
         t = torch.multinomial(t_weights, n, replacement=True, generator=gen)
     t = torch.cat([t, t])
+    # train.invariance: as many pairs of pictures whose rewards are held equal, each two with one noise and timestep
+    m = n if tc.invariance != "none" and data.twins is not None else 0
+    if m:
+        twins = data.twins[torch.randint(0, len(data.twins), (m,), generator=gen)]
+        tw_noise = torch.randn((m, *data.latents.shape[1:]), generator=gen)
+        tw_t = torch.randint(0, num, (m,), generator=gen) if t_weights is None else \
+            torch.multinomial(t_weights, m, replacement=True, generator=gen)  # fmt: skip
+        rows = torch.cat([rows, twins[:, 0], twins[:, 1]])
+        noise, t = torch.cat([noise, tw_noise, tw_noise]), torch.cat([t, tw_t, tw_t])
     cond = data.embeds[rows]
     pooled = None if data.pooled is None else data.pooled[rows]  # (SDXL)
     # uncond preservation: some of the pairs' images again, fresh noise and timestep, the empty caption
     k = int(round(tc.uncond_preservation * 2 * n))
     if k:
-        extra = rows[torch.randint(0, len(rows), (k,), generator=gen)]
+        extra = rows[torch.randint(0, 2 * n, (k,), generator=gen)]  # of the pairs' rows
         rows = torch.cat([rows, extra])
         noise = torch.cat([noise, torch.randn((k, *data.latents.shape[1:]), generator=gen)])
         t = torch.cat([t, torch.randint(0, num, (k,), generator=gen)])
@@ -223,10 +232,14 @@ def dpo_batch_loss(unet, data, noise_sched, tc, accelerator, gen, t_weights, dev
         ref = unet(xt, t, **inputs).sample.float()
     with accelerator.autocast():
         pred = unet(xt, t, **inputs).sample
-    err, ref_err = per_item_error(pred[: 2 * n], target[: 2 * n]), per_item_error(ref[: 2 * n], target[: 2 * n])
-    loss, _ = diffusion_dpo_loss(err[:n], err[n:], ref_err[:n], ref_err[n:], tc.dpo_beta)
+    p = 2 * (n + m)  # the pairs' rows, then the twins', then uncond preservation's
+    err, ref_err = per_item_error(pred[:p], target[:p]), per_item_error(ref[:p], target[:p])
+    loss, _ = diffusion_dpo_loss(err[:n], err[n : 2 * n], ref_err[:n], ref_err[n : 2 * n], tc.dpo_beta)
+    if m:
+        a, b = slice(2 * n, 2 * n + m), slice(2 * n + m, p)
+        loss = loss + tc.invariance_weight * invariance_loss(err[a], ref_err[a], err[b], ref_err[b], tc.dpo_beta)
     if k:
-        loss = loss + per_item_error(pred[2 * n :], ref[2 * n :]).mean()
+        loss = loss + per_item_error(pred[p:], ref[p:]).mean()
     if tc.dpo_sft_weight:
         loss = loss + tc.dpo_sft_weight * supervised_loss(err[:n])
     return loss

@@ -33,6 +33,8 @@ from loop.workspace import Workspace, atomic_write, sha256_file
 
 POOL_SEED = 3_000_000  # far from the rounds', the gate's probes (1,000,000 + k) and the benchmarks' seeds
 BATCH = 16
+TIER_PARTNERS = 4  # train.invariance=tier: partners per pool picture
+INVARIANCE_HUES = 4  # train.invariance=hue's colourings where the pool's own (taste_pool_hues) are off: 90° turns
 
 
 @torch.no_grad()
@@ -69,12 +71,19 @@ def taste_pool_items(ws: Workspace, store, pipe, cfg: LoopConfig, selection: lis
         log(f"taste pool: no taste model yet ({model.reason}); not used")
         return []
     prompts = sorted({it["caption"] for it in selection if it.get("caption")})
-    pool = base_pool(ws, pipe, prompts, tc.taste_pool, cfg, log)
-    pool += hue_copies(ws, pool, tc.taste_pool_hues)
+    drawn = base_pool(ws, pipe, prompts, tc.taste_pool, cfg, log)
+    turns = tc.taste_pool_hues if tc.taste_pool_hues > 1 else INVARIANCE_HUES if tc.invariance == "hue" else 1
+    pool = drawn + hue_copies(ws, drawn, turns)
     pred = model.predict(features_of_images(ws, cfg.eval, [ws.root / it["path"] for it in pool],
                                             [it["sha256"] for it in pool]))  # fmt: skip
     bar = min(rated) if tc.taste_pool_bar == "selection" else LEVEL[tc.taste_pool_bar]
     items = [dict(it, tier=t, winner=LEVEL[t] >= bar) for it, t in zip(pool, pred["tier"])]
+    if tc.invariance == "hue":
+        items = twins_of(items, len(drawn), paired=tc.taste_pool_hues > 1)
+    if tc.invariance == "hue":
+        twins = [it for it in items if "twin" in it]
+        log(f"invariance: {sum(it['twin_same'] for it in twins)} of {len(twins)} recoloured twin(s) have their "
+            f"picture's predicted tier; the unit's preference is held equal across those")  # fmt: skip
     log(
         f"taste pool: {sum(it['winner'] for it in items)} of {len(items)} base picture(s)"
         + (f" (in {tc.taste_pool_hues} colourings)" if tc.taste_pool_hues > 1 else "")
@@ -104,6 +113,40 @@ def hue_copies(ws: Workspace, pool: list[dict], n: int) -> list[dict]:
                 atomic_write(path, buf.getvalue())
             copies[degrees].append(dict(it, sha256=sha256_file(path), path=ws.rel(path), hue=degrees))
     return [c for degrees in turns for c in copies[degrees]]  # by turn, each turn in the pool's order
+
+
+def twins_of(items: list[dict], drawn: int, paired: bool) -> list[dict]:
+    """train.invariance=hue: each recoloured copy (the items after the first `drawn`, turn by turn in the drawn
+    pictures' order, as hue_copies returns them) marked with its picture ("twin": its path) and whether the taste
+    model gives both the same tier ("twin_same": only those twins are held equal, since where the model sees the
+    colour, the person may). Unless the copies were asked for as pool pictures too (`paired`: taste_pool_hues > 1),
+    they make no dpo pair (tier None) and win nothing: they serve the invariance term alone."""
+    out = items[:drawn]
+    for k, it in enumerate(items[drawn:]):
+        src = items[k % drawn]
+        twin = dict(it, twin=src["path"], twin_same=it["tier"] == src["tier"])
+        out.append(twin if paired else dict(twin, tier=None, winner=False))
+    return out
+
+
+def twin_rows(items: list[dict], how: str, seed: int) -> list[tuple[int, int]]:
+    """The row pairs into `items` (after the latents were encoded, which may have dropped unreadable pictures) whose
+    implicit rewards train.invariance holds equal. "hue": each picture and its recoloured twins of the same predicted
+    tier. "tier": each drawn pool picture with TIER_PARTNERS others of its prompt and predicted tier, chosen at
+    random (seeded by train.seed), since all of a group's pairs would be thousands."""
+    if how == "hue":
+        row = {it["path"]: i for i, it in enumerate(items)}
+        return [(row[it["twin"]], i) for i, it in enumerate(items) if it.get("twin_same") and it["twin"] in row]
+    groups: dict[tuple, list[int]] = {}
+    for i, it in enumerate(items):
+        if it.get("pool") and "hue" not in it and it.get("tier") is not None:
+            groups.setdefault((it["caption"], it["tier"]), []).append(i)
+    gen, out = torch.Generator().manual_seed(seed), []
+    for rows in groups.values():
+        for k, i in enumerate(rows):
+            others = rows[:k] + rows[k + 1 :]
+            out += [(i, others[int(j)]) for j in torch.randperm(len(others), generator=gen)[:TIER_PARTNERS]]
+    return out
 
 
 def pool_share_weights(pairs: list[tuple[int, int]], items: list[dict], share: float) -> torch.Tensor | None:

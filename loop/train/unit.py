@@ -23,7 +23,7 @@ from loop.store import Store, raise_missing_unit
 from loop.train.adapters import EMBEDS, _attach, add_reference_adapter, load_parent_adapter, save_lora
 from loop.train.data import TrainData, _st_bytes, class_images, crop_geometry, encode_captions, encode_latents
 from loop.train.fit import Checkpoints, fit
-from loop.train.pool import pool_share_weights, taste_pool_items
+from loop.train.pool import pool_share_weights, taste_pool_items, twin_rows
 from loop.workspace import Workspace, atomic_write, unit_name
 
 
@@ -155,6 +155,8 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
         pairs = matched_pairs(pairs, data.latents, tc.dpo_match)
         data.pairs = torch.tensor(pairs, dtype=torch.long)
         data.pair_weights = pool_share_weights(pairs, items, tc.taste_pool_share)
+        twins = twin_rows(items, tc.invariance, tc.seed) if tc.invariance != "none" else []
+        data.twins = torch.tensor(twins, dtype=torch.long) if twins else None
         log(
             f"dpo: {len(pairs)} pair(s) of images of the same prompt, {tc.dpo_min_gap}+ tiers apart"
             + (f" (each selected image with its {tc.dpo_match} nearest of {every})" if tc.dpo_match else "")
@@ -267,9 +269,13 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             ],
             # train.taste_pool: the base's pictures the unit also learnt from, labelled by the taste model
             "taste_pool": {
-                "pictures": len(pool),
+                "pictures": sum(it["tier"] is not None for it in pool),  # train.invariance=hue's twins aside
                 "winners": sum(it["winner"] for it in pool),
                 "hues": tc.taste_pool_hues,
+                # train.invariance: which pictures' rewards it held equal, with what weight, and how many pairs
+                "invariance": tc.invariance,
+                "invariance_weight": tc.invariance_weight,
+                "twins": 0 if data.twins is None else len(data.twins),
             },
             "left_out": [
                 {k: it.get(k) for k in ("id", "sha256")}

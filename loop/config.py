@@ -187,6 +187,10 @@ class TrainConfig:
     method: str = "lora"
     rank: int = 8
     alpha: float = 8.0
+    # LoRA dropout (peft's lora_dropout): each step drops this share of the adapter's input features, a regulariser
+    # against learning the few pictures shown rather than what they share. 0: off (docs/convergence.md, the
+    # seventh study)
+    lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # lora
     text_encoder_lora: bool = False  # lora: also a LoRA on the text encoder's attention (q, k, v, out_proj)
     modifier_token: str = "<new1>"  # custom_diffusion: the new token put before every caption ("" for none)
@@ -282,6 +286,14 @@ class TrainConfig:
     # place: whatever varies within a tier). "none": neither. invariance_weight: the term's weight
     invariance: str = "none"
     invariance_weight: float = 1.0
+    # Train what generation uses: with guidance s, a sampler denoises with u + s * (c - u), the base's
+    # unconditional prediction u and the unit's conditional one c. A loss on c alone, as usual, teaches c the
+    # pictures, and guidance then amplifies the unit's whole shift s-fold; and the base's own pictures, drawn with
+    # guidance, are not its fixed point (fitting them narrows it: docs/convergence.md, the sixth study). With this
+    # set to the guidance generation uses (generate.cfg), each error is the guided prediction's, s^2 * |t' - c|^2
+    # with t' = u + (target - u) / s, under supervised training and dpo alike (u: the base, adapter off, empty
+    # caption). 0: off
+    guidance: float = 0.0
     # Memory on small GPUs. gradient_checkpointing: the UNet (and the text encoder, when it learns) keeps only its
     # blocks' inputs and recomputes the rest in the backward pass: much less activation memory, about a third more
     # time per step, the same loss. optimizer: adamw (torch's), or adamw8bit (bitsandbytes' 8-bit AdamW, CUDA only:
@@ -300,6 +312,7 @@ class TrainConfig:
                "must be >= 1 (1: the pool's pictures as drawn)")  # fmt: skip
         _check(self.invariance in INVARIANCES, "train.invariance", self.invariance,
                f"use one of {', '.join(INVARIANCES)}")  # fmt: skip
+        _check(self.guidance >= 0, "train.guidance", self.guidance, "must be >= 0 (0: off; else generate.cfg)")
         _check(self.invariance_weight > 0, "train.invariance_weight", self.invariance_weight, "must be > 0")
         _check(self.invariance == "none" or self.taste_pool, "train.invariance", self.invariance,
                "holds the unit's preference equal between taste pool pictures: set train.taste_pool above 0, or "
@@ -317,6 +330,7 @@ class TrainConfig:
         for key in ("rank", "steps", "batch_size", "class_images"):
             _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "must be a positive integer")
         _check(self.alpha > 0, "train.alpha", self.alpha, "must be > 0")
+        _check(0 <= self.lora_dropout < 1, "train.lora_dropout", self.lora_dropout, "must be >= 0 and < 1 (0: off)")
         _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _check(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule", self.lr_schedule,
                "use constant or cosine")  # fmt: skip

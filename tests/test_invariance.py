@@ -1,4 +1,6 @@
-"""train.invariance: dpo's implicit reward held equal across pictures the taste model rates alike."""
+"""The seventh study's training options (docs/convergence.md): train.invariance (dpo's implicit reward held equal
+across pictures the taste model rates alike), train.guidance (the guided prediction's error) and
+train.lora_dropout."""
 
 import numpy as np
 import pytest
@@ -170,3 +172,36 @@ def test_the_term_keeps_a_unit_from_preferring_its_winners_colour():
         gaps[how] = _reward_gap(unet, _twin_data(pipe), sched)
     # without the term the unit learns "channel 0 wins" with what set the winners apart; with it, far less of that
     assert gaps["none"] > 0 and abs(gaps["hue"]) < 0.5 * gaps["none"], gaps
+
+
+def test_the_guided_error_is_the_error_of_the_prediction_that_generation_uses():
+    from loop.train.fit import base_prediction, guided_targets
+
+    pipe = load_base(ModelConfig())
+    tc = load_config(None, ["train.guidance=4"]).train
+    unet = add_lora(pipe.unet, tc)
+    data = _twin_data(pipe)
+    g = torch.Generator().manual_seed(5)
+    xt, t = torch.randn(3, 4, 16, 16, generator=g), torch.tensor([100, 500, 900])
+    target, c = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    dropped = torch.tensor([False, True, False])
+    with torch.no_grad():
+        tg, w = guided_targets(unet, Accelerator(cpu=True), data, 4.0, xt, t, target, xt.device, None, dropped)
+        u = base_prediction(unet, Accelerator(cpu=True), xt, t, data.empty_embed, xt.device, 3)
+    guided = u + 4.0 * (c - u)  # what a sampler at guidance 4 denoises with
+    for i in (0, 2):
+        assert (w[i] * per_item_error(c[i : i + 1], tg[i : i + 1])).item() == pytest.approx(
+            per_item_error(guided[i : i + 1], target[i : i + 1]).item(), rel=1e-4
+        )
+    # a row whose caption was dropped is the unconditional branch itself: its own target, weight 1
+    assert torch.equal(tg[1], target[1]) and w[1].item() == 1.0
+    with pytest.raises(LoopError, match="train.guidance.*must be >= 0"):
+        load_config(None, ["train.guidance=-1"])
+
+
+def test_lora_dropout_reaches_the_adapter_and_a_wrong_one_is_one_clear_message():
+    pipe = load_base(ModelConfig())
+    unet = add_lora(pipe.unet, load_config(None, ["train.lora_dropout=0.2"]).train)
+    assert unet.peft_config["default"].lora_dropout == 0.2
+    with pytest.raises(LoopError, match="train.lora_dropout.*must be >= 0 and < 1"):
+        load_config(None, ["train.lora_dropout=1"])

@@ -31,7 +31,8 @@ def add_lora(unet, tc, targets: list[str] | None = None):
 
     targets = list(targets or tc.target_modules)
     unet.requires_grad_(False)
-    lora = LoraConfig(r=tc.rank, lora_alpha=tc.alpha, init_lora_weights="gaussian", target_modules=targets)
+    lora = LoraConfig(r=tc.rank, lora_alpha=tc.alpha, init_lora_weights="gaussian", target_modules=targets,
+                      lora_dropout=tc.lora_dropout)  # fmt: skip
     try:
         unet.add_adapter(lora)
     except ValueError as e:

@@ -91,6 +91,22 @@ def base_prediction(unet, accelerator, xt, t, empty_embed, dev, micro: int, empt
         model.enable_adapters()
 
 
+def guided_targets(unet, accelerator, data, scale: float, xt, t, target, dev, sizes, dropped):
+    """train.guidance: the targets and weights that make a conditional prediction's error the guided one's. With
+    u the base's unconditional prediction (adapters off, the empty caption), the guided prediction
+    u + s * (c - u) misses `target` by s * (t' - c), t' = u + (target - u) / s; so the error is s^2 * |t' - c|^2.
+    Rows in `dropped` (their caption replaced by the empty one) keep their own target and weight 1."""
+    rows = torch.ones(len(xt), dtype=torch.bool, device=dev) if dropped is None else ~dropped
+    weights = torch.where(rows, scale**2, 1.0).to(dev)
+    if not bool(rows.any()):
+        return target, weights
+    u = base_prediction(unet, accelerator, xt[rows], t[rows], data.empty_embed, dev, len(xt),
+                        data.empty_pooled, None if sizes is None else sizes[rows])  # fmt: skip
+    target = target.clone().float()
+    target[rows] = u + (target[rows] - u) / scale
+    return target, weights
+
+
 class BaseTargets:
     """train.uncond_preservation's items, drawn and predicted ahead, CHUNK steps at a time.
 
@@ -233,7 +249,12 @@ def dpo_batch_loss(unet, data, noise_sched, tc, accelerator, gen, t_weights, dev
     with accelerator.autocast():
         pred = unet(xt, t, **inputs).sample
     p = 2 * (n + m)  # the pairs' rows, then the twins', then uncond preservation's
-    err, ref_err = per_item_error(pred[:p], target[:p]), per_item_error(ref[:p], target[:p])
+    if tc.guidance:  # train.guidance: the guided prediction's errors, the unit's and the reference's
+        sizes = None if data.time_ids is None else data.time_ids[rows[:p]].to(dev)
+        tg, gw = guided_targets(unet, accelerator, data, tc.guidance, xt[:p], t[:p], target[:p], dev, sizes, None)
+        err, ref_err = gw * per_item_error(pred[:p], tg), gw * per_item_error(ref[:p], tg)
+    else:
+        err, ref_err = per_item_error(pred[:p], target[:p]), per_item_error(ref[:p], target[:p])
     loss, _ = diffusion_dpo_loss(err[:n], err[n : 2 * n], ref_err[:n], ref_err[n : 2 * n], tc.dpo_beta)
     if m:
         a, b = slice(2 * n, 2 * n + m), slice(2 * n + m, p)
@@ -484,6 +505,10 @@ def fit(
                 if sizes is not None:  # the kept positions' images are the bank's, with their own sizes
                     sizes = sizes.clone()
                     sizes[keep] = bank.size_ids(step)
+            gw = None
+            if tc.guidance:  # train.guidance: the guided prediction's error, on the rows with a caption
+                target, gw = guided_targets(unet, accelerator, data, tc.guidance, xt, t, target, dev, sizes,
+                                            None if drop is None else drop.to(dev))  # fmt: skip
             with accelerator.autocast():
                 if te_learns:
                     cond, pooled = encode_ids(text_encoder, cap.to(dev))
@@ -502,6 +527,8 @@ def fit(
                     pred = unet(xt, t, **inputs).sample
             per_item = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
             per_item = per_item * snr_weights(noise_sched, t, tc.snr_gamma)
+            if gw is not None:
+                per_item = per_item * gw
             if prior is not None and len(prior):
                 loss = per_item[:bs].mean() + tc.prior_weight * per_item[bs:].mean()
             else:

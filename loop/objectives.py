@@ -60,8 +60,8 @@ def invariance_loss(
     Held is the difference, not each reward, so the unit may still prefer both twins to other pictures.
 
     (An unbiased estimate of the squared *expected* difference, the product of two independent draws' gaps, was
-    tried and is not used: its gradient is the product of two noisy factors, and on the pair set of
-    tests/test_invariance.py a unit trained with it came to prefer the winners to their twins more than one
+    tried and is not used: its gradient is the product of two noisy factors, and on a toy pair set like the one
+    in tests/test_invariance.py a unit trained with it came to prefer the winners to their twins more than one
     trained without the term.)"""
     gap = 0.5 * beta * ((err - ref_err) - (twin_err - twin_ref_err))
     return (gap**2).mean()

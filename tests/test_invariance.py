@@ -2,7 +2,6 @@
 across pictures the taste model rates alike), train.guidance (the guided prediction's error) and
 train.lora_dropout."""
 
-import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -28,41 +27,13 @@ def test_the_term_is_zero_where_twins_gain_alike_and_pulls_their_gains_together(
     assert err.grad[0] < 0 and err.grad[1] == 0
 
 
-def test_hue_twins_are_held_only_where_the_taste_model_rates_both_alike(ws):
-    from PIL import Image
-
-    import loop.train.pool as pool_mod
+def test_hue_twins_are_held_only_where_the_taste_model_rates_both_alike(ws, red_blue_pool):
+    # the taste model likes red: a recoloured red square is another tier
     from loop.train.pool import taste_pool_items
 
-    folder = ws.cache("pool", "test")
-    folder.mkdir(parents=True, exist_ok=True)
-    pool = []
-    for i, colour in enumerate([(220, 40, 40), (40, 40, 220)]):  # a red and a blue square on grey
-        img = np.full((16, 16, 3), 128, dtype=np.uint8)
-        img[4:12, 4:12] = colour
-        path = folder / f"p{i}.png"
-        Image.fromarray(img).save(path)
-        pool.append({"sha256": str(i), "path": ws.rel(path), "caption": "a square", "prior": False, "pool": True})
-
-    class Warm:  # a taste model that likes red: a recoloured red square is another tier
-        ready, ratings, agreement = True, 40, 0.9
-
-        def predict(self, X):
-            return {"tier": ["UR" if x > 0 else "N" for x in X[:, 0]]}
-
-    def redness(ws_, ec, paths, keys):
-        return np.array([[float(np.asarray(Image.open(p))[8, 8, 0]) - 128] for p in paths])
-
-    orig = (pool_mod.fit_workspace, pool_mod.base_pool, pool_mod.features_of_images)
-    pool_mod.fit_workspace = lambda *a, **k: Warm()
-    pool_mod.base_pool = lambda *a, **k: list(pool)
-    pool_mod.features_of_images = redness
-    try:
-        cfg = load_config(ws.root, ["train.taste_pool=2", "train.invariance=hue"])
-        said = []
-        items = taste_pool_items(ws, None, None, cfg, [{"caption": "a square", "tier": "UR"}], log=said.append)
-    finally:
-        pool_mod.fit_workspace, pool_mod.base_pool, pool_mod.features_of_images = orig
+    cfg = load_config(ws.root, ["train.taste_pool=2", "train.invariance=hue"])
+    said = []
+    items = taste_pool_items(ws, None, None, cfg, [{"caption": "a square", "tier": "UR"}], log=said.append)
     # the two pictures as drawn, then three turns of each: the copies pair with nothing by themselves
     assert [it.get("hue") for it in items] == [None, None, 90, 90, 180, 180, 270, 270]
     assert [it["tier"] for it in items[:2]] == ["UR", "N"] and all(it["tier"] is None for it in items[2:])

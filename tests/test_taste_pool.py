@@ -164,51 +164,23 @@ def test_a_hue_rotation_turns_the_colours_and_keeps_lightness_and_contrast():
     assert abs(after["o1"] - before["o1"]) > 20  # in another colour
 
 
-def test_the_pool_in_several_colourings_is_labelled_copy_by_copy(ws):
-    from PIL import Image
-
-    import loop.train.pool as pool_mod
+def test_the_pool_in_several_colourings_is_labelled_copy_by_copy(ws, red_blue_pool):
+    # the taste model likes red: the copies get their own tiers, not their originals'
     from loop.train.pool import taste_pool_items
 
-    folder = ws.cache("pool", "test")
-    folder.mkdir(parents=True, exist_ok=True)
-    pool = []
-    for i, colour in enumerate([(220, 40, 40), (40, 40, 220)]):  # a red and a blue square on grey
-        img = np.full((16, 16, 3), 128, dtype=np.uint8)
-        img[4:12, 4:12] = colour
-        path = folder / f"p{i}.png"
-        Image.fromarray(img).save(path)
-        pool.append({"sha256": str(i), "path": ws.rel(path), "caption": "a square", "prior": False, "pool": True})
-
-    class Warm:  # a taste model that likes red: the copies get their own tiers, not their originals'
-        ready, ratings, agreement = True, 40, 0.9
-
-        def predict(self, X):
-            return {"tier": ["UR" if x > 0 else "N" for x in X[:, 0]]}
-
-    def redness(ws_, ec, paths, keys):
-        return np.array([[float(np.asarray(Image.open(p))[8, 8, 0]) - 128] for p in paths])
-
-    orig = (pool_mod.fit_workspace, pool_mod.base_pool, pool_mod.features_of_images)
-    pool_mod.fit_workspace = lambda *a, **k: Warm()
-    pool_mod.base_pool = lambda *a, **k: list(pool)
-    pool_mod.features_of_images = redness
-    try:
-        cfg = load_config(ws.root, RATED + ["train.taste_pool=2", "train.taste_pool_hues=4"])
-        said = []
-        items = taste_pool_items(ws, None, None, cfg, [{"caption": "a square", "tier": "UR"}], log=said.append)
-        assert len(items) == 8 and [it.get("hue") for it in items] == [None, None, 90, 90, 180, 180, 270, 270]
-        assert len({it["sha256"] for it in items}) == 8 and all((ws.root / it["path"]).is_file() for it in items)
-        assert items[0]["winner"] and not items[1]["winner"]  # red wins, blue does not
-        assert not items[4]["winner"] and items[5]["winner"]  # turned half way round: red is cyan, blue is yellow
-        won = sum(it["winner"] for it in items)
-        assert said[-1].startswith(f"taste pool: {won} of 8 base picture(s) (in 4 colourings) predicted UR")
-        # the copies are made once: a second labelling reads the same files
-        stamps = {it["path"]: (ws.root / it["path"]).stat().st_mtime_ns for it in items}
-        again = taste_pool_items(ws, None, None, cfg, [{"caption": "a square", "tier": "UR"}], log=said.append)
-        assert {it["path"]: (ws.root / it["path"]).stat().st_mtime_ns for it in again} == stamps
-    finally:
-        pool_mod.fit_workspace, pool_mod.base_pool, pool_mod.features_of_images = orig
+    cfg = load_config(ws.root, RATED + ["train.taste_pool=2", "train.taste_pool_hues=4"])
+    said = []
+    items = taste_pool_items(ws, None, None, cfg, [{"caption": "a square", "tier": "UR"}], log=said.append)
+    assert len(items) == 8 and [it.get("hue") for it in items] == [None, None, 90, 90, 180, 180, 270, 270]
+    assert len({it["sha256"] for it in items}) == 8 and all((ws.root / it["path"]).is_file() for it in items)
+    assert items[0]["winner"] and not items[1]["winner"]  # red wins, blue does not
+    assert not items[4]["winner"] and items[5]["winner"]  # turned half way round: red is cyan, blue is yellow
+    won = sum(it["winner"] for it in items)
+    assert said[-1].startswith(f"taste pool: {won} of 8 base picture(s) (in 4 colourings) predicted UR")
+    # the copies are made once: a second labelling reads the same files
+    stamps = {it["path"]: (ws.root / it["path"]).stat().st_mtime_ns for it in items}
+    again = taste_pool_items(ws, None, None, cfg, [{"caption": "a square", "tier": "UR"}], log=said.append)
+    assert {it["path"]: (ws.root / it["path"]).stat().st_mtime_ns for it in again} == stamps
 
 
 def test_a_pool_in_no_colouring_is_one_clear_message():

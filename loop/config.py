@@ -409,6 +409,11 @@ class GateConfig:
     judge: str = "votes"
     votes: int = 40
     alpha: float = 0.05
+    # A unit may give up variety only for taste: where a judge exists, a unit whose probes of a prompt differ from
+    # one seed to the next less than min_variety_share of its parent's (loop.metrics.seed_diversity, averaged over
+    # the prompts) and that the judge does not find better at level alpha is refused. 0: off (the default;
+    # docs/convergence.md, the eighth study). The share is recorded at every gate either way
+    min_variety_share: float = 0.0
 
     def __post_init__(self):
         _check(self.judge in JUDGES, "gate.judge", self.judge, f"use one of {', '.join(JUDGES)}")
@@ -417,6 +422,8 @@ class GateConfig:
                "must be in [0, 1]")  # fmt: skip
         _check(self.votes >= 1, "gate.votes", self.votes, "must be a positive integer")
         _check(0 < self.alpha < 1, "gate.alpha", self.alpha, "must be in (0, 1)")
+        _check(0 <= self.min_variety_share <= 1, "gate.min_variety_share", self.min_variety_share,
+               "must be in [0, 1] (0 turns it off)")  # fmt: skip
         _check(0 <= self.probe_seed <= MAX_SEED, "gate.probe_seed", self.probe_seed, f"must be in 0..{MAX_SEED}")
 
 

@@ -94,7 +94,7 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
     """The gate's verdict on `unit`, with its figures; records nothing (see gate_unit)."""
     from loop.compare import render_unit
     from loop.features import group_rows, image_features, mean_of, per_prompt_prdc
-    from loop.metrics import sign_test_worse
+    from loop.metrics import seed_diversity_per_group, sign_test_worse, thumbnail
     from loop.prompts import read_prompts
     from loop.rate.auto import score
 
@@ -192,8 +192,20 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
         for x, y in zip(a, b):
             votes["new_wins" if x > y else "parent_wins" if y > x else "ties"] += 1
     p_value = sign_test_worse(votes["new_wins"], votes["parent_wins"]) if judge != "none" else None
+    p_better = sign_test_worse(votes["parent_wins"], votes["new_wins"]) if judge != "none" else None
 
-    # 5. the verdict
+    # 5. variety: how much its probes of each prompt differ from one seed to the next, against its parent's
+    def variety(u: int) -> dict[str, float | None]:
+        groups = [[thumbnail(np.asarray(images[u][(p, s)].convert("RGB"))) for s in seeds] for p in rendered]
+        return dict(zip(rendered, seed_diversity_per_group(groups)))
+
+    mine, theirs = variety(unit), variety(against)
+    ratios = [mine[p] / theirs[p] for p in rendered if mine[p] is not None and theirs[p]]
+    variety_share = float(np.mean(ratios)) if ratios else None
+    for p in per_prompt:
+        per_prompt[p]["variety_share"] = _r(mine[p] / theirs[p]) if mine[p] is not None and theirs[p] else None
+
+    # 6. the verdict
     reasons, notes = [], []
     if share is None:
         why = "no prompt of its selection has 3 or more images" if not measured else "unit 0 covers none of it"
@@ -215,6 +227,16 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
             f"the {judge_name(judge)} {'prefer' if judge == 'votes' else 'prefers'} unit {against}: "
             f"{votes['parent_wins']}-{votes['new_wins']}{_ties(votes)}, p={p_value:.3g} < {g.alpha}"
         )
+    if g.min_variety_share and variety_share is not None and variety_share < g.min_variety_share:
+        if p_better is None:
+            notes.append(f"draws {variety_share:.0%} of unit {against}'s variety per prompt; no judge to say "
+                         "whether it is better for it")  # fmt: skip
+        elif p_better >= g.alpha:
+            reasons.append(
+                f"draws {variety_share:.0%} of unit {against}'s variety per prompt (< {g.min_variety_share:.0%}) "
+                f"and the {judge_name(judge)} {'do' if judge == 'votes' else 'does'} not find it better: "
+                f"{votes['new_wins']}-{votes['parent_wins']}{_ties(votes)}, p={p_better:.3g}"
+            )
     return {
         "unit": unit,
         "parent": against,
@@ -230,7 +252,10 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
         "judge": judge,
         "votes": votes,
         "p_value": _r(p_value),
+        "p_better": _r(p_better),
         "alpha": g.alpha,
+        "variety_share": _r(variety_share),
+        "min_variety_share": g.min_variety_share,
         "probes": sum(len(v) for v in images.values()),
         "features": ec.features,
         "seconds": round(time.time() - t0, 2),

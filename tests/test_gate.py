@@ -267,3 +267,47 @@ def test_the_taste_model_judges_only_where_it_has_learnt_and_the_gate_records_it
         judged = check_unit(gws, store, cfg, 2, log=quiet)
         assert judged["judge"] == "model" and sum(judged["votes"].values()) == 12 and 0 < judged["p_value"] <= 1
         assert any(n.startswith(f"taste model fitted on {len(rows)} rating(s)") for n in judged["notes"])
+
+
+@pytest.mark.slow
+def test_a_unit_that_draws_less_variety_is_refused_unless_the_judge_finds_it_better(gws):
+    from loop.errors import LoopError
+    from loop.rate import ab
+
+    rule = OVER + ["gate.min_variety_share=0.9"]
+    with gws.store() as store:
+        # unit 2 learnt one picture of each prompt: its probes of a prompt differ from seed to seed far less
+        plain = check_unit(gws, store, load_config(gws.root, OVER), 2, log=quiet)
+        assert plain["variety_share"] < 0.5 and plain["min_variety_share"] == 0
+        assert all("variety" not in r for r in plain["reasons"])  # recorded, not acted on: off by default
+        assert all(0 < d["variety_share"] < 1 for d in plain["per_prompt"].values())
+
+        unjudged = check_unit(gws, store, load_config(gws.root, rule), 2, log=quiet)
+        assert all("variety" not in r for r in unjudged["reasons"])  # no judge: nothing says it is better or not
+        said = f"draws {unjudged['variety_share']:.0%} of unit 1's variety"
+        assert any(n.startswith(said) for n in unjudged["notes"])
+
+        store.db.executescript(ab.SCHEMA)
+        a, b = (r["id"] for r in store.images()[:2])
+
+        def vote(winner_unit: int, times: int) -> None:
+            for _ in range(times):
+                store.db.execute(
+                    "INSERT INTO ab_votes (left_id, right_id, left_unit, right_unit, winner, rater, created_at) "
+                    "VALUES (?, ?, 2, 1, ?, 'me', 0)",
+                    (a, b, "left" if winner_unit == 2 else "right"),
+                )
+
+        vote(2, 6)
+        vote(1, 6)  # 6-6: not better
+        even = check_unit(gws, store, load_config(gws.root, rule), 2, log=quiet)
+        share = f"{even['variety_share']:.0%}"
+        assert f"draws {share} of unit 1's variety per prompt (< 90%) and the A/B votes do not find it better: 6-6, " \
+               "p=0.613" in even["reasons"]  # fmt: skip
+        vote(2, 12)  # 18-6: better (p 0.011), so the variety it gave up bought something
+        better = check_unit(gws, store, load_config(gws.root, rule), 2, log=quiet)
+        assert better["p_better"] < 0.05 and all("variety" not in r for r in better["reasons"])
+        assert better["reasons"]  # still refused for its coverage of its selection, a check of its own
+
+    with pytest.raises(LoopError, match="gate.min_variety_share.*must be in"):
+        load_config(None, ["gate.min_variety_share=1.5"])

@@ -176,8 +176,8 @@ def run_one(taste: str, strategy: str, seed: int, where: Path, rounds: int, per_
             generating.append(store.generating_unit())
             row = store.unit(n + 1)
             gate = json.loads(row["gate"]) if row is not None and "gate" in row.keys() and row["gate"] else {}
-        gates.append({"unit": n + 1, "reasons": gate.get("reasons", []),
-                      **{k: gate.get(k) for k in ("passed", "parent", "votes", "p_value")}})  # fmt: skip
+        kept = ("passed", "parent", "votes", "p_value", "p_better", "variety_share")
+        gates.append({"unit": n + 1, "reasons": gate.get("reasons", []), **{k: gate.get(k) for k in kept}})
         log(f"  {taste}/{strategy}/seed {seed}: round {n} done ({time.time() - t0:.0f} s), generating: unit "
             f"{generating[-1]}")  # fmt: skip
     share_pool(ws, into_workspace=False)
@@ -289,7 +289,7 @@ ADDED_SINCE = {"generate.vae_slicing": False, "generate.vae_tiling": False, "tra
                "train.taste_pool": 0, "train.taste_pool_share": 0.0, "train.taste_pool_bar": "selection",
                "train.dpo_reference": "base", "train.taste_pool_hues": 1,
                "train.invariance": "none", "train.invariance_weight": 1.0,
-               "train.lora_dropout": 0.0, "train.guidance": 0.0}  # fmt: skip
+               "train.lora_dropout": 0.0, "train.guidance": 0.0, "gate.min_variety_share": 0.0}  # fmt: skip
 
 
 def defaults_fingerprint() -> str:

@@ -345,7 +345,8 @@ def _r(x: float | None) -> float | None:
 
 
 def summary(gate: dict) -> str:
-    """'coverage share 0.91, scripted judge 18-12, p=0.18': the figures that decided, in a few words."""
+    """'coverage share 0.91, variety 0.97 of unit 1's, scripted judge 18-12, p=0.18': the figures that decided,
+    in a few words."""
     if gate.get("gate") == "off":
         return "gate off"
     parts = []
@@ -353,6 +354,8 @@ def summary(gate: dict) -> str:
         parts.append(f"coverage share {gate['coverage_share']:.2f}")
     else:
         parts.append("coverage not measured")
+    if gate.get("variety_share") is not None:
+        parts.append(f"variety {gate['variety_share']:.2f} of unit {gate['parent']}'s")
     if gate.get("judge") not in (None, "none"):
         v = gate["votes"]
         parts.append(

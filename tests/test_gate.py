@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from loop.cli import entry
 from loop.config import load_config
-from loop.gate import check_unit, gate_unit
+from loop.gate import check_unit, gate_unit, summary
 from loop.round import run_round
 from loop.store import SCHEMA, Store
 from loop.train import train_unit
@@ -308,6 +308,7 @@ def test_a_unit_that_draws_less_variety_is_refused_unless_the_judge_finds_it_bet
         better = check_unit(gws, store, load_config(gws.root, rule), 2, log=quiet)
         assert better["p_better"] < 0.05 and all("variety" not in r for r in better["reasons"])
         assert better["reasons"]  # still refused for its coverage of its selection, a check of its own
+        assert f"variety {better['variety_share']:.2f} of unit 1's, A/B votes 18-6" in summary(better)
 
     with pytest.raises(LoopError, match="gate.min_variety_share.*must be in"):
         load_config(None, ["gate.min_variety_share=1.5"])

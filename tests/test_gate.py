@@ -277,9 +277,11 @@ def test_a_unit_that_draws_less_variety_is_refused_unless_the_judge_finds_it_bet
     rule = OVER + ["gate.min_variety_share=0.9"]
     with gws.store() as store:
         # unit 2 learnt one picture of each prompt: its probes of a prompt differ from seed to seed far less
-        plain = check_unit(gws, store, load_config(gws.root, OVER), 2, log=quiet)
+        assert load_config(gws.root, OVER).gate.min_variety_share == 0.98  # on by default
+        off = OVER + ["gate.min_variety_share=0"]
+        plain = check_unit(gws, store, load_config(gws.root, off), 2, log=quiet)
         assert plain["variety_share"] < 0.5 and plain["min_variety_share"] == 0
-        assert all("variety" not in r for r in plain["reasons"])  # recorded, not acted on: off by default
+        assert all("variety" not in r for r in plain["reasons"])  # recorded, not acted on where it is off
         assert all(0 < d["variety_share"] < 1 for d in plain["per_prompt"].values())
 
         unjudged = check_unit(gws, store, load_config(gws.root, rule), 2, log=quiet)

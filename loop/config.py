@@ -408,7 +408,10 @@ class GateConfig:
     # (loop.taste_model, fitted on every rating) scores the same probe pairs (never the unit's training pictures)
     judge: str = "votes"
     votes: int = 40
-    alpha: float = 0.05
+    # 0.10: with 40 votes a unit is refused from 15-25 against it (0.05 needs 14-26). Chosen on bench seeds 0-3,
+    # where 0.05 let one unit that fell 10 points pass at 15-25 (warm golden seed 3); on the held-out seeds' recorded
+    # gates it refuses one more fall (18 points) and one 2-point drop; 0.25 cost a gain (docs/convergence.md)
+    alpha: float = 0.10
     # A unit may give up variety only for taste: where a judge exists, a unit whose probes of a prompt differ from
     # one seed to the next less than min_variety_share of its parent's (loop.metrics.seed_diversity, averaged over
     # the prompts) and that the judge does not find better at level alpha is refused; without a judge it is a note.

@@ -117,7 +117,23 @@ def test_a_collapsed_unit_is_refused_and_one_like_the_base_passes(gws):
         voted = check_unit(gws, store, cfg, 3, log=quiet)
         assert voted["judge"] == "votes" and voted["votes"] == {"new_wins": 0, "parent_wins": 12, "ties": 0}
         assert not voted["passed"] and voted["coverage_share"] == pytest.approx(1.0)
-        assert voted["reasons"] == ["the A/B votes prefer unit 1: 12-0, p=0.000244 < 0.05"]
+        assert voted["reasons"] == ["the A/B votes prefer unit 1: 12-0, p=0.000244 < 0.1"]
+
+        # 15-25 (p 0.077): refused at the default level, 0.10, and not at 0.05 (a 10-point fall passed there: the
+        # bench's warm golden seed 3)
+        assert load_config(gws.root, OVER).gate.alpha == 0.10
+        for k in range(28):
+            winner = 3 if k < 15 else 1
+            store.db.execute(
+                "INSERT INTO ab_votes (left_id, right_id, left_unit, right_unit, winner, rater, created_at) "
+                "VALUES (?, ?, 3, 1, ?, 'me', 0)",
+                (a, b, "left" if winner == 3 else "right"),
+            )
+        close = check_unit(gws, store, cfg, 3, log=quiet)
+        assert close["votes"] == {"new_wins": 15, "parent_wins": 25, "ties": 0}
+        assert "the A/B votes prefer unit 1: 25-15, p=0.0769 < 0.1" in close["reasons"]
+        lenient = check_unit(gws, store, load_config(gws.root, OVER + ["gate.alpha=0.05"]), 3, log=quiet)
+        assert lenient["p_value"] == close["p_value"] and not any("prefer" in r for r in lenient["reasons"])
 
         off = gate_unit(gws, store, load_config(gws.root, OVER + ["gate.enabled=false"]), 3, log=quiet)
         assert off["gate"] == "off" and store.unit(3)["promoted"] == 1 and store.generating_unit() == 3

@@ -30,6 +30,20 @@ OVER = FAST + [
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
+def add_vote(store: Store, left_unit: int, right_unit: int, winner_unit: int, times: int = 1) -> None:
+    """`times` blind A/B votes (loop.rate.ab's table) between two units, `winner_unit` winning each."""
+    from loop.rate import ab
+
+    store.db.executescript(ab.SCHEMA)
+    a, b = (r["id"] for r in store.images()[:2])
+    for _ in range(times):
+        store.db.execute(
+            "INSERT INTO ab_votes (left_id, right_id, left_unit, right_unit, winner, rater, created_at) "
+            "VALUES (?, ?, ?, ?, ?, 'me', 0)",
+            (a, b, left_unit, right_unit, "left" if winner_unit == left_unit else "right"),
+        )
+
+
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory):
     """Round 0 done (unit 1 trained and gated by the round); round 1 generated, rated and selected; unit 2 trained
@@ -103,17 +117,8 @@ def test_a_collapsed_unit_is_refused_and_one_like_the_base_passes(gws):
         assert 0 < scripted["p_value"] <= 1
 
         # blind A/B votes: unit 1 won every one against unit 3, so unit 3 is refused whatever its coverage
-        from loop.rate import ab
-
-        store.db.executescript(ab.SCHEMA)
-        a, b = (r["id"] for r in store.images()[:2])
         for k in range(12):  # unit 1 on the left half the time
-            left, right, winner = (1, 3, "left") if k % 2 else (3, 1, "right")
-            store.db.execute(
-                "INSERT INTO ab_votes (left_id, right_id, left_unit, right_unit, winner, rater, created_at) "
-                "VALUES (?, ?, ?, ?, ?, 'me', 0)",
-                (a, b, left, right, winner),
-            )
+            add_vote(store, *((1, 3) if k % 2 else (3, 1)), winner_unit=1)
         voted = check_unit(gws, store, cfg, 3, log=quiet)
         assert voted["judge"] == "votes" and voted["votes"] == {"new_wins": 0, "parent_wins": 12, "ties": 0}
         assert not voted["passed"] and voted["coverage_share"] == pytest.approx(1.0)
@@ -122,13 +127,8 @@ def test_a_collapsed_unit_is_refused_and_one_like_the_base_passes(gws):
         # 15-25 (p 0.077): refused at the default level, 0.10, and not at 0.05 (a 10-point fall passed there: the
         # bench's warm golden seed 3)
         assert load_config(gws.root, OVER).gate.alpha == 0.10
-        for k in range(28):
-            winner = 3 if k < 15 else 1
-            store.db.execute(
-                "INSERT INTO ab_votes (left_id, right_id, left_unit, right_unit, winner, rater, created_at) "
-                "VALUES (?, ?, 3, 1, ?, 'me', 0)",
-                (a, b, "left" if winner == 3 else "right"),
-            )
+        add_vote(store, 3, 1, winner_unit=3, times=15)
+        add_vote(store, 3, 1, winner_unit=1, times=13)
         close = check_unit(gws, store, cfg, 3, log=quiet)
         assert close["votes"] == {"new_wins": 15, "parent_wins": 25, "ties": 0}
         assert "the A/B votes prefer unit 1: 25-15, p=0.0769 < 0.1" in close["reasons"]
@@ -288,7 +288,6 @@ def test_the_taste_model_judges_only_where_it_has_learnt_and_the_gate_records_it
 @pytest.mark.slow
 def test_a_unit_that_draws_less_variety_is_refused_unless_the_judge_finds_it_better(gws):
     from loop.errors import LoopError
-    from loop.rate import ab
 
     rule = OVER + ["gate.min_variety_share=0.9"]
     with gws.store() as store:
@@ -305,16 +304,8 @@ def test_a_unit_that_draws_less_variety_is_refused_unless_the_judge_finds_it_bet
         said = f"draws {unjudged['variety_share']:.0%} of unit 1's variety"
         assert any(n.startswith(said) for n in unjudged["notes"])
 
-        store.db.executescript(ab.SCHEMA)
-        a, b = (r["id"] for r in store.images()[:2])
-
         def vote(winner_unit: int, times: int) -> None:
-            for _ in range(times):
-                store.db.execute(
-                    "INSERT INTO ab_votes (left_id, right_id, left_unit, right_unit, winner, rater, created_at) "
-                    "VALUES (?, ?, 2, 1, ?, 'me', 0)",
-                    (a, b, "left" if winner_unit == 2 else "right"),
-                )
+            add_vote(store, 2, 1, winner_unit, times)
 
         vote(2, 6)
         vote(1, 6)  # 6-6: not better

@@ -405,9 +405,16 @@ class GateConfig:
     # none: coverage alone decides. votes: the blind A/B votes between the unit and its parent, where there are
     # any. scripted: the scripted rater (rate.preference, with rate.noise) votes on at most `votes` probe pairs,
     # as a person would in a quick blind A/B session (benchmarks). model: the workspace's taste model
-    # (loop.taste_model, fitted on every rating) scores the same probe pairs (never the unit's training pictures)
-    judge: str = "votes"
+    # (loop.taste_model, fitted on every rating) scores probe pairs by their expected tier (never the unit's
+    # training pictures): its votes cost no one's time, so gate.votes does not limit them, and it judges at least
+    # model_pairs pairs (more held-out seeds per prompt where the selection has few prompts). The default since the
+    # tenth study (docs/convergence.md): votes are never there right after training, so that judge left coverage
+    # alone to decide; the model is there from 30 ratings in two tiers (until then coverage alone decides, and the
+    # gate says so)
+    judge: str = "model"
     votes: int = 40
+    # 128: on 40 or 64 pairs the model passed falls of 11 and 16 points in UR rate that it refused on 128
+    model_pairs: int = 128
     # 0.10: with 40 votes a unit is refused from 15-25 against it (0.05 needs 14-26). Chosen on bench seeds 0-3,
     # where 0.05 let a unit that fell 10 points pass at 15-25; re-run against 0.05 on another machine, it stopped a
     # 12-point fall and met one more seed in each contrast cell; 0.25 cost a gain (docs/convergence.md, ninth study)
@@ -425,6 +432,7 @@ class GateConfig:
         _check(0 <= self.min_coverage_share <= 1, "gate.min_coverage_share", self.min_coverage_share,
                "must be in [0, 1]")  # fmt: skip
         _check(self.votes >= 1, "gate.votes", self.votes, "must be a positive integer")
+        _check(self.model_pairs >= 1, "gate.model_pairs", self.model_pairs, "must be a positive integer")
         _check(0 < self.alpha < 1, "gate.alpha", self.alpha, "must be in (0, 1)")
         _check(0 <= self.min_variety_share <= 1, "gate.min_variety_share", self.min_variety_share,
                "must be in [0, 1] (0 turns it off)")  # fmt: skip

@@ -11,8 +11,9 @@ seeds no round uses, rendered by the new unit, by the unit it would replace and 
 generations/. Coverage (Naeem et al. 2020) is measured per prompt against the selection's own images of that
 prompt: a unit gone to one mode per prompt covers few of them. The unit passes coverage if its mean coverage over
 prompts is at least gate.min_coverage_share of unit 0's coverage of the same selection. A judge, where one
-exists (gate.judge: the blind A/B votes between the two units, or the scripted rater on probe pairs), must not
-find it worse than the unit it would replace by a one-sided sign test at gate.alpha.
+exists (gate.judge: the taste model on gate.model_pairs or more probe pairs, the blind A/B votes between the two
+units, or the scripted rater on at most gate.votes probe pairs), must not find it worse than the unit it would
+replace by a one-sided sign test at gate.alpha.
 
 "The unit it would replace" is its parent, or, where the parent was refused itself, the unit that generated the
 round it learnt from (the newest promoted unit before it).
@@ -127,10 +128,20 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
             judge = "none"
     judged = order if judge in ("scripted", "model") else []
     rendered = list(dict.fromkeys(measured + judged))
+    # the judge's pairs, spread over the prompts: the taste model's cost no one's time, so it judges at least
+    # gate.model_pairs of them, with more held-out seeds per prompt where the selection has few prompts
+    per_prompt_judged = len(seeds)
+    if judge == "model" and judged:
+        per_prompt_judged = max(len(seeds), -(-g.model_pairs // len(judged)))
+    judge_seeds = [g.probe_seed + k for k in range(per_prompt_judged)]
+    pairs = [(p, s) for s in judge_seeds for p in judged]
+    if judge == "scripted":
+        pairs = pairs[: g.votes]  # it stands in for a person, whose votes cost time
     versus = f"unit {against} and unit 0" if against else "unit 0"
     log(
         f"gate: unit {unit} against {versus}, {len(rendered)} prompt(s) x {len(seeds)} held-out "
-        f"seed(s) ({len(measured)} with 3+ selected images for coverage; judge: {judge})"
+        f"seed(s) ({len(measured)} with 3+ selected images for coverage; judge: {judge}"
+        f"{f' on {len(pairs)} pairs' if pairs else ''})"
     )
 
     # 2. render the probes: each unit once, only the prompts it is measured on
@@ -140,11 +151,11 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
             lines.setdefault(ln.text, ln)  # a probe takes its line's options, as the selection's images did
     except (OSError, LoopError):
         pass
-    needs = {unit: rendered, against: rendered}
-    needs[0] = list(dict.fromkeys(needs.get(0, []) + measured))
+    shown = [(p, s) for p in rendered for s in seeds]
+    needs = {unit: list(dict.fromkeys(shown + pairs)), against: list(dict.fromkeys(shown + pairs))}
+    needs[0] = list(dict.fromkeys(needs.get(0, []) + [(p, s) for p in measured for s in seeds]))
     images: dict[int, dict] = {}
-    for u, prompts in needs.items():
-        probes = [(p, s) for p in prompts for s in seeds]
+    for u, probes in needs.items():
         key = _weights_key(ws, cfg, u, lines)
         seen = _RENDERED.get(key, {})
         todo = [pr for pr in probes if pr not in seen]
@@ -178,13 +189,12 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
     share = cov / base if cov is not None and base else None
 
     # 4. the judge: the new unit against the one it would replace, at the same prompt and seed
-    pairs = [(p, s) for s in seeds for p in judged][: g.votes]  # spread over the prompts
     if judge == "scripted":
         for key in pairs:
             a = score(np.asarray(images[unit][key].convert("RGB")), cfg.rate)
             b = score(np.asarray(images[against][key].convert("RGB")), cfg.rate)
             votes["new_wins" if a > b else "parent_wins" if b > a else "ties"] += 1
-    if judge == "model":  # the same pairs, scored by the expected tier the taste model predicts
+    if judge == "model":  # the pairs scored by the expected tier the taste model predicts
         from loop.taste_model import features_of_images
 
         a = taste.predict(features_of_images(ws, ec, [images[unit][k] for k in pairs]))["score"]

@@ -20,12 +20,14 @@ from loop.workspace import Workspace
 
 quiet = lambda m: None  # noqa: E731
 
-# 16 images a prompt, every one UR, so a selection has 16+ images of each prompt to cover; 16 probes a prompt
+# 16 images a prompt, every one UR, so a selection has 16+ images of each prompt to cover; 16 probes a prompt; the
+# person's blind A/B votes judge (the default judge, the taste model, has its own test)
 OVER = FAST + [
     "generate.images_per_prompt=16",
     "generate.batch_size=16",
     "rate.cutoffs=[-1000,-1001,-1002,-1003]",
     "gate.probes_per_prompt=16",
+    "gate.judge=votes",
 ]
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -266,12 +268,15 @@ def test_a_database_from_before_the_gate_opens_with_its_units_promoted(tmp_path)
 def test_the_taste_model_judges_only_where_it_has_learnt_and_the_gate_records_it(gws):
     from loop.images import load_rgb
 
-    cfg = load_config(gws.root, OVER + ["gate.judge=model", "gate.votes=12"])
+    assert load_config(None, []).gate.judge == "model"  # the default judge
+    cfg = load_config(gws.root, OVER + ["gate.judge=model", "gate.votes=12", "gate.model_pairs=40"])
     with gws.store() as store:
         # every image is UR in this workspace: one tier, nothing to learn; coverage alone decides, and says why
         alone = check_unit(gws, store, cfg, 2, log=quiet)
         assert alone["judge"] == "none" and any("no taste model to judge with" in n for n in alone["notes"])
-        # the person re-rates: red-leaning images UR, the others N; now the model judges, on gate.votes pairs
+        # the person re-rates: red-leaning images UR, the others N; now the model judges gate.model_pairs pairs,
+        # 20 seeds of each of the selection's two prompts where the other checks use 16 (its votes cost no one's
+        # time: gate.votes, 12, limits the scripted judge's, not its own)
         rows = store.images()
 
         def warm(r):
@@ -281,7 +286,8 @@ def test_the_taste_model_judges_only_where_it_has_learnt_and_the_gate_records_it
         cut = sorted(warm(r) for r in rows)[len(rows) // 2]
         store.rate_many([(r["id"], "UR" if warm(r) >= cut else "N") for r in rows], rater="me")
         judged = check_unit(gws, store, cfg, 2, log=quiet)
-        assert judged["judge"] == "model" and sum(judged["votes"].values()) == 12 and 0 < judged["p_value"] <= 1
+        assert judged["judge"] == "model" and sum(judged["votes"].values()) == 20 * len(judged["per_prompt"]) == 40
+        assert 0 < judged["p_value"] <= 1
         assert any(n.startswith(f"taste model fitted on {len(rows)} rating(s)") for n in judged["notes"])
 
 

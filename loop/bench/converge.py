@@ -6,7 +6,8 @@
 
 For each taste (loop.tastes: each scores some attributes of the picture and is indifferent to others), strategy
 and seed, a fresh workspace runs `rounds` whole rounds on the embedded model with the scripted rater (that taste,
-noise 10), the promotion gate judged by the same taste on at most 40 noisy blind votes (gate.judge=scripted).
+noise 10), the promotion gate judged as the defaults say (gate.judge=model: the workspace's taste model, fitted on
+those noisy ratings; gate.judge=scripted: the same taste on at most 40 noisy blind votes, as a person would give).
 Every unit is then measured on `eval` images at fixed seeds no round used (128 by default: a UR rate from 64
 images is +-12 points): its UR rate, and the per-prompt spread of every attribute (loop.tastes.spread), as a
 share of unit 0's; and how much of its selection's variety it covers (loop.metrics.prdc, per prompt, as a share
@@ -160,7 +161,7 @@ def run_one(taste: str, strategy: str, seed: int, where: Path, rounds: int, per_
     cfg = load_config(
         ws.root,
         [f"generate.images_per_prompt={per_prompt}", f"rate.preference={taste}", "rate.noise=10",
-         f"generate.seed={seed}", f"train.seed={seed}", "gate.judge=scripted", *STRATEGIES[strategy], *overrides],
+         f"generate.seed={seed}", f"train.seed={seed}", *STRATEGIES[strategy], *overrides],
     )  # fmt: skip
     share_pool(ws, into_workspace=True)
     t0 = time.time()

@@ -7,7 +7,7 @@ Renders units 0-3 of a kept bench workspace at the gate's held-out probe seeds (
 each judge says of each new unit against the unit it would replace: the scripted rater on 40 pairs, the taste
 without noise, the workspace's taste model by expected tier on 40, 64 and all pairs, and by P(UR).
 """
-import sys, json
+import sys
 import numpy as np
 from scipy.stats import wilcoxon, binomtest
 from loop.config import load_config, RateConfig

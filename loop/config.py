@@ -413,7 +413,8 @@ class GateConfig:
     # gate says so)
     judge: str = "model"
     votes: int = 40
-    # 128: on 40 or 64 pairs the model passed falls of 11 and 16 points in UR rate that it refused on 128
+    # 128: of the ninth study's two falls (16 and 11 points of UR rate), the model passed both on 40 pairs and the
+    # first on 64 (29-35); on 128 it refused both (51-77, 46-82; docs/convergence.md, the tenth study)
     model_pairs: int = 128
     # 0.10: with 40 votes a unit is refused from 15-25 against it (0.05 needs 14-26). Chosen on bench seeds 0-3,
     # where 0.05 let a unit that fell 10 points pass at 15-25; re-run against 0.05 on another machine, it stopped a

@@ -151,8 +151,8 @@ def check_unit(ws: Workspace, store: Store, cfg: LoopConfig, unit: int, log=prin
             lines.setdefault(ln.text, ln)  # a probe takes its line's options, as the selection's images did
     except (OSError, LoopError):
         pass
-    shown = [(p, s) for p in rendered for s in seeds]
-    needs = {unit: list(dict.fromkeys(shown + pairs)), against: list(dict.fromkeys(shown + pairs))}
+    both = list(dict.fromkeys([(p, s) for p in rendered for s in seeds] + pairs))
+    needs = {unit: both, against: both}
     needs[0] = list(dict.fromkeys(needs.get(0, []) + [(p, s) for p in measured for s in seeds]))
     images: dict[int, dict] = {}
     for u, probes in needs.items():

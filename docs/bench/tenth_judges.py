@@ -3,6 +3,8 @@
     python -m loop.bench converge --tastes centred_big --strategies golden --seeds 3 --keep /tmp/ws --out /tmp/docs
     python docs/bench/tenth_judges.py /tmp/ws/centred_big-golden-3 centred_big 32
 
+(the eleventh study ran it on `contrast` golden seed 2 as well, with its workspace kept the same way)
+
 Renders units 0-3 of a kept bench workspace at the gate's held-out probe seeds (32 per prompt), and prints what
 each judge says of each new unit against the unit it would replace: the scripted rater on 40 pairs, the taste
 without noise, the workspace's taste model by expected tier on 40, 64 and all pairs, and by P(UR).
@@ -54,6 +56,7 @@ for new, old in [(1, 0), (2, 1), (3, 1), (3, 2)]:
     line.append("model64 " + sign(A["mscore"][:64], B["mscore"][:64]))
     line.append(f"model{len(probes)} " + sign(A["mscore"], B["mscore"]))
     line.append("p_ur64 " + sign(A["p_ur"][:64], B["p_ur"][:64]))
+    line.append(f"p_ur{len(probes)} " + sign(A["p_ur"], B["p_ur"]))  # the eleventh study's judge by P(UR)
     d = A["p_ur"][:64] - B["p_ur"][:64]
     line.append(f"p_ur64 mean diff {d.mean():+.3f} wilcoxon p={wilcoxon(d, alternative='less').pvalue:.3f}")
     d = A["p_ur"] - B["p_ur"]

@@ -29,6 +29,22 @@ def test_a_run_meets_its_targets_only_when_all_three_hold():
     assert f["final_unit"] == 2 and f["ur_final"] == 0.5
 
 
+def test_the_prompt_that_lost_an_ignored_attribute_is_named_even_when_the_mean_passes():
+    run = _run(kept=0.9)  # small_dark ignores hue and position; the mean over the prompts keeps 90%: met
+    by_prompt = {"a circle": 1.0, "a square": 1.0, "a triangle": 1.0, "a ring": 1.0}
+    for u, m in run["measured"].items():
+        m["spread_by_prompt"] = {a: dict(by_prompt) for a in ("hue", "position", "size", "background")}
+    last = run["measured"][3]["spread_by_prompt"]
+    last["hue"].update({"a triangle": 0.4, "a ring": 1.2})  # one prompt lost its colours, another gained some
+    last["position"]["a ring"] = 0.0  # a spread of 0 is a figure (one position), not a missing one
+    f = converge.figures_of(run)
+    assert f["met"]
+    assert f["worst_prompt_kept"] == {"hue": {"prompt": "a triangle", "share": 0.4},
+                                      "position": {"prompt": "a ring", "share": 0.0}}  # fmt: skip
+    assert "worst_prompt_kept" in json.loads(json.dumps(f))  # the part is JSON
+    assert converge.figures_of(_run())["worst_prompt_kept"] == {}  # parts measured before it: no figure
+
+
 def test_the_summary_counts_only_todays_defaults_and_every_taste_and_strategy(tmp_path):
     good, bad = converge.figures_of(_run()), converge.figures_of(_run(seed=1, kept=0.5))
     today = {"overrides": "", "defaults": converge.defaults_fingerprint()}

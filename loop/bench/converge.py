@@ -54,7 +54,7 @@ def measure_unit(ws, cfg, unit: int, per_prompt: int, rc: RateConfig) -> dict:
     each attribute's per-prompt spread; the images and their cheap features for coverage and the sheet."""
     from loop.compare import render_unit
     from loop.metrics import features
-    from loop.tastes import per_prompt_spread
+    from loop.tastes import per_prompt_spread, spread
 
     probes = [(p, EVAL_SEED + k) for p in PROMPTS for k in range(per_prompt)]
     images = base_images(ws, cfg, probes) if unit == 0 else render_unit(ws, cfg, unit, probes)
@@ -74,6 +74,7 @@ def measure_unit(ws, cfg, unit: int, per_prompt: int, rc: RateConfig) -> dict:
         "ur_rate": sum(t == "UR" for t in tiers) / len(tiers),
         "mean_score": float(np.mean(scores)),
         "spread": {k: per_prompt_spread(attrs, k) for k in ATTRIBUTE_KEYS},
+        "spread_by_prompt": {k: {p: spread(attrs[p], k) for p in PROMPTS} for k in ATTRIBUTE_KEYS},
         "feats": {p: np.stack(v) for p, v in feats.items()},
         "sheet": [im for p in PROMPTS for im in sheet[p]],
     }
@@ -202,6 +203,9 @@ def figures_of(run: dict) -> dict:
         spreads[attr] = {u: (round(x["spread"][attr] / s0, 3) if s0 else None) for u, x in m.items()}
     ind = indifferent(run["taste"])
     kept = {a: spreads[a][final] for a in ind}
+    # the target reads the spread averaged over the prompts, so one prompt can lose an attribute inside a mean that
+    # passes: reported beside it (not a target), the prompt that kept the least of each attribute the taste ignores
+    worst = {a: worst_prompt(m[0], m[final], a) for a in ind if "spread_by_prompt" in m[final]}
     gen_ur = [ur[u] for u in gen]
     fall = max([max(gen_ur[:i]) - gen_ur[i] for i in range(1, len(gen_ur))] + [0.0])
     gain = ur[final] / ur[0] if ur[0] else float("inf")
@@ -214,10 +218,24 @@ def figures_of(run: dict) -> dict:
         "max_fall": round(fall, 4),
         "spread_share": {a: {str(u): v for u, v in d.items()} for a, d in spreads.items()},
         "indifferent_kept": kept,
+        "worst_prompt_kept": worst,
         "coverage": {str(u): (None if v[0] is None else round(v[0], 3)) for u, v in run["coverage"].items()},
         "coverage_base": {str(u): (None if v[1] is None else round(v[1], 3)) for u, v in run["coverage"].items()},
         "gates": run["gates"], "met": bool(met), "minutes": round(run["seconds"] / 60, 1),
     }  # fmt: skip
+
+
+def worst_prompt(base: dict, unit: dict, attribute: str) -> dict | None:
+    """The prompt whose spread of `attribute` the unit kept least of, as a share of unit 0's spread of that prompt."""
+    shares = {}
+    for p, s0 in base["spread_by_prompt"][attribute].items():
+        s = unit["spread_by_prompt"][attribute].get(p)
+        if s0 and s is not None:
+            shares[p] = s / s0
+    if not shares:
+        return None
+    p = min(shares, key=shares.get)
+    return {"prompt": p, "share": round(shares[p], 3)}
 
 
 def contact_sheet(runs: list[dict], taste: str) -> bytes:

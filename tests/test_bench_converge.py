@@ -32,7 +32,7 @@ def test_a_run_meets_its_targets_only_when_all_three_hold():
 def test_the_prompt_that_lost_an_ignored_attribute_is_named_even_when_the_mean_passes():
     run = _run(kept=0.9)  # small_dark ignores hue and position; the mean over the prompts keeps 90%: met
     by_prompt = {"a circle": 1.0, "a square": 1.0, "a triangle": 1.0, "a ring": 1.0}
-    for u, m in run["measured"].items():
+    for m in run["measured"].values():
         m["spread_by_prompt"] = {a: dict(by_prompt) for a in ("hue", "position", "size", "background")}
     last = run["measured"][3]["spread_by_prompt"]
     last["hue"].update({"a triangle": 0.4, "a ring": 1.2})  # one prompt lost its colours, another gained some

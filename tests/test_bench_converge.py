@@ -42,6 +42,8 @@ def test_the_prompt_that_lost_an_ignored_attribute_is_named_even_when_the_mean_p
     assert f["worst_prompt_kept"] == {"hue": {"prompt": "a triangle", "share": 0.4},
                                       "position": {"prompt": "a ring", "share": 0.0}}  # fmt: skip
     assert "worst_prompt_kept" in json.loads(json.dumps(f))  # the part is JSON
+    kept = converge.run_row(f)["kept (indifferent)"]
+    assert kept == "hue 90% (least: a triangle 40%), position 90% (least: a ring 0%)"
     assert converge.figures_of(_run())["worst_prompt_kept"] == {}  # parts measured before it: no figure
 
 

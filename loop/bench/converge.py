@@ -360,12 +360,19 @@ def summary(parts: dict[str, dict]) -> tuple[dict, list[dict]]:
 def run_row(r: dict) -> dict:
     u = str(r["final_unit"])
     cov, base = r.get("coverage", {}).get(u), r.get("coverage_base", {}).get(u)
+    kept = [f"{a} {v:.0%}{least_prompt(r, a)}" for a, v in r["indifferent_kept"].items()]
     return {"taste": r["taste"], "strategy": r["strategy"], "seed": r["seed"],
             "UR per unit": " ".join(f"{v:.0%}" for v in r["ur"].values()),
             "generates": r["final_unit"], "gain": r["ur_gain"], "fall (points)": round(100 * r["max_fall"]),
-            "kept (indifferent)": ", ".join(f"{a} {v:.0%}" for a, v in r["indifferent_kept"].items()),
+            "kept (indifferent)": ", ".join(kept),
             "coverage (base)": "-" if cov is None else f"{cov:.2f} ({'-' if base is None else f'{base:.2f}'})",
             "met": "yes" if r["met"] else "no"}  # fmt: skip
+
+
+def least_prompt(r: dict, attribute: str) -> str:
+    """The prompt that kept the least of `attribute`, as " (least: a triangle 40%)"; "" for parts measured before."""
+    w = (r.get("worst_prompt_kept") or {}).get(attribute)
+    return f" (least: {w['prompt']} {w['share']:.0%})" if w else ""
 
 
 def label_of(part: dict) -> str:

@@ -23,6 +23,7 @@ from loop.bench.converge import EVAL_SEED, PROMPTS, base_images, share_pool
 from loop.bench.fit import training_pictures
 from loop.compare import render_unit
 from loop.config import RateConfig, load_config
+from loop.images import load_rgb
 from loop.models import load_base
 from loop.rate.auto import score, tier_for
 from loop.tastes import ATTRIBUTE_KEYS, attributes, spread
@@ -46,10 +47,10 @@ with tempfile.TemporaryDirectory(prefix="ens-") as tmp:
     del pipe
     chosen = training_pictures(ws, pool, rc, pictures, 1)
     print("learning from", len(chosen))
-    from loop.images import load_rgb
+    pool_attrs = {it["path"]: attributes(load_rgb(ws.root / it["path"])) for it in pool}  # each picture read once
     for p in PROMPTS:
-        every = [attributes(load_rgb(ws.root / it["path"])) for it in pool if it["caption"] == p]
-        learnt = [attributes(load_rgb(ws.root / it["path"])) for it in chosen if it["caption"] == p]
+        every = [pool_attrs[it["path"]] for it in pool if it["caption"] == p]
+        learnt = [pool_attrs[it["path"]] for it in chosen if it["caption"] == p]
         print(f"   {p}: {len(learnt)} learnt from; their mean colour differs from the pool's by "
               f"({np.mean([t['o1'] for t in learnt]) - np.mean([t['o1'] for t in every]):.1f}, "
               f"{np.mean([t['o2'] for t in learnt]) - np.mean([t['o2'] for t in every]):.1f})")

@@ -276,6 +276,12 @@ class TrainConfig:
     # where colour is the taste (warm), the copies are labelled by it. 1: off. Not the default: at seed 4 it kept
     # no more of the hue at a given UR gain (docs/convergence.md, the sixth study)
     taste_pool_hues: int = 1
+    # A noise prior (loop.noise_prior): fitted after the adapter on the taste pool's pictures (so it needs
+    # train.taste_pool), it moves every initial noise the unit draws from this many standard deviations towards
+    # where the base draws the pictures the taste model predicts winners, on a noise_prior_grid x noise_prior_grid
+    # grid of each latent channel. It reweights what the base draws instead of changing how it draws. 0: off
+    noise_prior: float = 0.0
+    noise_prior_grid: int = 4
     # dpo with a taste pool: hold the unit's preference equal between two pictures the taste model rates alike
     # (loop.objectives.invariance_loss). dpo's implicit reward of a picture is how much better the unit denoises it
     # than the reference does; where the taste model gives two pictures one tier, a unit that prefers one of them
@@ -308,6 +314,11 @@ class TrainConfig:
         _check(self.taste_pool >= 0, "train.taste_pool", self.taste_pool, "must be >= 0 (0: off)")
         _check(0 <= self.taste_pool_share < 1, "train.taste_pool_share", self.taste_pool_share,
                "must be >= 0 and < 1 (0: every pair alike)")  # fmt: skip
+        _check(0 <= self.noise_prior < float("inf"), "train.noise_prior", self.noise_prior,
+               "must be a number >= 0 (0: off)")  # fmt: skip
+        _check(self.noise_prior == 0 or self.taste_pool > 0, "train.noise_prior", self.noise_prior,
+               "is fitted on the taste pool: set train.taste_pool > 0 too")  # fmt: skip
+        _check(self.noise_prior_grid >= 1, "train.noise_prior_grid", self.noise_prior_grid, "must be >= 1")
         _check(self.taste_pool_hues >= 1, "train.taste_pool_hues", self.taste_pool_hues,
                "must be >= 1 (1: the pool's pictures as drawn)")  # fmt: skip
         _check(self.invariance in INVARIANCES, "train.invariance", self.invariance,

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from loop import memory
+from loop import memory, noise_prior
 from loop.config import MAX_SEED, GenerateConfig, LoopConfig
 from loop.errors import LoopError
 from loop.images import png_bytes, schedule_type, to_rgb
@@ -195,6 +195,9 @@ class Renderer:
         self.pipe = load_unit(cfg.model, ws.checkpoint(unit), unit)
         # a Custom Diffusion unit's modifier token goes before every prompt (the row keeps the file's prompt)
         self.trigger = unit_trigger(ws.checkpoint(unit)) if unit > 0 else ""
+        # a unit's noise prior (loop.noise_prior): its txt2img pictures start from initial noises moved towards
+        # where the base draws what the person likes
+        self.prior = noise_prior.load(ws.checkpoint(unit)) if unit > 0 else None
         set_scheduler(self.pipe, cfg.generate.scheduler)
         self.schedule_type = schedule_type(self.pipe.scheduler.config, cfg.generate.scheduler)  # (A1111 1.9+)
         tune_for_speed(self.pipe, cfg.generate)
@@ -247,6 +250,12 @@ class Renderer:
             if parent_images is None:
                 rescale = self.cfg.generate.guidance_rescale
                 extra = {"guidance_rescale": rescale} if rescale else {}
+                if self.prior is not None:
+                    vsf = self.pipe.vae_scale_factor
+                    shape = (self.pipe.unet.config.in_channels, (b0.height or self.native) // vsf,
+                             (b0.width or self.native) // vsf)  # fmt: skip
+                    extra["latents"] = noise_prior.latents_for(self.prior, [j.seed for j in batch], shape,
+                                                               self.pipe.device, self.pipe.unet.dtype)  # fmt: skip
                 return self.pipe(width=b0.width, height=b0.height, **args, **extra).images
             if self._img2img is None:  # the family's img2img pipeline on the same components
                 from loop.families import img2img_from

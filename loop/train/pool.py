@@ -47,14 +47,14 @@ def base_pool(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig, 
         key = hashlib.sha256(prompt.encode()).hexdigest()[:16]
         for k in range(n):
             path = folder / f"{key}-{POOL_SEED + k}.png"
-            out.append((prompt, path))
+            out.append((prompt, POOL_SEED + k, path))
             if not path.exists():
                 todo.append((prompt, POOL_SEED + k, path))
     if todo:
         log(f"taste pool: drawing {len(todo)} picture(s) with the base model (once; cached)")
     draw_base(pipe, cfg, todo, BATCH)
     return [{"id": None, "sha256": sha256_file(path), "path": ws.rel(path), "caption": prompt, "prior": False,
-             "pool": True} for prompt, path in out]  # fmt: skip
+             "pool": True, "seed": seed} for prompt, seed, path in out]  # fmt: skip
 
 
 def taste_pool_items(ws: Workspace, store, pipe, cfg: LoopConfig, selection: list[dict], log=print) -> list[dict]:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from loop import families, memory
+from loop import families, memory, noise_prior
 from loop.config import LoopConfig, to_yaml
 from loop.errors import LoopError
 from loop.models import load_base, pick_device
@@ -73,6 +73,25 @@ def no_pairs_message(tc) -> str:
     )
 
 
+def fit_noise_prior(pipe, tc, pool: list[dict], log=print) -> dict | None:
+    """train.noise_prior: the liked direction of the taste pool's initial noises (loop.noise_prior), from the
+    pictures as drawn (their recolourings have no noise of their own) and their predicted winners; None, said in
+    one line, where the pool cannot give one."""
+    drawn = [it for it in pool if "seed" in it and "hue" not in it and it.get("tier") is not None]
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    try:
+        z = noise_prior.initial_noise([it["seed"] for it in drawn], shape, device=pipe.device)
+        prior = noise_prior.fit(z.cpu(), [bool(it["winner"]) for it in drawn], tc.noise_prior_grid)
+    except ValueError as e:
+        log(f"noise prior: not fitted ({e}); this unit draws from the usual noise")
+        return None
+    log(
+        f"noise prior: {prior['liked']} of {prior['pictures']} pool pictures predicted winners; their noises' "
+        f"direction fits {prior['accuracy']:.0%} of them; every initial noise moves {tc.noise_prior:g} along it"
+    )
+    return prior
+
+
 def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=print, stop_after=None) -> dict:
     """Train unit parent+1 from its selection.json; writes the adapter, manifest.json and config.yaml."""
     from accelerate import Accelerator
@@ -123,6 +142,7 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             tc = dataclasses.replace(tc, objective="supervised")
             cfg = dataclasses.replace(cfg, train=tc)
     pool = taste_pool_items(ws, store, pipe, cfg, selection, log) if tc.taste_pool else []
+    prior = fit_noise_prior(pipe, tc, pool, log) if tc.noise_prior else None
     # dpo: every pool picture, with its predicted tier, pairs like a rated one; supervised: the predicted winners
     items += pool if tc.objective == "dpo" else [it for it in pool if it["winner"]]
     if tc.prior_preservation and tc.objective != "dpo":
@@ -245,6 +265,10 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             atomic_write(out / EMBEDS, _st_bytes(*families.embedding_tensors(pipe, token, rows)))
         else:
             (out / EMBEDS).unlink(missing_ok=True)
+        if prior is not None:
+            noise_prior.save(out, prior, tc.noise_prior)
+        else:
+            (out / noise_prior.FILE).unlink(missing_ok=True)
         atomic_write(out / "config.yaml", to_yaml(cfg))
         manifest = {
             "unit": unit,
@@ -277,6 +301,16 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
                 "invariance_weight": tc.invariance_weight,
                 "twins": 0 if data.twins is None else len(data.twins),
             },
+            # train.noise_prior: the initial noises' shift (loop.noise_prior), or why there is none
+            "noise_prior": (
+                None
+                if not tc.noise_prior
+                else {
+                    "strength": tc.noise_prior,
+                    "grid": tc.noise_prior_grid,
+                    **(noise_prior.info(prior) if prior else {"note": "not fitted"}),
+                }
+            ),  # fmt: skip
             "left_out": [
                 {k: it.get(k) for k in ("id", "sha256")}
                 for it in selection

@@ -100,10 +100,19 @@ def export_lora(ws, store, unit: int, fmt: str, out: Path | None = None, log=pri
     shape = "".join(f", {k} {summary[k]}" for k in ("rank", "alpha") if summary.get(k) is not None)
     log(f"exported unit {unit} to {out} ({fmt}, {summary['modules']} modules{shape})")
     result = {"unit": unit, "format": fmt, "path": str(out), "bytes": len(data), **summary}
+    _say_noise_prior(ws, unit, log)
     embeds = ws.checkpoint(unit) / EMBEDS
     if embeds.is_file():  # custom_diffusion's modifier token: its embedding row learnt too, and every caption had it
         result["embedding"] = _export_embedding(embeds, out, fmt, log)
     return result
+
+
+def _say_noise_prior(ws, unit: int, log=print) -> None:
+    """A unit with a noise prior (train.noise_prior) draws from moved initial noises in loop; no other tool reads
+    that file, so an exported unit draws there as its adapter alone does."""
+    if unit > 0 and (ws.checkpoint(unit) / "noise_prior.safetensors").is_file():
+        log(f"unit {unit} also has a noise prior ({ws.rel(ws.checkpoint(unit) / 'noise_prior.safetensors')}), which "
+            "other tools do not read: there the unit draws from the usual noise, as its adapter alone")  # fmt: skip
 
 
 def _export_embedding(src: Path, out: Path, fmt: str, log=print) -> str:
@@ -807,4 +816,5 @@ def export_model(ws, store, cfg, unit: int, out: Path, dtype: str = "float16", l
     atomic_write(out, save(tensors, metadata=meta))
     size = out.stat().st_size
     log(f"exported unit {unit} merged into {base} to {out} ({len(tensors)} tensors, {dtype}, {size / 1e6:.1f} MB)")
+    _say_noise_prior(ws, unit, log)
     return {"path": str(out), "unit": unit, "base": base, "tensors": len(tensors), "dtype": dtype, "bytes": size}

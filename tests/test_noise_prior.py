@@ -10,6 +10,7 @@ from loop import noise_prior
 from loop.compare import render_unit
 from loop.config import load_config
 from loop.errors import LoopError
+from loop.interop import export_lora
 from loop.round import run_round
 from loop.train import train_unit
 
@@ -69,6 +70,11 @@ def test_a_unit_with_a_prior_draws_its_pictures_from_moved_noises(ws):
     direction, strength = noise_prior.load(out)
     assert direction.shape == (4, 4, 4) and strength == 4.0
     with_prior = render_unit(ws, cfg, 1, probes)
+    # other tools read the adapter alone: an export says the prior stays behind
+    exported = []
+    with ws.store() as store:
+        export_lora(ws, store, 1, "kohya", ws.root / "unit1.safetensors", log=exported.append)
+    assert any("noise prior" in m and "other tools do not read" in m for m in exported), exported
 
     # the same adapter without its prior draws other pictures from the same seeds, and the prior's file goes
     (out / noise_prior.FILE).rename(out / "kept")

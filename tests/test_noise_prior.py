@@ -66,7 +66,8 @@ def test_a_unit_with_a_prior_draws_its_pictures_from_moved_noises(ws):
     out = ws.checkpoint(1)
     manifest = json.loads((out / "manifest.json").read_text())["noise_prior"]
     assert manifest["strength"] == 4 and manifest["pictures"] == 24 and 0 < manifest["liked"] < 24
-    assert any(m.startswith(f"noise prior: {manifest['liked']} of 24 pool pictures") for m in said), said
+    assert any(m.startswith(f"noise prior: {manifest['liked']} of 24 base pictures") for m in said), said
+    assert any(m.startswith("noise prior: drawing 24 picture(s)") for m in said), said
     direction, strength = noise_prior.load(out)
     assert direction.shape == (4, 4, 4) and strength == 4.0
     with_prior = render_unit(ws, cfg, 1, probes)

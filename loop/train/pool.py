@@ -25,13 +25,16 @@ import io
 import torch
 from PIL import Image
 
+from loop import noise_prior
 from loop.config import LoopConfig
 from loop.images import load_rgb, rotate_hue
+from loop.models import set_scheduler
 from loop.taste_model import LEVEL, features_of_images, fit_workspace
 from loop.train.data import draw_base, drawn_by
 from loop.workspace import Workspace, atomic_write, sha256_file
 
 POOL_SEED = 3_000_000  # far from the rounds', the gate's probes (1,000,000 + k) and the benchmarks' seeds
+NOISE_SEED = 3_500_000  # train.noise_prior's pictures: another range, far from all of those
 BATCH = 16
 TIER_PARTNERS = 4  # train.invariance=tier: partners per pool picture
 INVARIANCE_HUES = 4  # train.invariance=hue's colourings where the pool's own (taste_pool_hues) are off: 90° turns
@@ -47,14 +50,14 @@ def base_pool(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig, 
         key = hashlib.sha256(prompt.encode()).hexdigest()[:16]
         for k in range(n):
             path = folder / f"{key}-{POOL_SEED + k}.png"
-            out.append((prompt, POOL_SEED + k, path))
+            out.append((prompt, path))
             if not path.exists():
                 todo.append((prompt, POOL_SEED + k, path))
     if todo:
         log(f"taste pool: drawing {len(todo)} picture(s) with the base model (once; cached)")
     draw_base(pipe, cfg, todo, BATCH)
     return [{"id": None, "sha256": sha256_file(path), "path": ws.rel(path), "caption": prompt, "prior": False,
-             "pool": True, "seed": seed} for prompt, seed, path in out]  # fmt: skip
+             "pool": True} for prompt, path in out]  # fmt: skip
 
 
 def taste_pool_items(ws: Workspace, store, pipe, cfg: LoopConfig, selection: list[dict], log=print) -> list[dict]:
@@ -163,3 +166,60 @@ def pool_share_weights(pairs: list[tuple[int, int]], items: list[dict], share: f
 
 
 TIER_NAMES = {v: k for k, v in LEVEL.items()}
+
+
+def noise_pool(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig, log=print) -> list[dict]:
+    """`n` base pictures per prompt at seeds NOISE_SEED + k, drawn as generation draws them (generate.scheduler,
+    whose sampler is deterministic for dpm++ and ddim, so each picture is a function of its initial noise; the
+    taste pool's pictures are drawn with the model's own scheduler, which for the embedded model adds fresh noise
+    at every step), made once and cached under cache/noise/. Call before any adapter is attached."""
+    sched = cfg.generate.scheduler
+    folder = ws.cache("noise", f"{drawn_by(pipe, cfg)}-{sched}")
+    out, todo = [], []
+    for prompt in sorted(set(prompts)):
+        key = hashlib.sha256(prompt.encode()).hexdigest()[:16]
+        for k in range(n):
+            path = folder / f"{key}-{NOISE_SEED + k}.png"
+            out.append({"path": path, "caption": prompt, "seed": NOISE_SEED + k})
+            if not path.exists():
+                todo.append((prompt, NOISE_SEED + k, path))
+    if todo:
+        log(f"noise prior: drawing {len(todo)} picture(s) with the base model (once; cached)")
+        kept = pipe.scheduler
+        set_scheduler(pipe, sched)
+        try:
+            draw_base(pipe, cfg, todo, BATCH)
+        finally:
+            pipe.scheduler = kept
+    return out
+
+
+def fit_noise_prior(ws: Workspace, store, pipe, cfg: LoopConfig, selection: list[dict], log=print) -> dict | None:
+    """train.noise_prior: the direction of initial noises the base draws the taste model's winners from
+    (loop.noise_prior), on noise_pool's pictures (train.taste_pool per prompt of the selection), each a winner where
+    its predicted tier reaches train.taste_pool_bar as the taste pool's do; None, said in one line, where there is
+    no taste model yet or the pictures are all of one kind."""
+    tc = cfg.train
+    model = fit_workspace(ws, store, cfg.eval)
+    if not model.ready:
+        log(f"noise prior: no taste model yet ({model.reason}); this unit draws from the usual noise")
+        return None
+    rated = [LEVEL[it["tier"]] for it in selection if it.get("tier") in LEVEL]
+    bar = (min(rated) if rated else LEVEL["UR"]) if tc.taste_pool_bar == "selection" else LEVEL[tc.taste_pool_bar]
+    prompts = sorted({it["caption"] for it in selection if it.get("caption")})
+    drawn = noise_pool(ws, pipe, prompts, tc.taste_pool, cfg, log)
+    pred = model.predict(features_of_images(ws, cfg.eval, [it["path"] for it in drawn],
+                                            [sha256_file(it["path"]) for it in drawn]))  # fmt: skip
+    liked = [LEVEL[t] >= bar for t in pred["tier"]]
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    try:
+        z = noise_prior.initial_noise([it["seed"] for it in drawn], shape, device=pipe.device)
+        prior = noise_prior.fit(z.cpu(), liked, tc.noise_prior_grid)
+    except ValueError as e:
+        log(f"noise prior: not fitted ({e}); this unit draws from the usual noise")
+        return None
+    log(
+        f"noise prior: {prior['liked']} of {prior['pictures']} base pictures predicted winners; their noises' "
+        f"direction fits {prior['accuracy']:.0%} of them; every initial noise moves {tc.noise_prior:g} along it"
+    )
+    return prior

@@ -23,7 +23,7 @@ from loop.store import Store, raise_missing_unit
 from loop.train.adapters import EMBEDS, _attach, add_reference_adapter, load_parent_adapter, save_lora
 from loop.train.data import TrainData, _st_bytes, class_images, crop_geometry, encode_captions, encode_latents
 from loop.train.fit import Checkpoints, fit
-from loop.train.pool import pool_share_weights, taste_pool_items, twin_rows
+from loop.train.pool import fit_noise_prior, pool_share_weights, taste_pool_items, twin_rows
 from loop.workspace import Workspace, atomic_write, unit_name
 
 
@@ -71,25 +71,6 @@ def no_pairs_message(tc) -> str:
         f"train.objective=dpo needs a selected image and an image of the same prompt rated at least "
         f"{tc.dpo_min_gap} tiers below it (train.dpo_min_gap), and there are none"
     )
-
-
-def fit_noise_prior(pipe, tc, pool: list[dict], log=print) -> dict | None:
-    """train.noise_prior: the liked direction of the taste pool's initial noises (loop.noise_prior), from the
-    pictures as drawn (their recolourings have no noise of their own) and their predicted winners; None, said in
-    one line, where the pool cannot give one."""
-    drawn = [it for it in pool if "seed" in it and "hue" not in it and it.get("tier") is not None]
-    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    try:
-        z = noise_prior.initial_noise([it["seed"] for it in drawn], shape, device=pipe.device)
-        prior = noise_prior.fit(z.cpu(), [bool(it["winner"]) for it in drawn], tc.noise_prior_grid)
-    except ValueError as e:
-        log(f"noise prior: not fitted ({e}); this unit draws from the usual noise")
-        return None
-    log(
-        f"noise prior: {prior['liked']} of {prior['pictures']} pool pictures predicted winners; their noises' "
-        f"direction fits {prior['accuracy']:.0%} of them; every initial noise moves {tc.noise_prior:g} along it"
-    )
-    return prior
 
 
 def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=print, stop_after=None) -> dict:
@@ -142,7 +123,7 @@ def train_unit(ws: Workspace, store: Store, cfg: LoopConfig, parent: int, log=pr
             tc = dataclasses.replace(tc, objective="supervised")
             cfg = dataclasses.replace(cfg, train=tc)
     pool = taste_pool_items(ws, store, pipe, cfg, selection, log) if tc.taste_pool else []
-    prior = fit_noise_prior(pipe, tc, pool, log) if tc.noise_prior else None
+    prior = fit_noise_prior(ws, store, pipe, cfg, selection, log) if tc.noise_prior else None
     # dpo: every pool picture, with its predicted tier, pairs like a rated one; supervised: the predicted winners
     items += pool if tc.objective == "dpo" else [it for it in pool if it["winner"]]
     if tc.prior_preservation and tc.objective != "dpo":

@@ -276,11 +276,13 @@ class TrainConfig:
     # where colour is the taste (warm), the copies are labelled by it. 1: off. Not the default: at seed 4 it kept
     # no more of the hue at a given UR gain (docs/convergence.md, the sixth study)
     taste_pool_hues: int = 1
-    # A noise prior (loop.noise_prior): fitted after the adapter on the taste pool's pictures (so it needs
-    # train.taste_pool), it moves every initial noise the unit draws from this many standard deviations towards
-    # where the base draws the pictures the taste model predicts winners, on a noise_prior_grid x noise_prior_grid
-    # grid of each latent channel. It reweights what the base draws instead of changing how it draws. 0: off
+    # A noise prior (loop.noise_prior): every initial noise the unit draws from moves this many standard
+    # deviations towards where the base draws the pictures the taste model predicts winners (train.taste_pool_bar),
+    # learnt from noise_prior_pool base pictures per prompt of the selection on a noise_prior_grid x
+    # noise_prior_grid grid of each latent channel. It reweights what the base draws instead of changing how it
+    # draws (docs/convergence.md, the thirteenth study). 0: off
     noise_prior: float = 0.0
+    noise_prior_pool: int = 128
     noise_prior_grid: int = 4
     # dpo with a taste pool: hold the unit's preference equal between two pictures the taste model rates alike
     # (loop.objectives.invariance_loss). dpo's implicit reward of a picture is how much better the unit denoises it
@@ -316,8 +318,8 @@ class TrainConfig:
                "must be >= 0 and < 1 (0: every pair alike)")  # fmt: skip
         _check(0 <= self.noise_prior < float("inf"), "train.noise_prior", self.noise_prior,
                "must be a number >= 0 (0: off)")  # fmt: skip
-        _check(self.noise_prior == 0 or self.taste_pool > 0, "train.noise_prior", self.noise_prior,
-               "is fitted on the taste pool: set train.taste_pool > 0 too")  # fmt: skip
+        _check(self.noise_prior_pool >= 2, "train.noise_prior_pool", self.noise_prior_pool,
+               "must be >= 2 (base pictures per prompt)")  # fmt: skip
         _check(self.noise_prior_grid >= 1, "train.noise_prior_grid", self.noise_prior_grid, "must be >= 1")
         _check(self.taste_pool_hues >= 1, "train.taste_pool_hues", self.taste_pool_hues,
                "must be >= 1 (1: the pool's pictures as drawn)")  # fmt: skip

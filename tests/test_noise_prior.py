@@ -48,9 +48,9 @@ def test_the_direction_is_where_the_liked_noises_lie_and_the_shift_is_as_long_as
         noise_prior.shift(prior["direction"], 1.0, 18, 18)
 
 
-def test_a_prior_without_a_taste_pool_is_one_clear_message(tmp_path):
-    with pytest.raises(LoopError, match="train.noise_prior.*taste_pool"):
-        load_config(tmp_path, ["train.noise_prior=3", "train.taste_pool=0"])
+def test_a_wrong_prior_setting_is_one_clear_message(tmp_path):
+    with pytest.raises(LoopError, match="train.noise_prior_pool"):
+        load_config(tmp_path, ["train.noise_prior=3", "train.noise_prior_pool=1"])
     with pytest.raises(LoopError, match="train.noise_prior"):
         load_config(tmp_path, ["train.noise_prior=-1"])
 
@@ -58,7 +58,7 @@ def test_a_prior_without_a_taste_pool_is_one_clear_message(tmp_path):
 @pytest.mark.slow
 def test_a_unit_with_a_prior_draws_its_pictures_from_moved_noises(ws):
     probes = [("a warm shape", 500_000 + k) for k in range(4)]
-    cfg = load_config(ws.root, RATED + ["train.taste_pool=12", "train.noise_prior=4"])
+    cfg = load_config(ws.root, RATED + ["train.taste_pool=0", "train.noise_prior=4", "train.noise_prior_pool=12"])
     run_round(ws, cfg, auto_rate_=True, log=lambda m: None, stop_after="select")
     said = []
     with ws.store() as store:

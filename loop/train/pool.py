@@ -196,9 +196,9 @@ def noise_pool(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig,
 
 def fit_noise_prior(ws: Workspace, store, pipe, cfg: LoopConfig, selection: list[dict], log=print) -> dict | None:
     """train.noise_prior: the direction of initial noises the base draws the taste model's winners from
-    (loop.noise_prior), on noise_pool's pictures (train.taste_pool per prompt of the selection), each a winner where
-    its predicted tier reaches train.taste_pool_bar as the taste pool's do; None, said in one line, where there is
-    no taste model yet or the pictures are all of one kind."""
+    (loop.noise_prior), on noise_pool's pictures (train.noise_prior_pool per prompt of the selection), each a
+    winner where its predicted tier reaches train.taste_pool_bar as the taste pool's do; None, said in one line,
+    where there is no taste model yet or the pictures are all of one kind."""
     tc = cfg.train
     model = fit_workspace(ws, store, cfg.eval)
     if not model.ready:
@@ -207,7 +207,7 @@ def fit_noise_prior(ws: Workspace, store, pipe, cfg: LoopConfig, selection: list
     rated = [LEVEL[it["tier"]] for it in selection if it.get("tier") in LEVEL]
     bar = (min(rated) if rated else LEVEL["UR"]) if tc.taste_pool_bar == "selection" else LEVEL[tc.taste_pool_bar]
     prompts = sorted({it["caption"] for it in selection if it.get("caption")})
-    drawn = noise_pool(ws, pipe, prompts, tc.taste_pool, cfg, log)
+    drawn = noise_pool(ws, pipe, prompts, tc.noise_prior_pool, cfg, log)
     pred = model.predict(features_of_images(ws, cfg.eval, [it["path"] for it in drawn],
                                             [sha256_file(it["path"]) for it in drawn]))  # fmt: skip
     liked = [LEVEL[t] >= bar for t in pred["tier"]]

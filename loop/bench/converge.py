@@ -308,7 +308,8 @@ ADDED_SINCE = {"generate.vae_slicing": False, "generate.vae_tiling": False, "tra
                "train.taste_pool": 0, "train.taste_pool_share": 0.0, "train.taste_pool_bar": "selection",
                "train.dpo_reference": "base", "train.taste_pool_hues": 1,
                "train.invariance": "none", "train.invariance_weight": 1.0,
-               "train.lora_dropout": 0.0, "train.guidance": 0.0, "gate.min_variety_share": 0.0}  # fmt: skip
+               "train.lora_dropout": 0.0, "train.guidance": 0.0, "gate.min_variety_share": 0.0,
+               "train.noise_prior": 0.0, "train.noise_prior_pool": 128, "train.noise_prior_grid": 4}  # fmt: skip
 
 
 def defaults_fingerprint() -> str:

@@ -1,6 +1,6 @@
 """A unit's noise prior: draw the base's own variety, from the initial noises the person's taste favours.
 
-    loop train / loop run --round     (fitted after the adapter, where train.noise_prior > 0)
+    loop train / loop run --round     (fitted while a unit trains, where train.noise_prior > 0)
     loop generate, compare, the gate  (every txt2img picture of a unit that has one)
 
 Why (docs/convergence.md, the thirteenth study): every way of training the denoiser tilts all of it, and on the
@@ -11,8 +11,9 @@ mostly set by z's low frequencies (the same finding as InitNO, Guo et al., CVPR 
 al. 2024). So the taste, as a function of the picture, is through the base partly a function of z, and drawing
 z from where the person's liked pictures come from *reweights* the base instead of changing it.
 
-How: the base's pictures of the taste pool (loop.train.pool: seeds POOL_SEED + k, each labelled by the taste
-model) are each one z. A logistic regression (scikit-learn) learns p(liked | z) from z's block means on a
+How: base pictures drawn once per workspace at their own seeds with the generation's sampler
+(loop.train.pool.noise_pool; deterministic, so each picture is a function of its z), each labelled by the taste
+model. A logistic regression (scikit-learn) learns p(liked | z) from z's block means on a
 `grid` x `grid` grid per latent channel, each scaled to unit variance. For a log-linear p(liked | z) = s(w.f(z)),
 N(0, I) tilted by exp(lam * w.f(z)) is again a Gaussian, N(lam * f^T w, I): every initial noise moves by one
 fixed shift, along the liked direction, `strength` standard deviations of the noise long (the shift's norm). What
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loop.errors import LoopError
 from loop.workspace import atomic_write
 
 FILE = "noise_prior.safetensors"
@@ -49,7 +51,7 @@ def initial_noise(seeds: list[int], shape: tuple[int, int, int], device=None, dt
         [
             torch.randn((1, *shape), generator=torch.Generator(device).manual_seed(s), device=device, dtype=dtype)
             for s in seeds
-        ]  # fmt: skip
+        ]
     )
 
 
@@ -80,14 +82,10 @@ def fit(z: torch.Tensor, liked: list[bool], grid: int) -> dict:
 
 
 def shift(direction: torch.Tensor, strength: float, h: int, w: int) -> torch.Tensor:
-    """The channels x h x w shift of every initial noise: `strength` along the direction, spread evenly over each
-    block (the gradient of the block means), so its norm is `strength` at any latent size."""
-    grid = direction.shape[-1]
-    if h % grid or w % grid:
-        raise ValueError(f"a {h}x{w} latent does not split into the prior's {grid}x{grid} grid")
-    cells = (h // grid) * (w // grid)
+    """The channels x h x w shift of every initial noise: the direction spread evenly over each block (the gradient
+    of the block means; at a size the grid does not divide, over the nearest cells), `strength` long."""
     up = F.interpolate(direction[None].float(), size=(h, w), mode="nearest")[0]
-    return strength * up / cells**0.5
+    return strength * up / up.norm().clamp_min(1e-12)
 
 
 def info(prior: dict) -> dict:
@@ -108,10 +106,18 @@ def load(folder: Path) -> tuple[torch.Tensor, float] | None:
     path = Path(folder) / FILE
     if not path.exists():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("direction"), float(json.loads(f.metadata()["strength"]))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            direction, strength = f.get_tensor("direction"), float(json.loads(f.metadata()["strength"]))
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError) as e:
+        raise LoopError(
+            f"{path} is not a readable noise prior ({type(e).__name__}); delete it to draw from the usual noise"
+        ) from e
+    if direction.ndim != 3:
+        raise LoopError(f"{path} holds a {tuple(direction.shape)} direction, not channels x grid x grid; delete it")
+    return direction, strength
 
 
 def latents_for(prior: tuple[torch.Tensor, float], seeds: list[int], shape: tuple[int, int, int], device, dtype):

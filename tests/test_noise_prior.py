@@ -44,8 +44,15 @@ def test_the_direction_is_where_the_liked_noises_lie_and_the_shift_is_as_long_as
         assert moved[5] > 1.5 and moved[40] < -1.5
     with pytest.raises(ValueError, match="both kinds"):
         noise_prior.fit(z, [True] * 400, 4)
-    with pytest.raises(ValueError, match="grid"):
-        noise_prior.shift(prior["direction"], 1.0, 18, 18)
+    odd = noise_prior.shift(prior["direction"], 1.5, 18, 20)  # a size the grid does not divide: as long
+    assert odd.shape == (4, 18, 20) and abs(float(odd.norm()) - 1.5) < 1e-4
+
+
+def test_a_damaged_prior_file_is_one_clear_message(tmp_path):
+    (tmp_path / noise_prior.FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(LoopError, match="not a readable noise prior.*delete it"):
+        noise_prior.load(tmp_path)
+    assert noise_prior.load(tmp_path / "elsewhere") is None
 
 
 def test_a_wrong_prior_setting_is_one_clear_message(tmp_path):

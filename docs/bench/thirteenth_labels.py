@@ -1,6 +1,6 @@
 """Prior-only on the base: does a 64-per-prompt pool with scripted labels reach the 128-pool's gain? And the Stein
 direction (mean of score-weighted block means) from the continuous score vs the logistic one."""
-import tempfile, sys, json, numpy as np, torch
+import tempfile, sys, numpy as np, torch
 from loop import noise_prior
 from loop.bench.converge import PROMPTS, EVAL_SEED
 from loop.config import load_config, RateConfig

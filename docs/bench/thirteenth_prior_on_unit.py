@@ -1,39 +1,19 @@
 """Does a noise prior add to a trained unit? Fit unit (supervised on the base's UR pictures), then a prior from
 (a) the base's pool noises and (b) the unit's own draws, both labelled by the scripted taste; measure each."""
-import json, sys, tempfile
-from pathlib import Path
-import torch
+import json, sys
 from loop import noise_prior
-from loop.bench.converge import PROMPTS, measure_unit, share_pool
-from loop.bench.fit import training_pictures, EVAL_PER_PROMPT
+from loop.bench.converge import PROMPTS, measure_unit
+from loop.bench.fit import EVAL_PER_PROMPT, fitted_unit
 from loop.compare import render_unit
-from loop.config import RateConfig, load_config
 from loop.images import load_rgb
 from loop.rate.auto import score, tier_for
 from loop.tastes import ATTRIBUTE_KEYS
-from loop.workspace import Workspace, atomic_write
 import numpy as np
 
 taste, seed, strengths = sys.argv[1], int(sys.argv[2]), [float(x) for x in sys.argv[3].split(",")]
 extra = sys.argv[4:]
-rc = RateConfig(preference=taste, noise=10.0)
-def liked(rgb): return tier_for(score(rgb, rc), list(rc.cutoffs)) == "UR"
-with tempfile.TemporaryDirectory(prefix="loop-pou-") as tmp:
-    ws = Workspace.init(Path(tmp) / "ws"); ws.prompts_path.write_text("\n".join(PROMPTS) + "\n")
-    cfg = load_config(ws.root, ["train.objective=supervised", "train.taste_pool=0", f"rate.preference={taste}",
-                                "rate.noise=10", f"train.seed={seed}", *extra])
-    from loop.models import load_base
-    from loop.train import train_unit
-    from loop.train.pool import base_pool
-    share_pool(ws, into_workspace=True)
-    pipe = load_base(cfg.model, device=torch.device("cpu"), dtype=torch.float32)
-    pool = base_pool(ws, pipe, PROMPTS, 128, cfg, log=print); del pipe
-    chosen = training_pictures(ws, pool, rc, "ur", 1)
-    ws.checkpoint(1).mkdir(parents=True, exist_ok=True)
-    atomic_write(ws.checkpoint(1) / "selection.json", json.dumps({"images": chosen, "strategy": "golden"}))
-    with ws.store() as store:
-        store.ensure_base_unit(cfg.model.base); train_unit(ws, store, cfg, 0, log=lambda m: None)
-    share_pool(ws, into_workspace=False)
+with fitted_unit(taste, seed, 128, "ur", 1, extra) as (ws, cfg, rc, pool, chosen):
+    def liked(rgb): return tier_for(score(rgb, rc), list(rc.cutoffs)) == "UR"
     base = measure_unit(ws, cfg, 0, EVAL_PER_PROMPT, rc)
     def report(name):
         u = measure_unit(ws, cfg, 1, EVAL_PER_PROMPT, rc)
@@ -41,7 +21,7 @@ with tempfile.TemporaryDirectory(prefix="loop-pou-") as tmp:
         print("RESULT", json.dumps({"taste": taste, "seed": seed, "prior": name, "ur": [base["ur_rate"], u["ur_rate"]],
               "gain": round(u["ur_rate"] / base["ur_rate"], 2), "kept": kept}), flush=True)
     report("none")
-    zb = noise_prior.initial_noise([it["seed"] for it in pool], (4, 16, 16))
+    zb = noise_prior.initial_noise([int(it["path"].rsplit("-", 1)[1][:-4]) for it in pool], (4, 16, 16))  # name: <key>-<seed>.png
     pb = noise_prior.fit(zb, [liked(load_rgb(ws.root / it["path"])) for it in pool], 4)
     useeds = [3_100_000 + k for k in range(128)]
     probes = [(p, s) for p in PROMPTS for s in useeds]

@@ -1,15 +1,11 @@
 """Screen: a unit's adapter on only in a window of the sampling steps. Does size (what the taste scores) come
 from one part of the trajectory and the hue narrowing from another? Trains the fit bench's unit (supervised on
 the base's UR pictures), then measures it with the LoRA scale per step."""
-import json, sys, tempfile, time
-from pathlib import Path
-import torch
+import json, sys
 from peft.tuners.lora import LoraLayer
-from loop.bench.converge import PROMPTS, measure_unit, share_pool
-from loop.bench.fit import training_pictures, EVAL_PER_PROMPT
-from loop.config import RateConfig, load_config
+from loop.bench.converge import measure_unit
+from loop.bench.fit import EVAL_PER_PROMPT, fitted_unit
 from loop.tastes import ATTRIBUTE_KEYS
-from loop.workspace import Workspace, atomic_write
 import loop.generate as G
 
 taste, seed = sys.argv[1], int(sys.argv[2])
@@ -43,26 +39,7 @@ def parse(w):
     a, b = (int(x) for x in span.split("-"))
     return lambda i: s if a <= i < b else 0.0
 
-with tempfile.TemporaryDirectory(prefix="loop-window-") as tmp:
-    ws = Workspace.init(Path(tmp) / "ws")
-    ws.prompts_path.write_text("\n".join(PROMPTS) + "\n")
-    cfg = load_config(ws.root, ["train.objective=supervised", "train.taste_pool=0", f"rate.preference={taste}",
-                                "rate.noise=10", f"train.seed={seed}", *overrides])
-    from loop.models import load_base
-    from loop.train import train_unit
-    from loop.train.pool import base_pool
-    share_pool(ws, into_workspace=True)
-    pipe = load_base(cfg.model, device=torch.device("cpu"), dtype=torch.float32)
-    pool = base_pool(ws, pipe, PROMPTS, 128, cfg, log=print)
-    del pipe
-    rc = RateConfig(preference=taste, noise=10.0)
-    chosen = training_pictures(ws, pool, rc, "ur", 1)
-    ws.checkpoint(1).mkdir(parents=True, exist_ok=True)
-    atomic_write(ws.checkpoint(1) / "selection.json", json.dumps({"images": chosen, "strategy": "golden"}))
-    with ws.store() as store:
-        store.ensure_base_unit(cfg.model.base)
-        train_unit(ws, store, cfg, 0, log=lambda m: None)
-    share_pool(ws, into_workspace=False)
+with fitted_unit(taste, seed, 128, "ur", 1, overrides) as (ws, cfg, rc, pool, chosen):
     base = measure_unit(ws, cfg, 0, EVAL_PER_PROMPT, rc)
     for w in windows:
         SCHED["fn"] = parse(w)

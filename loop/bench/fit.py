@@ -18,6 +18,7 @@ Writes docs/bench/fit.json (one entry per setting, replaced when it runs again).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -50,15 +51,16 @@ def setting(entry: dict) -> tuple:
     return entry["taste"], entry["seed"], entry["pool"], entry["pictures"], entry["hues"], entry["overrides"]
 
 
-def bench_fit(taste: str, seed: int, pool_size: int, pictures: str, hues: int, overrides: list[str],
-              out: str = "docs") -> dict:  # fmt: skip
+@contextlib.contextmanager
+def fitted_unit(taste: str, seed: int, pool_size: int, pictures: str, hues: int, overrides: list[str]):
+    """A temporary workspace whose unit 1 is trained supervised from the base on the base's own pictures (as the
+    module says); yields (ws, cfg, rc, pool, chosen) for measuring it, and removes the workspace after."""
     import torch
 
     from loop.models import load_base
     from loop.train import train_unit
     from loop.train.pool import base_pool
 
-    t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="loop-bench-fit-") as tmp:
         ws = Workspace.init(Path(tmp) / "ws")
         ws.prompts_path.write_text("\n".join(PROMPTS) + "\n")
@@ -77,6 +79,13 @@ def bench_fit(taste: str, seed: int, pool_size: int, pictures: str, hues: int, o
             store.ensure_base_unit(cfg.model.base)
             train_unit(ws, store, cfg, 0, log=lambda m: None)
         share_pool(ws, into_workspace=False)
+        yield ws, cfg, rc, pool, chosen
+
+
+def bench_fit(taste: str, seed: int, pool_size: int, pictures: str, hues: int, overrides: list[str],
+              out: str = "docs") -> dict:  # fmt: skip
+    t0 = time.time()
+    with fitted_unit(taste, seed, pool_size, pictures, hues, overrides) as (ws, cfg, rc, pool, chosen):
         base, unit = measure_unit(ws, cfg, 0, EVAL_PER_PROMPT, rc), measure_unit(ws, cfg, 1, EVAL_PER_PROMPT, rc)
     entry = {
         "taste": taste, "seed": seed, "pool": pool_size, "pictures": pictures, "hues": hues, "overrides": overrides,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -40,24 +41,39 @@ TIER_PARTNERS = 4  # train.invariance=tier: partners per pool picture
 INVARIANCE_HUES = 4  # train.invariance=hue's colourings where the pool's own (taste_pool_hues) are off: 90° turns
 
 
+def cached_draws(
+    ws: Workspace, pipe, cfg: LoopConfig, folder, prompts: list[str], n: int, first_seed: int, what: str, log=print
+) -> list[tuple[str, int, Path]]:
+    """`n` base pictures per prompt at seeds first_seed + k, each a PNG in `folder` drawn by the pipe as it is now
+    (before any adapter) where not there yet: (prompt, seed, path), prompts sorted, seeds in order."""
+    out = []
+    for prompt in sorted(set(prompts)):
+        key = hashlib.sha256(prompt.encode()).hexdigest()[:16]
+        out += [(prompt, first_seed + k, folder / f"{key}-{first_seed + k}.png") for k in range(n)]
+    todo = [row for row in out if not row[2].exists()]
+    if todo:
+        log(f"{what}: drawing {len(todo)} picture(s) with the base model (once; cached)")
+    draw_base(pipe, cfg, todo, BATCH)
+    return out
+
+
 @torch.no_grad()
 def base_pool(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig, log=print) -> list[dict]:
     """`n` base-model images per prompt at seeds POOL_SEED + k, made once and cached under cache/pool/ (keyed by the
     base's identity and the steps and guidance it draws with: drawn_by). Call before any adapter is attached."""
     folder = ws.cache("pool", drawn_by(pipe, cfg))
-    todo, out = [], []
-    for prompt in sorted(set(prompts)):
-        key = hashlib.sha256(prompt.encode()).hexdigest()[:16]
-        for k in range(n):
-            path = folder / f"{key}-{POOL_SEED + k}.png"
-            out.append((prompt, path))
-            if not path.exists():
-                todo.append((prompt, POOL_SEED + k, path))
-    if todo:
-        log(f"taste pool: drawing {len(todo)} picture(s) with the base model (once; cached)")
-    draw_base(pipe, cfg, todo, BATCH)
+    drawn = cached_draws(ws, pipe, cfg, folder, prompts, n, POOL_SEED, "taste pool", log)
     return [{"id": None, "sha256": sha256_file(path), "path": ws.rel(path), "caption": prompt, "prior": False,
-             "pool": True} for prompt, path in out]  # fmt: skip
+             "pool": True} for prompt, _, path in drawn]  # fmt: skip
+
+
+def winner_bar(tc, selection: list[dict]) -> int | None:
+    """The level a pool picture's predicted tier must reach to win (train.taste_pool_bar, or the selection's lowest
+    rated tier for "selection"); None where that asks for the selection's and it has no rated image."""
+    if tc.taste_pool_bar != "selection":
+        return LEVEL[tc.taste_pool_bar]
+    rated = [LEVEL[it["tier"]] for it in selection if it.get("tier") in LEVEL]
+    return min(rated) if rated else None
 
 
 def taste_pool_items(ws: Workspace, store, pipe, cfg: LoopConfig, selection: list[dict], log=print) -> list[dict]:
@@ -65,8 +81,7 @@ def taste_pool_items(ws: Workspace, store, pipe, cfg: LoopConfig, selection: lis
     reaches train.taste_pool_bar ("winner": that tier or better, or the selection's lowest tier); [] (and a line
     saying why) where the model cannot predict."""
     tc = cfg.train
-    rated = [LEVEL[it["tier"]] for it in selection if it.get("tier") in LEVEL]
-    if not rated:
+    if not any(it.get("tier") in LEVEL for it in selection):
         log("taste pool: the selection has no rated image to set the bar; not used")
         return []
     model = fit_workspace(ws, store, cfg.eval)
@@ -79,7 +94,7 @@ def taste_pool_items(ws: Workspace, store, pipe, cfg: LoopConfig, selection: lis
     pool = drawn + hue_copies(ws, drawn, turns)
     pred = model.predict(features_of_images(ws, cfg.eval, [ws.root / it["path"] for it in pool],
                                             [it["sha256"] for it in pool]))  # fmt: skip
-    bar = min(rated) if tc.taste_pool_bar == "selection" else LEVEL[tc.taste_pool_bar]
+    bar = winner_bar(tc, selection)
     items = [dict(it, tier=t, winner=LEVEL[t] >= bar) for it, t in zip(pool, pred["tier"])]
     if tc.invariance == "hue":
         items = twins_of(items, len(drawn), paired=tc.taste_pool_hues > 1)
@@ -174,24 +189,14 @@ def noise_pool(ws: Workspace, pipe, prompts: list[str], n: int, cfg: LoopConfig,
     taste pool's pictures are drawn with the model's own scheduler, which for the embedded model adds fresh noise
     at every step), made once and cached under cache/noise/. Call before any adapter is attached."""
     sched = cfg.generate.scheduler
-    folder = ws.cache("noise", f"{drawn_by(pipe, cfg)}-{sched}")
-    out, todo = [], []
-    for prompt in sorted(set(prompts)):
-        key = hashlib.sha256(prompt.encode()).hexdigest()[:16]
-        for k in range(n):
-            path = folder / f"{key}-{NOISE_SEED + k}.png"
-            out.append({"path": path, "caption": prompt, "seed": NOISE_SEED + k})
-            if not path.exists():
-                todo.append((prompt, NOISE_SEED + k, path))
-    if todo:
-        log(f"noise prior: drawing {len(todo)} picture(s) with the base model (once; cached)")
-        kept = pipe.scheduler
-        set_scheduler(pipe, sched)
-        try:
-            draw_base(pipe, cfg, todo, BATCH)
-        finally:
-            pipe.scheduler = kept
-    return out
+    kept = pipe.scheduler
+    set_scheduler(pipe, sched)
+    try:
+        drawn = cached_draws(ws, pipe, cfg, ws.cache("noise", f"{drawn_by(pipe, cfg)}-{sched}"), prompts, n,
+                             NOISE_SEED, "noise prior", log)  # fmt: skip
+    finally:
+        pipe.scheduler = kept
+    return [{"path": path, "caption": prompt, "seed": seed} for prompt, seed, path in drawn]
 
 
 def fit_noise_prior(ws: Workspace, store, pipe, cfg: LoopConfig, selection: list[dict], log=print) -> dict | None:
@@ -204,8 +209,8 @@ def fit_noise_prior(ws: Workspace, store, pipe, cfg: LoopConfig, selection: list
     if not model.ready:
         log(f"noise prior: no taste model yet ({model.reason}); this unit draws from the usual noise")
         return None
-    rated = [LEVEL[it["tier"]] for it in selection if it.get("tier") in LEVEL]
-    bar = (min(rated) if rated else LEVEL["UR"]) if tc.taste_pool_bar == "selection" else LEVEL[tc.taste_pool_bar]
+    bar = winner_bar(tc, selection)
+    bar = LEVEL["UR"] if bar is None else bar
     prompts = sorted({it["caption"] for it in selection if it.get("caption")})
     drawn = noise_pool(ws, pipe, prompts, tc.noise_prior_pool, cfg, log)
     pred = model.predict(features_of_images(ws, cfg.eval, [it["path"] for it in drawn],
